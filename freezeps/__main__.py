@@ -1,0 +1,5 @@
+import sys
+
+from freezeps.cli import main
+
+sys.exit(main())

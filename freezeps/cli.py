@@ -1,0 +1,73 @@
+"""`freezeps` command line: ps, worker, run, report. Flags are generated from Config."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from freezeps.config import PS, RUN, WORKER, Config, fields_for, load_config
+
+ROLE_HELP = {
+    PS: "start a parameter server and serve until its workers are done",
+    WORKER: "start one worker that trains against a parameter server",
+    RUN: "start a PS and N workers on this machine over loopback, show progress, print the report",
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (below the flags, above env)")
+    for f in fields_for(role):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r}; env FREEZEPS_{f.name.upper()})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                choices=f.metadata["choices"], help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freezeps", description="Freeze-aware parameter server for "
+                                     "communication-light distributed fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for role in (PS, WORKER, RUN):
+        _add_flags(sub.add_parser(role, help=ROLE_HELP[role], description=ROLE_HELP[role]), role)
+    report = sub.add_parser("report", help="print the report of a finished run folder",
+                            description="print the report of a finished run folder")
+    report.add_argument("run_dir", help="the run folder (holds ps.jsonl and worker-*.jsonl)")
+    report.add_argument("--json", action="store_true", help="print the facts as JSON")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cli = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    return load_config(cli, args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "report":
+        from freezeps.report import format_report, summarize_run
+        facts = summarize_run(Path(args.run_dir))
+        print(json.dumps(facts, indent=1) if args.json else format_report(facts))
+        return 0
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"freezeps {args.command}: bad configuration: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(message)s")
+    if args.command == PS:
+        from freezeps.roles import run_ps
+        run_ps(cfg)
+        return 0
+    if args.command == WORKER:
+        from freezeps.roles import run_worker_role
+        return run_worker_role(cfg)
+    from freezeps.launch import run_job
+    return run_job(cfg, args.config)

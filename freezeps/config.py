@@ -1,0 +1,145 @@
+"""One typed configuration for every role, with a written precedence.
+
+Precedence, highest first: command-line flags > the TOML file given with --config >
+environment variables FREEZEPS_<FIELD> (e.g. FREEZEPS_NUM_WORKERS=4) > the defaults below.
+`Config.validate()` runs after merging and raises ValueError naming the bad field.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ps.freeze import make_engine
+from ps.schedule import SCHEDULES
+from worker.data import DATASETS
+from worker.models import MODELS
+
+PS, WORKER, RUN = "ps", "worker", "run"
+
+
+def _f(default, help: str, roles: tuple[str, ...], choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "roles": roles, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- parameter server ------------------------------------------------------------------
+    listen: str = _f("0.0.0.0:50051", "address the PS binds, host:port", (PS,))
+    num_workers: int = _f(4, "workers in the run; round 0 starts when this many have joined", (PS, RUN))
+    chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
+    lr: float = _f(0.1, "SGD learning rate", (PS, RUN))
+    momentum: float = _f(0.9, "SGD momentum", (PS, RUN))
+    weight_decay: float = _f(1e-4, "SGD weight decay", (PS, RUN))
+    nesterov: bool = _f(False, "use Nesterov momentum", (PS, RUN))
+    lr_schedule: str = _f("constant", "learning-rate schedule", (PS, RUN), SCHEDULES)
+    warmup_steps: int = _f(0, "linear learning-rate warm-up, rounds", (PS, RUN))
+    lr_step_size: int = _f(0, "rounds between decays of the step schedule", (PS, RUN))
+    lr_gamma: float = _f(0.1, "decay factor of the step schedule", (PS, RUN))
+    freeze: str = _f("none", "freeze engine", (PS, RUN), ("none", "static"))
+    freeze_blocks: int = _f(0, "static: leading blocks to freeze", (PS, RUN))
+    freeze_step: int = _f(0, "static: first step at which they are frozen (0 = from the start)", (PS, RUN))
+    round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds", (PS, RUN))
+    run_log: str = _f("", "PS run log (JSONL) path; empty: none (run: RUN_DIR/ps.jsonl)", (PS,))
+    # -- worker ----------------------------------------------------------------------------
+    ps_address: str = _f("127.0.0.1:50051", "PS address a worker connects to, host:port", (WORKER,))
+    model: str = _f("efficientnet_lite0", "model", (WORKER, RUN), tuple(sorted(MODELS)))
+    weights: str = _f("imagenet", "initial weights: imagenet, random, or a state_dict file", (WORKER, RUN))
+    dataset: str = _f("fashion_mnist", "dataset", (WORKER, RUN), DATASETS)
+    data_dir: str = _f("data", "dataset folder (torchvision layout)", (WORKER, RUN))
+    download: bool = _f(False, "download the dataset through torchvision if missing (needs internet)", (WORKER, RUN))
+    train_samples: int = _f(0, "use a fixed random subset of the training set; 0 = all", (WORKER, RUN))
+    test_samples: int = _f(0, "use a fixed random subset of the test set; 0 = all", (WORKER, RUN))
+    image_size: int = _f(32, "input side in pixels (smaller images are padded)", (WORKER, RUN))
+    augment: bool = _f(False, "random crop and horizontal flip", (WORKER, RUN))
+    sharding: str = _f("iid", "how the training set is split over workers", (WORKER, RUN), ("iid", "dirichlet"))
+    dirichlet_alpha: float = _f(0.5, "label skew of dirichlet sharding; smaller is more skewed", (WORKER, RUN))
+    batch_size: int = _f(64, "samples per worker per step", (WORKER, RUN))
+    epochs: int = _f(1, "passes over the training set", (WORKER, RUN))
+    steps: int = _f(0, "rounds to run; 0 = epochs x steps per epoch", (WORKER, RUN))
+    seed: int = _f(0, "seed of sharding, batch order, augmentation and init", (WORKER, RUN))
+    threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
+    evaluate: bool = _f(True, "rank 0 measures test accuracy at each epoch end", (WORKER, RUN))
+    log_dir: str = _f("", "folder for the worker's log worker-RANK.jsonl; empty: none", (WORKER,))
+    connect_retries: int = _f(8, "join attempts (exponential backoff) before giving up", (WORKER, RUN))
+    rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
+    # -- launcher --------------------------------------------------------------------------
+    run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
+    log_level: str = _f("info", "logging level", (PS, WORKER, RUN), ("debug", "info", "warning", "error"))
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
+        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "connect_retries")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        nonneg = ("lr", "momentum", "weight_decay", "warmup_steps", "lr_step_size", "freeze_blocks",
+                  "freeze_step", "train_samples", "test_samples", "steps", "threads")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.chunk_bytes % 4 or self.chunk_bytes > (4 << 20) - 4096:
+            raise ValueError(f"chunk_bytes must be a multiple of 4 and below 4 MiB - 4 KiB, got {self.chunk_bytes}")
+        if self.round_timeout_s <= 0 or self.rpc_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+        if self.lr_schedule == "step" and self.lr_step_size == 0:
+            raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
+        if self.freeze == "static" and self.freeze_blocks == 0:
+            raise ValueError("freeze 'static' needs freeze_blocks > 0")
+        make_engine(self.freeze, blocks=self.freeze_blocks, from_step=self.freeze_step)
+        return self
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """Turn a string (environment) or TOML value into the field's type, or raise ValueError."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: {raw!r} is not a boolean")
+    try:
+        if kind is int and isinstance(raw, float):
+            raise ValueError
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def load_config(cli: dict[str, Any] | None = None, config_file: str | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Merge defaults < environment < file < command line, then validate."""
+    environ = os.environ if environ is None else environ
+    known = {f.name: f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        key = f"FREEZEPS_{name.upper()}"
+        if key in environ:
+            values[name] = _coerce(key, f.type, environ[key])
+    if config_file:
+        with open(config_file, "rb") as fh:
+            table = tomllib.load(fh)
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+            values[name] = _coerce(f"{config_file}: {key}", known[name].type, raw)
+    for name, raw in (cli or {}).items():
+        if raw is not None:
+            values[name] = _coerce(f"--{name.replace('_', '-')}", known[name].type, raw)
+    return replace(Config(), **values).validate()
+
+
+
+def fields_for(role: str):
+    """The settings a role reads, for its --help and its flags."""
+    return [f for f in fields(Config) if role in f.metadata["roles"]]

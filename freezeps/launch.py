@@ -1,0 +1,114 @@
+"""`freezeps run`: one PS and N workers as separate processes on this machine, over loopback.
+
+The merged configuration is written to RUN_DIR/config.toml and every process reads it,
+so the run folder alone says how the run was made. Progress comes from the PS's Status RPC.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+
+from freezeps.config import Config
+from freezeps.report import format_report, summarize_run
+from proto import freezeps_pb2 as pb
+from proto import freezeps_pb2_grpc as pb_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(cfg: Config) -> str:
+    lines = []
+    for key, value in asdict(cfg).items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = \"{value}\"")
+    return "\n".join(lines) + "\n"
+
+
+def _status(stub) -> pb.StatusReply | None:
+    try:
+        return stub.Status(pb.StatusRequest(), timeout=2.0)
+    except grpc.RpcError:
+        return None
+
+
+def run_job(cfg: Config, config_file: str | None = None) -> int:
+    run_dir = Path(cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    (run_dir / "config.toml").write_text(_toml(cfg))
+    base = [sys.executable, "-m", "freezeps"]
+    common = ["--config", str(run_dir / "config.toml")]
+    print(f"freezeps run: {cfg.num_workers} workers x {threads} threads, {cfg.model} on {cfg.dataset}, "
+          f"freeze {cfg.freeze}; logs in {run_dir}", flush=True)
+    ps_log = open(run_dir / "ps.log", "w")
+    ps = subprocess.Popen(base + ["ps"] + common + ["--listen", address, "--run-log", str(run_dir / "ps.jsonl")],
+                          stdout=ps_log, stderr=subprocess.STDOUT)
+    workers, logs = [], [ps_log]
+    for i in range(cfg.num_workers):
+        log = open(run_dir / f"worker-{i}.log", "w")
+        logs.append(log)
+        workers.append(subprocess.Popen(
+            base + ["worker"] + common + ["--ps-address", address, "--log-dir", str(run_dir),
+                                          "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.ParameterServerStub(channel)
+    started, last_line, failed = time.monotonic(), "", None
+    try:
+        while any(w.poll() is None for w in workers):
+            failed = next((i for i, w in enumerate(workers) if w.poll() not in (None, 0)), None)
+            if failed is not None or ps.poll() is not None:
+                break
+            status = _status(stub)
+            if status is not None and status.initialized:
+                total = f"/{status.total_steps}" if status.total_steps else ""
+                line = (f"  step {status.step}{total}  workers {status.live_workers}/{status.num_workers}  "
+                        f"frozen {status.freeze.frozen_blocks}/{len(status.blocks)} blocks  "
+                        f"in {status.payload_bytes_in / 1e6:,.0f} MB  out {status.payload_bytes_out / 1e6:,.0f} MB  "
+                        f"{time.monotonic() - started:,.0f} s")
+                if line.split("  ")[1] != last_line:
+                    print(line, flush=True)
+                    last_line = line.split("  ")[1]
+            time.sleep(2.0)
+        if failed is not None or any(w.wait() != 0 for w in workers):
+            bad = failed if failed is not None else next(i for i, w in enumerate(workers) if w.returncode != 0)
+            tail = (run_dir / f"worker-{bad}.log").read_text().strip().splitlines()[-5:]
+            print(f"freezeps run: worker {bad} failed (exit {workers[bad].returncode}):\n  " + "\n  ".join(tail),
+                  file=sys.stderr)
+            return 1
+        if ps.poll() is not None and ps.returncode != 0:
+            print(f"freezeps run: the PS failed; see {run_dir / 'ps.log'}", file=sys.stderr)
+            return 1
+        ps.wait(timeout=60)
+    finally:
+        for proc in [*workers, ps]:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        channel.close()
+        for log in logs:
+            log.close()
+    print()
+    print(format_report(summarize_run(run_dir)))
+    print(f"\nrun log: {run_dir / 'ps.jsonl'}; report again with: freezeps report {run_dir}")
+    return 0

@@ -1,0 +1,55 @@
+"""Turn one Config into the settings each role takes, and run that role."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from freezeps.config import Config
+from ps.freeze import make_engine
+from ps.main import serve_ps
+from ps.server import ServerSettings
+from worker.client import ConnectError
+from worker.train import WorkerSettings, run_worker
+
+log = logging.getLogger("freezeps")
+
+
+def server_settings(cfg: Config) -> ServerSettings:
+    return ServerSettings(num_workers=cfg.num_workers, chunk_bytes=cfg.chunk_bytes, lr=cfg.lr,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                          lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                          lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
+                          round_timeout_s=cfg.round_timeout_s)
+
+
+def worker_settings(cfg: Config) -> WorkerSettings:
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    return WorkerSettings(ps_address=cfg.ps_address, model=cfg.model, weights=cfg.weights, dataset=cfg.dataset,
+                          data_dir=Path(cfg.data_dir), download=cfg.download, train_samples=cfg.train_samples,
+                          test_samples=cfg.test_samples, image_size=cfg.image_size, augment=cfg.augment,
+                          sharding=cfg.sharding, dirichlet_alpha=cfg.dirichlet_alpha, batch_size=cfg.batch_size,
+                          epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
+                          evaluate=cfg.evaluate, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
+                          connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s)
+
+
+def run_ps(cfg: Config) -> dict:
+    engine = make_engine(cfg.freeze, blocks=cfg.freeze_blocks, from_step=cfg.freeze_step)
+    return serve_ps(server_settings(cfg), engine, cfg.listen, Path(cfg.run_log) if cfg.run_log else None)
+
+
+def run_worker_role(cfg: Config) -> int:
+    """Run one worker; exit status 0 when done, 3 when the PS cannot be reached, 4 on an RPC error."""
+    try:
+        run_worker(worker_settings(cfg))
+    except ConnectError as e:
+        print(f"freezeps worker: {e}", file=sys.stderr)
+        return 3
+    except grpc.RpcError as e:
+        print(f"freezeps worker: the PS answered {e.code().name}: {e.details()}", file=sys.stderr)
+        return 4
+    return 0

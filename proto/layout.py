@@ -1,0 +1,91 @@
+"""Block layouts: how a manifest's named tensors sit in one flat byte range per block.
+
+Both ends derive the same layout from the same manifest, so a chunk's (block, tensor,
+offset) means the same bytes on either side. Pure Python, no torch.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from proto import freezeps_pb2 as pb
+
+# The only dtype accepted on the wire today; the name is numpy's and torch's.
+DTYPE_SIZES = {"float32": 4}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot define a run (empty, duplicate names, unknown dtype...)."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: int  # pb.PARAMETER or pb.BUFFER
+    offset: int  # byte offset inside the block's flat range
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    index: int
+    name: str
+    tensors: tuple[TensorLayout, ...]
+    nbytes: int
+
+    def block_offset(self, tensor: int, offset: int) -> int:
+        """Byte offset inside the block of `offset` bytes into tensor number `tensor`."""
+        return self.tensors[tensor].offset + offset
+
+    def locate(self, block_offset: int) -> tuple[int, int]:
+        """(tensor index, offset inside it) of a byte offset inside the block."""
+        starts = [t.offset for t in self.tensors]
+        i = bisect.bisect_right(starts, block_offset) - 1
+        # Skip empty tensors that share a start with the next one.
+        while i + 1 < len(self.tensors) and self.tensors[i].nbytes == 0:
+            i += 1
+        return i, block_offset - self.tensors[i].offset
+
+
+def layout_from_manifest(manifest: pb.Manifest) -> list[BlockLayout]:
+    """Validate a manifest and lay out its blocks; raises ManifestError saying what is wrong."""
+    if not manifest.blocks:
+        raise ManifestError("manifest has no blocks")
+    seen_blocks: set[str] = set()
+    seen_tensors: set[str] = set()
+    blocks = []
+    for b, block in enumerate(manifest.blocks):
+        if not block.name or block.name in seen_blocks:
+            raise ManifestError(f"block {b}: name {block.name!r} is empty or repeated")
+        seen_blocks.add(block.name)
+        if not block.tensors:
+            raise ManifestError(f"block {block.name!r} has no tensors")
+        offset = 0
+        tensors = []
+        for spec in block.tensors:
+            if not spec.name or spec.name in seen_tensors:
+                raise ManifestError(f"tensor name {spec.name!r} is empty or repeated")
+            seen_tensors.add(spec.name)
+            if spec.dtype not in DTYPE_SIZES:
+                raise ManifestError(
+                    f"tensor {spec.name!r}: dtype {spec.dtype!r} not supported (use {sorted(DTYPE_SIZES)})")
+            if spec.kind not in (pb.PARAMETER, pb.BUFFER):
+                raise ManifestError(f"tensor {spec.name!r}: kind must be PARAMETER or BUFFER")
+            if any(d < 0 for d in spec.shape):
+                raise ManifestError(f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
+            nbytes = math.prod(spec.shape) * DTYPE_SIZES[spec.dtype]
+            tensors.append(TensorLayout(spec.name, tuple(spec.shape), spec.dtype, spec.kind, offset, nbytes))
+            offset += nbytes
+        blocks.append(BlockLayout(b, block.name, tuple(tensors), offset))
+    return blocks
+
+
+def model_bytes(blocks: list[BlockLayout]) -> int:
+    return sum(b.nbytes for b in blocks)

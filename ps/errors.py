@@ -1,0 +1,24 @@
+"""Domain errors of the parameter server, each with the gRPC status the servicer answers with."""
+import grpc
+
+
+class PSError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(PSError):
+    """The message itself is malformed: bad chunk, NaN, wrong size."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(PSError):
+    """The message is well formed but does not fit the server's state: wrong step, manifest mismatch."""
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnknownWorker(PSError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Timeout(PSError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

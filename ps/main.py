@@ -1,0 +1,95 @@
+"""Run one parameter server until its workers are done: serve, log each round, summarise.
+
+The run log gets one "round" record per step (loss, phases, gradient norms, and the bytes
+of that step per method, block and worker) and one "summary" record at the end that sets
+the bytes moved against the no-freezing counterfactual.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from proto.runlog import JsonlLog
+from proto.transport import ByteMeter
+from ps.freeze import FreezeEngine
+from ps.server import ParameterServer, ServerSettings
+from ps.servicer import start_server
+
+log = logging.getLogger("freezeps.ps")
+
+
+class _Counterfactual:
+    """Bytes a run without freezing would have moved: every block, every push and pull."""
+
+    def __init__(self):
+        self.pushes = 0
+
+    def on_round(self, record: dict) -> None:
+        self.pushes += len(record["workers"])
+
+
+def serve_ps(settings: ServerSettings, engine: FreezeEngine, address: str, run_log: Path | None,
+             credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
+             on_ready=lambda port: None) -> dict:
+    """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes)."""
+    meter = ByteMeter()
+    runlog = JsonlLog(run_log)
+    counter = _Counterfactual()
+
+    def on_round(record: dict) -> None:
+        counter.on_round(record)
+        runlog.write({**record, "bytes": meter.take_window()})
+        if record["step"] % 10 == 0:
+            log.info("[PS.Round] step %d: loss %.4f, %d blocks frozen, %.3f s",
+                     record["step"], record["loss"], record["frozen_blocks"], record["round_s"])
+
+    server = ParameterServer(settings, engine, on_round)
+    grpc_server, port = start_server(server, meter, address, credentials)
+    log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
+    on_ready(port)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            if server.wait_done(timeout=0.5):
+                break
+            if max_wait_s and time.monotonic() - started > max_wait_s:
+                log.warning("[PS] giving up after %.0f s", max_wait_s)
+                break
+    finally:
+        grpc_server.stop(grace=2.0).wait(5.0)
+        summary = summarize(server.describe(), meter.totals(), counter.pushes, time.monotonic() - started)
+        runlog.write(summary)
+        runlog.close()
+    return summary
+
+
+def summarize(run: dict, totals: dict, pushes: int, wall_s: float) -> dict:
+    """The run's bytes per method and direction, next to what no freezing would have moved."""
+    model_bytes = sum(b["bytes"] for b in run["blocks"])
+    names = {str(i): b["name"] for i, b in enumerate(run["blocks"])}
+
+    def payload(method: str, direction: str) -> int:
+        return sum(t["payload"] for t in totals.get(method, {}).get(direction, {}).values())
+
+    def per_block(method: str, direction: str) -> dict:
+        by_block = totals.get(method, {}).get(direction, {})
+        return {names[k]: v["payload"] for k, v in by_block.items() if k in names}
+
+    pulls = sum(t["messages"] for k, t in totals.get("Pull", {}).get("in", {}).items())
+    return {
+        "event": "summary", **run, "wall_s": round(wall_s, 3), "model_bytes": model_bytes,
+        "push_payload": payload("Push", "in"), "pull_payload": payload("Pull", "out"),
+        "push_payload_no_freeze": pushes * model_bytes, "pull_payload_no_freeze": pulls * model_bytes,
+        "push_by_block": per_block("Push", "in"), "pull_by_block": per_block("Pull", "out"),
+        "message_bytes": {m: {d: sum(t["message"] for t in v.values()) for d, v in dirs.items()}
+                          for m, dirs in totals.items()},
+        "bytes": totals,
+    }

@@ -1,0 +1,339 @@
+"""The parameter server's state machine: join, init, synchronous rounds, freeze, leave.
+
+Plain Python with one lock and one condition; no gRPC here beyond the message types.
+Every method either does what was asked or raises a PSError and changes nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from proto import freezeps_pb2 as pb
+from proto.layout import BlockLayout, ManifestError, layout_from_manifest, model_bytes
+from proto.transport import ChunkReceiver, WireError, iter_chunks
+from ps.errors import FailedPrecondition, InvalidArgument, PSError, Timeout, UnknownWorker
+from ps.freeze import FreezeEngine, RoundStats
+from ps.schedule import learning_rate
+from ps.store import BlockStore, as_bytes
+
+log = logging.getLogger("freezeps.ps")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    num_workers: int
+    chunk_bytes: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_step_size: int = 0
+    lr_gamma: float = 0.1
+    round_timeout_s: float = 300.0
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    name: str
+    rank: int
+    pushing: bool = False
+    pushed_step: int = -1
+    batch_size: int = 0
+    loss: float = 0.0
+    phases: dict = field(default_factory=dict)
+
+
+class ParameterServer:
+    def __init__(self, settings: ServerSettings, engine: FreezeEngine,
+                 on_round: Callable[[dict], None] = lambda record: None):
+        self.settings = settings
+        self.engine = engine
+        self._on_round = on_round
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._workers: dict[str, _Worker] = {}
+        self._ever_joined = 0
+        self._manifest: pb.Manifest | None = None
+        self._blocks: list[BlockLayout] = []
+        self._store: BlockStore | None = None
+        self._owned = range(0)
+        self._initialized = False
+        self._init_worker: str | None = None
+        self._started = False  # num_workers have joined once: round 0 may begin
+        self._step = 0
+        self._total_steps = 0
+        self._weight = 0.0
+        self._freeze = pb.FreezeState()
+        self._round_started = time.monotonic()
+
+    # -- helpers (call with the lock held) -------------------------------------------------
+    def _worker(self, worker_id: str) -> _Worker:
+        if worker_id not in self._workers:
+            raise UnknownWorker(f"unknown worker id {worker_id!r}: call Join first")
+        return self._workers[worker_id]
+
+    def _freeze_copy(self) -> pb.FreezeState:
+        return pb.FreezeState(frozen_blocks=self._freeze.frozen_blocks, version=self._freeze.version,
+                              since_step=self._freeze.since_step)
+
+    def _active(self) -> range:
+        return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)
+
+    # -- Join / Init -----------------------------------------------------------------------
+    def join(self, req: pb.JoinRequest) -> pb.JoinReply:
+        with self._cond:
+            if self._manifest is None:
+                try:
+                    blocks = layout_from_manifest(req.manifest)
+                except ManifestError as e:
+                    raise InvalidArgument(f"bad manifest: {e}") from None
+                try:
+                    frozen = self.engine.initial(len(blocks))
+                except ValueError as e:
+                    raise FailedPrecondition(f"freeze engine does not fit this model: {e}") from None
+                self._manifest = pb.Manifest()
+                self._manifest.CopyFrom(req.manifest)
+                self._blocks = blocks
+                self._owned = range(0, len(blocks))
+                self._store = BlockStore(blocks, self._owned, momentum=self.settings.momentum,
+                                         weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
+                if frozen:
+                    self._set_frozen(frozen, since_step=0)
+                log.info("[PS.Join] manifest: model %r, %d blocks, %d bytes", req.manifest.model,
+                         len(blocks), model_bytes(blocks))
+            elif req.manifest != self._manifest:
+                raise FailedPrecondition(f"manifest differs from the run's: {_manifest_diff(self._manifest, req.manifest)}")
+            if len(self._workers) >= self.settings.num_workers:
+                raise FailedPrecondition(f"run is full: {len(self._workers)} of {self.settings.num_workers} workers live")
+            taken = {w.rank for w in self._workers.values()}
+            rank = next(r for r in itertools.count() if r not in taken)
+            worker_id = f"w{next(self._ids)}-{rank}"
+            self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank)
+            self._ever_joined += 1
+            needs_init = not self._initialized and self._init_worker is None
+            if needs_init:
+                self._init_worker = worker_id
+            self._maybe_start()
+            log.info("[PS.Join] %s (%s) joined as rank %d; %d live", worker_id, req.worker_name, rank, len(self._workers))
+            return pb.JoinReply(worker_id=worker_id, rank=rank, num_workers=self.settings.num_workers,
+                                needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
+                                owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
+                                chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps)
+
+    def init(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
+        messages = iter(messages)
+        header = _first_header(messages)
+        with self._cond:
+            self._worker(header.worker_id)
+            if self._initialized or self._init_worker != header.worker_id:
+                raise FailedPrecondition("Init is only for the first worker, once, before training")
+        receiver = ChunkReceiver(self._blocks, list(self._owned),
+                                 {b: as_bytes(self._store.values[b]) for b in self._owned}, self.settings.chunk_bytes)
+        _receive(receiver, messages)
+        bad = self._store.non_finite(self._store.values, self._owned)
+        if bad:
+            raise InvalidArgument(f"initial value of tensor {bad!r} holds NaN or Inf")
+        with self._cond:
+            self._initialized = True
+            self._total_steps = header.total_steps
+            self._maybe_start()
+            self._cond.notify_all()
+            return pb.PushReply(step=self._step, freeze=self._freeze_copy())
+
+    def _maybe_start(self) -> None:
+        if self._initialized and not self._started and len(self._workers) >= self.settings.num_workers:
+            self._started = True
+            self._round_started = time.monotonic()
+            self._cond.notify_all()
+
+    # -- Pull ------------------------------------------------------------------------------
+    def pull(self, req: pb.PullRequest) -> Iterator[pb.PullMessage]:
+        """Wait until parameters of version req.step exist, then stream the unfrozen blocks."""
+        deadline = time.monotonic() + self.settings.round_timeout_s
+        with self._cond:
+            self._worker(req.worker_id)
+            if req.frozen_blocks > self._freeze.frozen_blocks:
+                raise FailedPrecondition(f"worker claims {req.frozen_blocks} frozen blocks; "
+                                         f"the run has {self._freeze.frozen_blocks}")
+            if req.step > self._step + 1 or req.step < self._step:
+                raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
+            while not (self._started and self._step >= req.step):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(f"step {req.step} not ready after {self.settings.round_timeout_s:.0f} s "
+                                  f"(server at step {self._step}, {len(self._workers)} workers live)")
+                self._cond.wait(left)
+                self._worker(req.worker_id)  # it may have been dropped meanwhile
+            if self._step != req.step:
+                raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
+            blocks = [b for b in self._owned if b >= req.frozen_blocks]
+            header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks)
+        # Values cannot change while we stream: round req.step needs this worker's push.
+        return self._pull_stream(header, blocks)
+
+    def _pull_stream(self, header: pb.PullHeader, blocks: list[int]) -> Iterator[pb.PullMessage]:
+        yield pb.PullMessage(header=header)
+        for b in blocks:
+            for chunk in iter_chunks(self._blocks[b], as_bytes(self._store.values[b]), self.settings.chunk_bytes):
+                yield pb.PullMessage(chunk=chunk)
+
+    # -- Push ------------------------------------------------------------------------------
+    def push(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
+        messages = iter(messages)
+        header = _first_header(messages)
+        with self._cond:
+            worker = self._worker(header.worker_id)
+            self._check_push(worker, header)
+            worker.pushing = True
+            active = self._active()
+        try:
+            staged = self._store.staging(worker.worker_id)
+            receiver = ChunkReceiver(self._blocks, list(active), {b: as_bytes(staged[b]) for b in active},
+                                     self.settings.chunk_bytes)
+            _receive(receiver, messages)
+            bad = self._store.non_finite(staged, active)
+            if bad:
+                raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
+            with self._cond:
+                self._worker(header.worker_id)
+                self._check_push(worker, header, already_pushing=True)
+                self._store.accumulate(staged, float(header.batch_size), active)
+                self._weight += header.batch_size
+                worker.pushed_step = header.step
+                worker.batch_size, worker.loss = header.batch_size, header.loss
+                worker.phases = {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields}
+                self._maybe_complete_round()
+                return pb.PushReply(step=header.step, freeze=self._freeze_copy())
+        finally:
+            with self._cond:
+                worker.pushing = False
+
+    def _check_push(self, worker: _Worker, header: pb.PushHeader, already_pushing: bool = False) -> None:
+        if not self._started:
+            raise FailedPrecondition("the run has not started: waiting for workers or initial values")
+        if header.step != self._step:
+            raise FailedPrecondition(f"push for step {header.step}, but the server is at step {self._step}")
+        if worker.pushed_step == header.step:
+            raise FailedPrecondition(f"worker {worker.worker_id} already pushed step {header.step}")
+        if worker.pushing and not already_pushing:
+            raise FailedPrecondition(f"worker {worker.worker_id} has a push in flight")
+        if header.batch_size == 0:
+            raise InvalidArgument("batch_size must be at least 1")
+
+    def _maybe_complete_round(self) -> None:
+        live = list(self._workers.values())
+        pushed = [w for w in live if w.pushed_step == self._step]
+        if not pushed or len(pushed) < len(live) or self._weight == 0:
+            return
+        step = self._step
+        active = self._active()
+        lr = learning_rate(step, base_lr=self.settings.lr, schedule=self.settings.lr_schedule,
+                           total_steps=self._total_steps, warmup_steps=self.settings.warmup_steps,
+                           step_size=self.settings.lr_step_size, gamma=self.settings.lr_gamma)
+        norms = self._store.apply(active, self._weight, lr)
+        frozen_before = self._freeze.frozen_blocks
+        wanted = self.engine.decide(RoundStats(step=step, num_blocks=len(self._blocks),
+                                               frozen_blocks=frozen_before, grad_norms=tuple(norms)))
+        # The frozen set is a prefix that only grows, and the last block always trains.
+        frozen = min(max(wanted, frozen_before), len(self._blocks) - 1)
+        if frozen > frozen_before:
+            self._set_frozen(frozen, since_step=step + 1)
+        now = time.monotonic()
+        record = {
+            "event": "round", "step": step, "round_s": round(now - self._round_started, 6), "lr": lr,
+            "frozen_blocks": frozen_before, "samples": int(self._weight),
+            "loss": sum(w.loss * w.batch_size for w in pushed) / self._weight,
+            "workers": {w.worker_id: {"rank": w.rank, "batch_size": w.batch_size, "loss": w.loss,
+                                      "phases": w.phases} for w in pushed},
+            "grad_norm": {self._blocks[b].name: norms[b] for b in active},
+        }
+        self._weight = 0.0
+        self._step += 1
+        self._round_started = now
+        self._on_round(record)
+        self._cond.notify_all()
+
+    def _set_frozen(self, frozen: int, since_step: int) -> None:
+        before = self._freeze.frozen_blocks
+        self._store.freeze(range(before, frozen))
+        self._freeze = pb.FreezeState(frozen_blocks=frozen, version=self._freeze.version + 1, since_step=since_step)
+        log.info("[PS.Freeze] blocks %s frozen from step %d", [b.name for b in self._blocks[:frozen]], since_step)
+
+    # -- Leave / Status --------------------------------------------------------------------
+    def leave(self, req: pb.LeaveRequest) -> pb.LeaveReply:
+        with self._cond:
+            worker = self._worker(req.worker_id)
+            del self._workers[req.worker_id]
+            self._store.drop_staging(worker.worker_id)
+            log.info("[PS.Leave] %s left; %d live", req.worker_id, len(self._workers))
+            self._maybe_complete_round()
+            self._cond.notify_all()
+            return pb.LeaveReply(freeze=self._freeze_copy())
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._ever_joined > 0 and self._started and not self._workers
+
+    def wait_done(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ever_joined > 0 and self._started and not self._workers, timeout)
+
+    def status(self) -> pb.StatusReply:
+        with self._cond:
+            return pb.StatusReply(
+                step=self._step, total_steps=self._total_steps, live_workers=len(self._workers),
+                num_workers=self.settings.num_workers, initialized=self._initialized,
+                done=self._ever_joined > 0 and self._started and not self._workers,
+                freeze=self._freeze_copy(), blocks=[b.name for b in self._blocks])
+
+    def describe(self) -> dict:
+        """Static facts about the run for the summary: block names and byte sizes."""
+        with self._cond:
+            return {"model": self._manifest.model if self._manifest else "",
+                    "blocks": [{"name": b.name, "bytes": b.nbytes} for b in self._blocks],
+                    "num_workers": self.settings.num_workers, "steps": self._step,
+                    "frozen_blocks": self._freeze.frozen_blocks, "freeze_since_step": self._freeze.since_step,
+                    "optimizer_state_bytes": self._store.optimizer_state_bytes() if self._store else 0}
+
+
+def _first_header(messages: Iterator[pb.PushMessage]) -> pb.PushHeader:
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise InvalidArgument("a push stream must start with a header")
+    return first.header
+
+
+def _receive(receiver: ChunkReceiver, messages: Iterator[pb.PushMessage]) -> None:
+    try:
+        for msg in messages:
+            if not msg.HasField("chunk"):
+                raise WireError("only one header is allowed, at the start of the stream")
+            receiver.accept(msg.chunk)
+        receiver.finish()
+    except WireError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def _manifest_diff(a: pb.Manifest, b: pb.Manifest) -> str:
+    if a.model != b.model:
+        return f"model {b.model!r} != {a.model!r}"
+    if len(a.blocks) != len(b.blocks):
+        return f"{len(b.blocks)} blocks != {len(a.blocks)}"
+    for x, y in zip(a.blocks, b.blocks):
+        if x.name != y.name or len(x.tensors) != len(y.tensors):
+            return f"block {y.name!r} ({len(y.tensors)} tensors) != {x.name!r} ({len(x.tensors)} tensors)"
+        for s, t in zip(x.tensors, y.tensors):
+            if s != t:
+                return f"tensor {t.name!r} {list(t.shape)} {t.dtype} != {s.name!r} {list(s.shape)} {s.dtype}"
+    return "fields differ"
+
+
+__all__ = ["ParameterServer", "ServerSettings", "PSError"]

@@ -1,0 +1,92 @@
+"""The gRPC face of the parameter server: decode, call ParameterServer, map errors to status codes.
+
+Every message in or out passes through the transport's meter, keyed by the worker id the
+client sends in the `worker-id` call metadata.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+
+from proto import freezeps_pb2_grpc as pb_grpc
+from proto.transport import CHANNEL_OPTIONS, ByteMeter, metered
+from ps.errors import PSError
+from ps.server import ParameterServer
+
+log = logging.getLogger("freezeps.ps")
+WORKER_METADATA = "worker-id"
+
+
+def _worker_label(context: grpc.ServicerContext) -> str:
+    return dict(context.invocation_metadata()).get(WORKER_METADATA, "?")
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    def __init__(self, server: ParameterServer, meter: ByteMeter):
+        self._ps = server
+        self._meter = meter
+
+    def _unary(self, method: str, fn, request, context, label: str | None = None):
+        label = label or _worker_label(context)
+        self._meter.count(method, "in", label, request)
+        try:
+            reply = fn(request)
+        except PSError as e:
+            log.warning("[PS.%s] %s: %s", method, label, e)
+            context.abort(e.code, str(e))
+        self._meter.count(method, "out", label, reply)
+        return reply
+
+    def _client_stream(self, method: str, fn, request_iterator, context):
+        label = _worker_label(context)
+        try:
+            reply = fn(metered(request_iterator, self._meter, method, "in", label))
+        except PSError as e:
+            log.warning("[PS.%s] %s: %s", method, label, e)
+            context.abort(e.code, str(e))
+        self._meter.count(method, "out", label, reply)
+        return reply
+
+    def Join(self, request, context):
+        return self._unary("Join", self._ps.join, request, context, label=request.worker_name or "?")
+
+    def Init(self, request_iterator, context):
+        return self._client_stream("Init", self._ps.init, request_iterator, context)
+
+    def Push(self, request_iterator, context):
+        return self._client_stream("Push", self._ps.push, request_iterator, context)
+
+    def Pull(self, request, context):
+        label = _worker_label(context)
+        self._meter.count("Pull", "in", label, request)
+        try:
+            stream = self._ps.pull(request)
+        except PSError as e:
+            log.warning("[PS.Pull] %s: %s", label, e)
+            context.abort(e.code, str(e))
+        yield from metered(stream, self._meter, "Pull", "out", label)
+
+    def Status(self, request, context):
+        reply = self._ps.status()
+        reply.payload_bytes_in = self._meter.payload_total("in")
+        reply.payload_bytes_out = self._meter.payload_total("out")
+        return reply
+
+    def Leave(self, request, context):
+        return self._unary("Leave", self._ps.leave, request, context)
+
+
+def start_server(server: ParameterServer, meter: ByteMeter, address: str,
+                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+    """Start serving on `address` ("host:port", port 0 picks one); returns (server, port)."""
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * server.settings.num_workers + 8),
+                              options=CHANNEL_OPTIONS)
+    pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(server, meter), grpc_server)
+    port = (grpc_server.add_secure_port(address, credentials) if credentials
+            else grpc_server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    grpc_server.start()
+    return grpc_server, port

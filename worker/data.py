@@ -1,0 +1,167 @@
+"""Datasets as in-memory tensors, deterministic shards by rank, and batches.
+
+Images stay uint8 (or the synthetic set's float) in memory and are normalised per batch,
+so four workers on one machine do not each hold a float copy of the training set.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("fashion_mnist", "cifar10", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # N x C x H x W, uint8 (real sets) or float32 (synthetic)
+    labels: torch.Tensor  # N, int64
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist(root: Path, train: bool, download: bool) -> Dataset:
+    """From ROOT/FashionMNIST/raw (torchvision's layout), Debian's package, or a download."""
+    img_stem, lbl_stem = _FMNIST_FILES[train]
+    for folder in (root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST):
+        img, lbl = _find_idx(folder, img_stem), _find_idx(folder, lbl_stem)
+        if img and lbl:
+            images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
+            labels = torch.from_numpy(_read_idx(lbl).astype(np.int64))
+            return Dataset(images, labels, 10, (_FMNIST_MEAN,), (_FMNIST_STD,))
+    if not download:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root / 'FashionMNIST' / 'raw'} or {DEBIAN_FASHION_MNIST}; "
+            "install it with `apt-get install dataset-fashion-mnist`, or pass --download where there is internet")
+    import torchvision
+    ds = torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+    return Dataset(ds.data.unsqueeze(1).clone(), ds.targets.clone(), 10, (_FMNIST_MEAN,), (_FMNIST_STD,))
+
+
+def cifar10(root: Path, train: bool, download: bool) -> Dataset:
+    import torchvision
+    try:
+        ds = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"CIFAR-10 not found under {root} ({e}); pass --download where there is internet") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return Dataset(images, torch.tensor(ds.targets, dtype=torch.int64), 10, _CIFAR_MEAN, _CIFAR_STD)
+
+
+def synthetic(train: bool, samples: int = 2048, seed: int = 0, num_classes: int = 4) -> Dataset:
+    """A learnable set for tests: 3x8x8 Gaussian images, labels from a fixed linear teacher."""
+    gen = torch.Generator().manual_seed(seed * 2 + (0 if train else 1))
+    teacher = torch.randn(3 * 8 * 8, num_classes, generator=torch.Generator().manual_seed(seed + 1000))
+    images = torch.randn(samples, 3, 8, 8, generator=gen)
+    labels = (images.flatten(1) @ teacher).argmax(1)
+    return Dataset(images, labels, num_classes, (0.0,) * 3, (1.0,) * 3)
+
+
+def load_dataset(name: str, root: Path, train: bool, download: bool = False,
+                 limit: int = 0, seed: int = 0) -> Dataset:
+    """Load a dataset; `limit` > 0 keeps a fixed random subset of that many samples."""
+    if name == "fashion_mnist":
+        ds = fashion_mnist(root, train, download)
+    elif name == "cifar10":
+        ds = cifar10(root, train, download)
+    elif name == "synthetic":
+        ds = synthetic(train, samples=2048 if train else 512, seed=seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if 0 < limit < len(ds):
+        keep = torch.from_numpy(np.random.default_rng(seed + (0 if train else 1)).permutation(len(ds))[:limit])
+        ds = Dataset(ds.images[keep], ds.labels[keep], ds.num_classes, ds.mean, ds.std)
+    return ds
+
+
+def shard_indices(labels: np.ndarray, rank: int, world: int, scheme: str = "iid",
+                  alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """The sample indices of worker `rank` of `world`, the same on every host.
+
+    iid: a seeded permutation dealt round-robin. dirichlet: for each class, the shares
+    of the workers are drawn from Dirichlet(alpha); small alpha means strong label skew.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return np.sort(rng.permutation(len(labels))[rank::world])
+    if scheme != "dirichlet":
+        raise ValueError(f"unknown sharding {scheme!r}; choose iid or dirichlet")
+    if alpha <= 0:
+        raise ValueError("dirichlet alpha must be > 0")
+    mine = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.dirichlet([alpha] * world)
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+        mine.append(np.split(idx, cuts)[rank])
+    return np.sort(np.concatenate(mine))
+
+
+def batch_order(shard: np.ndarray, epoch: int, rank: int, seed: int) -> np.ndarray:
+    """This worker's sample order for one epoch: known in advance from the seed."""
+    return np.random.default_rng([seed, epoch, rank]).permutation(shard)
+
+
+def make_batch(ds: Dataset, idx: np.ndarray, image_size: int, channels: int, augment: bool,
+               gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise (and optionally random-crop and flip) a batch, sized for the model."""
+    x = ds.images[torch.from_numpy(idx)]
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    if x.shape[-1] != image_size:
+        pad = image_size - x.shape[-1]
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)) if pad > 0 else \
+            F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    if x.shape[1] != channels:
+        x = x.expand(-1, channels, -1, -1)
+    if augment:
+        x = _crop_flip(x, gen)
+    return x.contiguous(), ds.labels[torch.from_numpy(idx)]
+
+
+def _crop_flip(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """The seed's augmentation: random 4-pixel-padded crop and horizontal flip, per sample."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+

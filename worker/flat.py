@@ -1,0 +1,75 @@
+"""Bind a BlockModel's tensors to one flat buffer per block, in the wire's block layout.
+
+After binding, every parameter and float buffer of block b is a view into values[b], and
+every parameter's .grad a view into grads[b]. A pull writes chunks straight into
+values[b]; a push sends grads[b] (with the running statistics copied into their slots)
+as it is: no per-step flattening or unflattening.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from proto import freezeps_pb2 as pb
+from proto.layout import BlockLayout, layout_from_manifest
+from worker.models import BlockModel
+
+
+def _tensors(block: torch.nn.Module):
+    """(name, module, attribute, tensor, kind) for every parameter and float buffer, in order."""
+    for mod_name, module in block.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, p, pb.PARAMETER
+        for attr, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point():
+                yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, buf, pb.BUFFER
+
+
+def manifest_for(model: BlockModel) -> pb.Manifest:
+    manifest = pb.Manifest(model=model.model_name)
+    for name, block in zip(model.block_names, model.blocks):
+        spec = manifest.blocks.add(name=name)
+        for tname, _, _, t, kind in _tensors(block):
+            spec.tensors.add(name=f"{name}/{tname}", shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."),
+                             kind=kind)
+    return manifest
+
+
+class FlatModel:
+    def __init__(self, model: BlockModel):
+        self.model = model
+        self.manifest = manifest_for(model)
+        self.layout: list[BlockLayout] = layout_from_manifest(self.manifest)
+        self.values: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for block, layout in zip(model.blocks, self.layout):
+            values = torch.empty(layout.nbytes // 4)
+            grads = torch.zeros(layout.nbytes // 4)
+            slots = []
+            for (_, module, attr, t, kind), spec in zip(_tensors(block), layout.tensors):
+                span = slice(spec.offset // 4, (spec.offset + spec.nbytes) // 4)
+                view = values[span].view(t.shape)
+                view.copy_(t.detach())
+                if kind == pb.PARAMETER:
+                    t.data = view
+                    t.grad = grads[span].view(t.shape)
+                else:
+                    module._buffers[attr] = view
+                    slots.append((view, grads[span]))
+            self.values.append(values)
+            self.grads.append(grads)
+            self._buffer_slots.append(slots)
+
+    def value_bytes(self, b: int) -> np.ndarray:
+        return self.values[b].numpy().view(np.uint8)
+
+    def push_bytes(self, b: int) -> np.ndarray:
+        """Block b's push payload: parameter gradients, and running statistics in their slots."""
+        for value, slot in self._buffer_slots[b]:
+            slot.copy_(value.reshape(-1))
+        return self.grads[b].numpy().view(np.uint8)
+
+    def zero_grads(self, first_block: int) -> None:
+        for g in self.grads[first_block:]:
+            g.zero_()

