@@ -15,7 +15,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 or n == 0 else f"{n / 1e3:,.1f} kB"
 
 
 def summarize_run(run_dir: Path) -> dict:

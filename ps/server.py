@@ -10,7 +10,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
 
 from proto import freezeps_pb2 as pb
 from proto.layout import BlockLayout, ManifestError, layout_from_manifest, model_bytes
@@ -45,9 +47,6 @@ class _Worker:
     rank: int
     pushing: bool = False
     pushed_step: int = -1
-    batch_size: int = 0
-    loss: float = 0.0
-    phases: dict = field(default_factory=dict)
 
 
 class ParameterServer:
@@ -70,6 +69,7 @@ class ParameterServer:
         self._step = 0
         self._total_steps = 0
         self._weight = 0.0
+        self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
 
@@ -110,6 +110,9 @@ class ParameterServer:
                          len(blocks), model_bytes(blocks))
             elif req.manifest != self._manifest:
                 raise FailedPrecondition(f"manifest differs from the run's: {_manifest_diff(self._manifest, req.manifest)}")
+            again = next((w for w in self._workers.values() if req.worker_name and w.name == req.worker_name), None)
+            if again is not None:  # a retried Join whose reply was lost: same registration
+                return self._join_reply(again, needs_init=self._init_worker == again.worker_id and not self._initialized)
             if len(self._workers) >= self.settings.num_workers:
                 raise FailedPrecondition(f"run is full: {len(self._workers)} of {self.settings.num_workers} workers live")
             taken = {w.rank for w in self._workers.values()}
@@ -122,10 +125,13 @@ class ParameterServer:
                 self._init_worker = worker_id
             self._maybe_start()
             log.info("[PS.Join] %s (%s) joined as rank %d; %d live", worker_id, req.worker_name, rank, len(self._workers))
-            return pb.JoinReply(worker_id=worker_id, rank=rank, num_workers=self.settings.num_workers,
-                                needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
-                                owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
-                                chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps)
+            return self._join_reply(self._workers[worker_id], needs_init)
+
+    def _join_reply(self, worker: _Worker, needs_init: bool) -> pb.JoinReply:
+        return pb.JoinReply(worker_id=worker.worker_id, rank=worker.rank, num_workers=self.settings.num_workers,
+                            needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
+                            owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
+                            chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps)
 
     def init(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
         messages = iter(messages)
@@ -207,8 +213,10 @@ class ParameterServer:
                 self._store.accumulate(staged, float(header.batch_size), active)
                 self._weight += header.batch_size
                 worker.pushed_step = header.step
-                worker.batch_size, worker.loss = header.batch_size, header.loss
-                worker.phases = {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields}
+                self._round_pushes.append({
+                    "worker": worker.worker_id, "rank": worker.rank, "batch_size": header.batch_size,
+                    "loss": header.loss,
+                    "phases": {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields}})
                 self._maybe_complete_round()
                 return pb.PushReply(step=header.step, freeze=self._freeze_copy())
         finally:
@@ -228,10 +236,10 @@ class ParameterServer:
             raise InvalidArgument("batch_size must be at least 1")
 
     def _maybe_complete_round(self) -> None:
-        live = list(self._workers.values())
-        pushed = [w for w in live if w.pushed_step == self._step]
-        if not pushed or len(pushed) < len(live) or self._weight == 0:
+        waiting = [w for w in self._workers.values() if w.pushed_step != self._step]
+        if waiting or not self._round_pushes:
             return
+        pushes = self._round_pushes
         step = self._step
         active = self._active()
         lr = learning_rate(step, base_lr=self.settings.lr, schedule=self.settings.lr_schedule,
@@ -249,12 +257,12 @@ class ParameterServer:
         record = {
             "event": "round", "step": step, "round_s": round(now - self._round_started, 6), "lr": lr,
             "frozen_blocks": frozen_before, "samples": int(self._weight),
-            "loss": sum(w.loss * w.batch_size for w in pushed) / self._weight,
-            "workers": {w.worker_id: {"rank": w.rank, "batch_size": w.batch_size, "loss": w.loss,
-                                      "phases": w.phases} for w in pushed},
+            "loss": sum(p["loss"] * p["batch_size"] for p in pushes) / self._weight,
+            "workers": {p.pop("worker"): p for p in pushes},
             "grad_norm": {self._blocks[b].name: norms[b] for b in active},
         }
         self._weight = 0.0
+        self._round_pushes = []
         self._step += 1
         self._round_started = now
         self._on_round(record)
@@ -293,6 +301,21 @@ class ParameterServer:
                 num_workers=self.settings.num_workers, initialized=self._initialized,
                 done=self._ever_joined > 0 and self._started and not self._workers,
                 freeze=self._freeze_copy(), blocks=[b.name for b in self._blocks])
+
+    def values_by_name(self) -> dict[str, np.ndarray]:
+        """A copy of every owned tensor's current value, by manifest name."""
+        with self._cond:
+            out = {}
+            for b in self._owned:
+                flat = self._store.values[b].numpy()
+                for t in self._blocks[b].tensors:
+                    out[t.name] = flat[t.offset // 4:(t.offset + t.nbytes) // 4].reshape(t.shape).copy()
+            return out
+
+    @property
+    def step(self) -> int:
+        with self._cond:
+            return self._step
 
     def describe(self) -> dict:
         """Static facts about the run for the summary: block names and byte sizes."""

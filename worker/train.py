@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     flat = FlatModel(model)
     client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
                                 rpc_timeout_s=settings.rpc_timeout_s)
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # Join. Every worker plans the same steps, from the global sample count.
     joined = client.join(flat.manifest, name)
@@ -129,13 +130,13 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             t2 = time.perf_counter()
 
             # Push the active blocks' gradients (and running statistics).
-            push_header = pb.PushHeader(step=step, batch_size=len(y), loss=float(loss), phases=phases)
+            push_header = pb.PushHeader(step=step, batch_size=len(y), loss=loss.item(), phases=phases)
             client.push(push_header, flat, range(frozen, len(flat.layout)))
             t3 = time.perf_counter()
             phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
             for k in totals:
                 totals[k] += getattr(phases, k)
-            runlog.write({"event": "step", "step": step, "loss": float(loss), "frozen_blocks": frozen,
+            runlog.write({"event": "step", "step": step, "loss": loss.item(), "frozen_blocks": frozen,
                           "phases": {k: getattr(phases, k) for k in totals}})
             step += 1
         if settings.evaluate and rank == 0 and total_steps > 0:

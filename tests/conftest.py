@@ -1,0 +1,80 @@
+"""Shared fixtures: an in-process parameter server on 127.0.0.1 with an ephemeral port."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from proto.runlog import JsonlLog
+from proto.transport import ByteMeter
+from ps.freeze import NoFreeze
+from ps.server import ParameterServer, ServerSettings
+from ps.servicer import start_server
+from worker.train import WorkerSettings
+
+
+class RunningPS:
+    def __init__(self, server: ParameterServer, grpc_server, port: int, log_path: Path | None):
+        self.server, self.grpc_server, self.port, self.log_path = server, grpc_server, port, log_path
+        self.address = f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running_ps(num_workers: int = 2, engine=None, log_path: Path | None = None, **settings):
+    meter = ByteMeter()
+    runlog = JsonlLog(log_path)
+    settings.setdefault("chunk_bytes", 1 << 20)
+    settings.setdefault("round_timeout_s", 30.0)
+    server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), engine or NoFreeze(),
+                             on_round=lambda r: runlog.write({**r, "bytes": meter.take_window()}))
+    grpc_server, port = start_server(server, meter, "127.0.0.1:0")
+    try:
+        yield RunningPS(server, grpc_server, port, log_path)
+    finally:
+        grpc_server.stop(grace=None).wait(5)
+        runlog.close()
+
+
+@pytest.fixture
+def ps_factory():
+    return running_ps
+
+
+def worker_settings(address: str, **overrides) -> WorkerSettings:
+    base = dict(ps_address=address, model="mlp", weights="random", dataset="synthetic", data_dir=Path("data"),
+                download=False, train_samples=0, test_samples=0, image_size=8, augment=False, sharding="iid",
+                dirichlet_alpha=0.5, batch_size=16, epochs=1, steps=6, seed=0, threads=1, evaluate=False,
+                log_dir=None, connect_retries=3, rpc_timeout_s=30.0)
+    base.update(overrides)
+    return WorkerSettings(**base)
+
+
+def run_workers(settings_list: list[WorkerSettings], timeout: float = 120.0) -> list:
+    """Run workers in threads; returns their summaries, or raises the first worker error."""
+    from worker.train import run_worker
+    results: list = [None] * len(settings_list)
+
+    def target(i):
+        try:
+            results[i] = run_worker(settings_list[i])
+        except BaseException as e:  # reported below, as data
+            results[i] = e
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(len(settings_list))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a worker did not finish in time"
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)

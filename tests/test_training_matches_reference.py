@@ -1,0 +1,59 @@
+"""Distributed rounds over real gRPC equal serial SGD on the union of the workers' batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ps.freeze import StaticFreeze
+from tests.conftest import run_workers, worker_settings
+from worker.data import batch_order, load_dataset, make_batch, shard_indices
+from worker.flat import manifest_for
+from worker.models import build_model
+
+
+def _reference(weights_file, num_workers, steps, batch_size, lr, momentum, wd, freeze_blocks=0, freeze_step=0):
+    """Serial SGD on the concatenated batches, freezing as the PS does."""
+    train = load_dataset("synthetic", None, True)
+    model = build_model("mlp", train.num_classes, str(weights_file))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    shards = [shard_indices(train.labels.numpy(), r, num_workers) for r in range(num_workers)]
+    steps_per_epoch = len(train) // (num_workers * batch_size)
+    for step in range(steps):
+        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch_size
+        idx = np.concatenate([np.take(batch_order(s, epoch, r, 0), np.arange(pos, pos + batch_size), mode="wrap")
+                              for r, s in enumerate(shards)])
+        x, y = make_batch(train, idx, 8, 3, augment=False)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if freeze_blocks and step >= freeze_step:
+            for block in model.blocks[:freeze_blocks]:
+                for p in block.parameters():
+                    p.grad = None  # torch's SGD skips a parameter without a gradient
+        opt.step()
+    manifest = manifest_for(model)
+    names = [t.name for b in manifest.blocks for t in b.tensors]
+    return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
+
+
+@pytest.mark.parametrize("num_workers,freeze", [(2, None), (3, (1, 3)), (4, None)])
+def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
+    torch.manual_seed(7)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4, "random").state_dict(), weights)
+    # BlockModel's state_dict names are those of its blocks; mlp loads its own file.
+    steps, lr, momentum, wd = 6, 0.05, 0.9, 1e-3
+    engine = StaticFreeze(blocks=freeze[0], from_step=freeze[1]) if freeze else None
+    with ps_factory(num_workers, engine=engine, lr=lr, momentum=momentum, weight_decay=wd) as ps:
+        run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(num_workers)])
+        got = ps.server.values_by_name()
+        assert ps.server.step == steps
+    want = _reference(weights, num_workers, steps, 16, lr, momentum, wd,
+                      *(freeze if freeze else (0, 0)))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The check can fail: training moved the parameters away from where they started.
+    init = build_model("mlp", 4, str(weights))
+    assert not np.allclose(next(init.parameters()).detach().numpy(), want["fc1/fc.weight"]) or freeze
