@@ -1,0 +1,152 @@
+"""Malformed and hostile messages are refused with a specific status and change nothing."""
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from proto import freezeps_pb2 as pb
+from proto import freezeps_pb2_grpc as pb_grpc
+from proto.transport import iter_chunks
+from worker.flat import FlatModel
+from worker.models import build_model
+
+
+@pytest.fixture
+def one_worker_run(ps_factory):
+    """A started run with one worker joined and initialised: (ps, stub, worker_id, flat)."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    with ps_factory(num_workers=1) as ps:
+        channel = grpc.insecure_channel(ps.address)
+        stub = pb_grpc.ParameterServerStub(channel)
+        joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
+        init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
+        init += [pb.PushMessage(chunk=c) for b in flat.layout
+                 for c in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
+        stub.Init(iter(init), timeout=10)
+        yield ps, stub, joined.worker_id, flat
+        channel.close()
+
+
+def _push(stub, worker_id, step, chunks, batch_size=8):
+    msgs = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size))]
+    msgs += [pb.PushMessage(chunk=c) for c in chunks]
+    return stub.Push(iter(msgs), timeout=10)
+
+
+def _good_chunks(flat, chunk_bytes=64):
+    return [c for b in flat.layout for c in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
+
+
+def _mutations(flat):
+    """(description, chunks, expected status): each a push that must be refused."""
+    good = _good_chunks(flat)
+
+    def edit(i, **kw):
+        out = [pb.Chunk() for _ in good]
+        for o, g in zip(out, good):
+            o.CopyFrom(g)
+        for k, v in kw.items():
+            setattr(out[i], k, v)
+        return out
+
+    nan = bytearray(good[0].data)
+    nan[0:4] = np.float32(math.nan).tobytes()
+    inf = bytearray(good[-1].data)
+    inf[-4:] = np.float32(math.inf).tobytes()
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    return [
+        ("unknown block", edit(0, block=99), invalid, "unknown block"),
+        ("unknown tensor", edit(0, tensor=17), invalid, "unknown tensor"),
+        ("offset past tensor", edit(0, offset=10**9), invalid, "past the end"),
+        ("gap in offsets", edit(1, offset=good[1].offset + 4), invalid, "expected"),
+        ("odd size", edit(0, data=good[0].data[:-1]), invalid, "aligned"),
+        ("missing last chunk", good[:-1], invalid, "ended early"),
+        ("duplicate chunk", good[:1] + good, invalid, "expected"),
+        ("out of order", [good[1], good[0]] + good[2:], invalid, "expected"),
+        ("NaN", edit(0, data=bytes(nan)), invalid, "NaN"),
+        ("Inf", edit(len(good) - 1, data=bytes(inf)), invalid, "NaN or Inf"),
+        ("oversized chunk", [pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * ((1 << 20) + 4))], invalid, "must be"),
+    ]
+
+
+def test_bad_pushes_are_refused_and_change_nothing(one_worker_run):
+    ps, stub, worker_id, flat = one_worker_run
+    before = ps.server.values_by_name()
+    flat.grads[0].fill_(0.5)
+    for what, chunks, code, words in _mutations(flat):
+        with pytest.raises(grpc.RpcError) as err:
+            _push(stub, worker_id, 0, chunks)
+        assert err.value.code() == code, what
+        assert words in err.value.details(), (what, err.value.details())
+        assert ps.server.step == 0, what
+        after = ps.server.values_by_name()
+        assert all(np.array_equal(before[k], after[k]) for k in before), what
+    # A valid push still goes through afterwards, and changes the values.
+    _push(stub, worker_id, 0, _good_chunks(flat))
+    assert ps.server.step == 1
+    assert not np.array_equal(before["fc1/fc.weight"], ps.server.values_by_name()["fc1/fc.weight"])
+
+
+def test_wrong_step_and_unknown_worker(one_worker_run):
+    ps, stub, worker_id, flat = one_worker_run
+    cases = [(worker_id, 5, grpc.StatusCode.FAILED_PRECONDITION, "server is at step 0"),
+             ("nobody", 0, grpc.StatusCode.NOT_FOUND, "unknown worker")]
+    for who, step, code, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            _push(stub, who, step, _good_chunks(flat))
+        assert err.value.code() == code and words in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, worker_id, 0, _good_chunks(flat), batch_size=0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Pull(pb.PullRequest(worker_id="nobody", step=0), timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Pull(pb.PullRequest(worker_id=worker_id, step=3), timeout=10))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Push(iter([]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in err.value.details()
+    assert ps.server.step == 0
+    # The same worker's push for step 0 is accepted once, then a duplicate is refused.
+    _push(stub, worker_id, 0, _good_chunks(flat))
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, worker_id, 0, _good_chunks(flat))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ps.server.step == 1
+
+
+def test_manifest_mismatch_is_refused(ps_factory):
+    flat = FlatModel(build_model("mlp", 4))
+    other = FlatModel(build_model("mlp", 5))  # a different head shape
+    with ps_factory(num_workers=2) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        stub.Join(pb.JoinRequest(worker_name="a", manifest=flat.manifest), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(pb.JoinRequest(worker_name="b", manifest=other.manifest), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "head/fc.weight" in err.value.details()
+        assert stub.Status(pb.StatusRequest(), timeout=10).live_workers == 1
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m.blocks[0].tensors[0].__setattr__("dtype", "float64"), "dtype"),
+    (lambda m: m.blocks[1].__setattr__("name", m.blocks[0].name), "repeated"),
+    (lambda m: m.blocks[0].tensors[0].__setattr__("kind", pb.TENSOR_KIND_UNSPECIFIED), "kind"),
+    (lambda m: m.ClearField("blocks"), "no blocks"),
+])
+def test_bad_manifest_is_refused(ps_factory, edit, words):
+    manifest = pb.Manifest()
+    manifest.CopyFrom(FlatModel(build_model("mlp", 4)).manifest)
+    edit(manifest)
+    with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(pb.JoinRequest(worker_name="a", manifest=manifest), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+        assert not stub.Status(pb.StatusRequest(), timeout=10).blocks  # nothing was kept

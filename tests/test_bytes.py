@@ -1,0 +1,56 @@
+"""Byte accounting: each step's push and pull payload is exactly the unfrozen blocks' bytes."""
+from __future__ import annotations
+
+import json
+
+from proto.layout import layout_from_manifest
+from ps.freeze import StaticFreeze
+from tests.conftest import run_workers, worker_settings
+from worker.flat import manifest_for
+from worker.models import build_model
+
+
+def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
+    num_workers, steps, freeze_at = 2, 6, 3
+    layout = layout_from_manifest(manifest_for(build_model("tiny_cnn", 4)))
+    sizes = {str(b.index): b.nbytes for b in layout}
+    log = tmp_path / "ps.jsonl"
+    # Chunks of 256 bytes, so blocks span several chunks and chunks span tensors.
+    with ps_factory(num_workers, engine=StaticFreeze(blocks=2, from_step=freeze_at), log_path=log,
+                    chunk_bytes=256) as ps:
+        run_workers([worker_settings(ps.address, model="tiny_cnn", steps=steps) for _ in range(num_workers)])
+    rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rounds] == list(range(steps))
+    for r in rounds:
+        push = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Push"]["in"].items()}
+        pull = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Pull"]["out"].items() if k != "-1"}
+        push.pop("-1", None)
+        if r["step"] < freeze_at:
+            want_push = want_pull = {k: n * num_workers for k, n in sizes.items()}
+        else:
+            want_push = {k: n * num_workers for k, n in sizes.items() if int(k) >= 2}
+            # The pull at the freeze boundary carries the newly frozen blocks' final values once.
+            want_pull = want_push if r["step"] > freeze_at else {k: n * num_workers for k, n in sizes.items()}
+        assert push == want_push, r["step"]
+        assert pull == want_pull, r["step"]
+        # A chunk message costs its payload plus a few bytes of field tags and varints.
+        traffic = r["bytes"]["by_block"]["Push"]["in"]
+        chunks = [v for k, v in traffic.items() if k != "-1"]
+        overhead = sum(v["message"] - v["payload"] for v in chunks)
+        assert 0 < overhead <= 24 * sum(v["messages"] for v in chunks)
+        by_worker = r["bytes"]["by_worker"]["Push"]["in"]
+        assert len(by_worker) == num_workers
+        assert all(v["payload"] == sum(want_push.values()) // num_workers for v in by_worker.values())
+
+
+def test_bn_running_stats_are_averaged(ps_factory):
+    """Buffers are set to the batch-size-weighted mean of the workers' values, not optimised."""
+    with ps_factory(2, lr=0.5, momentum=0.9, weight_decay=0.1) as ps:
+        summaries = run_workers([worker_settings(ps.address, model="tiny_cnn", steps=1) for _ in range(2)])
+        values = ps.server.values_by_name()
+    assert all(s["steps"] == 1 for s in summaries)
+    # After one step from zero-mean/unit-var initial stats, each worker's running mean is
+    # 0.1 * its batch mean; the server holds their average, which is not zero.
+    mean = values["conv1/bn.running_mean"]
+    assert mean.shape == (8,) and abs(mean).sum() > 0
+    assert (values["conv1/bn.running_var"] > 0).all()

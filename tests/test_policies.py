@@ -1,0 +1,83 @@
+"""Pure decision logic: freeze engines, learning-rate schedules, sharding, config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from freezeps.config import Config, load_config
+from ps.freeze import NoFreeze, RoundStats, StaticFreeze, make_engine
+from ps.schedule import learning_rate
+from worker.data import batch_order, shard_indices
+
+
+def _stats(step, frozen=0):
+    return RoundStats(step=step, num_blocks=7, frozen_blocks=frozen, grad_norms=(1.0,) * 7)
+
+
+def test_static_freeze_from_a_step():
+    engine = StaticFreeze(blocks=3, from_step=5)
+    assert engine.initial(7) == 0
+    assert [engine.decide(_stats(s)) for s in (2, 3, 4, 5)] == [0, 0, 3, 3]
+    assert StaticFreeze(blocks=2).initial(7) == 2
+    with pytest.raises(ValueError, match="last must train"):
+        StaticFreeze(blocks=7).initial(7)
+    assert NoFreeze().decide(_stats(9, frozen=2)) == 2
+    with pytest.raises(ValueError, match="unknown freeze engine"):
+        make_engine("sometimes")
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(10, base_lr=0.1, schedule="constant", total_steps=0) == 0.1
+    assert learning_rate(0, base_lr=0.1, schedule="cosine", total_steps=100) == pytest.approx(0.1)
+    assert learning_rate(50, base_lr=0.1, schedule="cosine", total_steps=100) == pytest.approx(0.05)
+    assert learning_rate(100, base_lr=0.1, schedule="cosine", total_steps=100) == pytest.approx(0.0)
+    assert learning_rate(25, base_lr=1.0, schedule="step", total_steps=0, step_size=10, gamma=0.5) == 0.25
+    assert learning_rate(1, base_lr=1.0, schedule="constant", total_steps=0, warmup_steps=4) == 0.5
+    with pytest.raises(ValueError):
+        learning_rate(1, base_lr=1.0, schedule="cosine", total_steps=0)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_shards_are_disjoint_complete_and_deterministic(scheme):
+    labels = np.random.default_rng(0).integers(0, 10, 5000)
+    shards = [shard_indices(labels, r, 4, scheme, alpha=0.3, seed=1) for r in range(4)]
+    joined = np.concatenate(shards)
+    assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
+    assert all(np.array_equal(s, shard_indices(labels, r, 4, scheme, alpha=0.3, seed=1)) for r, s in enumerate(shards))
+    sizes = [len(s) for s in shards]
+    if scheme == "iid":
+        assert max(sizes) - min(sizes) <= 1
+    else:  # label skew: some worker's label histogram is far from uniform
+        hist = np.bincount(labels[shards[0]], minlength=10) / len(shards[0])
+        assert hist.max() > 0.2
+    assert not np.array_equal(batch_order(shards[0], 0, 0, 1), batch_order(shards[0], 1, 0, 1))
+
+
+def test_config_precedence_cli_over_file_over_env(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('lr = 0.05\nbatch_size = 32\nmodel = "resnet18"\n')
+    env = {"FREEZEPS_LR": "0.2", "FREEZEPS_BATCH_SIZE": "16", "FREEZEPS_SEED": "3"}
+    cfg = load_config({"batch_size": "8"}, str(file), env)
+    assert (cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (8, 0.05, 3, "resnet18")
+    assert cfg.momentum == Config().momentum
+
+
+@pytest.mark.parametrize("cli,words", [
+    ({"batch_size": "0"}, "batch_size must be > 0"),
+    ({"model": "vgg"}, "model"),
+    ({"chunk_bytes": str(8 << 20)}, "chunk_bytes"),
+    ({"lr": "fast"}, "--lr"),
+    ({"freeze": "static", "freeze_blocks": "0"}, "freeze_blocks"),
+])
+def test_config_rejects_bad_values(cli, words):
+    with pytest.raises(ValueError, match=words):
+        load_config(cli, None, {})
+
+
+def test_config_rejects_unknown_file_keys_and_bad_env(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config({}, str(file), {})
+    with pytest.raises(ValueError, match="FREEZEPS_EVALUATE"):
+        load_config({}, None, {"FREEZEPS_EVALUATE": "maybe"})
