@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from proto import freezeps_pb2 as pb
+from proto.codec import Frame, RawChunk, encode_chunk
 from proto.layout import BlockLayout
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -31,35 +31,42 @@ class WireError(ValueError):
     """A chunk stream that does not match the layout (unknown block, bad offset, ...)."""
 
 
-def iter_chunks(block: BlockLayout, data: np.ndarray, chunk_bytes: int) -> Iterator[pb.Chunk]:
-    """Cut one block's flat bytes (`data`, a uint8 array of block.nbytes) into chunks."""
+def iter_chunks(block: BlockLayout, data: np.ndarray, chunk_bytes: int) -> Iterator[Frame]:
+    """Cut one block's flat bytes (`data`, a uint8 array of block.nbytes) into encoded chunks."""
     view = memoryview(data)
     pos = 0
     while pos < block.nbytes:
         end = min(pos + chunk_bytes, block.nbytes)
         tensor, offset = block.locate(pos)
-        yield pb.Chunk(block=block.index, tensor=tensor, offset=offset, data=view[pos:end].tobytes())
+        yield encode_chunk(block.index, tensor, offset, view[pos:end])
         pos = end
 
 
-class ChunkReceiver:
-    """Writes an in-order chunk stream into per-block destination buffers, checking each chunk.
+def copy_into(dest: dict[int, np.ndarray]) -> Callable[[int, int, memoryview], None]:
+    """A ChunkReceiver sink that copies each chunk into dest[block] (uint8 arrays) at its offset."""
+    def write(block: int, start: int, data: memoryview) -> None:
+        dest[block][start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return write
 
-    `expected` lists the blocks that must arrive, in order; `dest[b]` is a writable
-    uint8 array of blocks[b].nbytes. Raises WireError on the first bad chunk; the
-    caller decides whether the partly written destination is thrown away.
+
+class ChunkReceiver:
+    """Checks an in-order chunk stream against the layout and hands each chunk to a sink.
+
+    `expected` lists the blocks that must arrive, in order; `write(block, start, data)`
+    receives every accepted chunk with its byte offset in the block. Raises WireError on
+    the first bad chunk; the caller decides what to do with what the sink already got.
     """
 
     def __init__(self, blocks: Sequence[BlockLayout], expected: Sequence[int],
-                 dest: dict[int, np.ndarray], chunk_bytes: int):
+                 write: Callable[[int, int, memoryview], None], chunk_bytes: int):
         self._blocks = blocks
         self._expected = list(expected)
-        self._dest = dest
+        self._write = write
         self._chunk_bytes = chunk_bytes
         self._i = 0  # index into expected of the block being received
         self._pos = 0  # bytes of it received so far
 
-    def accept(self, chunk: pb.Chunk) -> None:
+    def accept(self, chunk: RawChunk) -> None:
         if chunk.block >= len(self._blocks):
             raise WireError(f"chunk names unknown block {chunk.block} (model has {len(self._blocks)})")
         if self._i >= len(self._expected) or chunk.block != self._expected[self._i]:
@@ -83,7 +90,7 @@ class ChunkReceiver:
             raise WireError(f"chunk of {n} bytes at {start} is not aligned to float32 (4 bytes)")
         if start + n > block.nbytes:
             raise WireError(f"chunk runs {start + n - block.nbytes} bytes past the end of block {block.name!r}")
-        self._dest[chunk.block][start:start + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._write(chunk.block, start, chunk.data)
         self._pos += n
         if self._pos == block.nbytes:
             self._i += 1
@@ -125,12 +132,16 @@ class ByteMeter:
     _window_by_worker: dict = field(default_factory=lambda: defaultdict(Traffic))
 
     def count(self, method: str, direction: str, worker: str, msg) -> None:
-        """direction is "in" or "out", seen from the process that owns this meter."""
-        has_chunk = "chunk" in msg.DESCRIPTOR.fields_by_name and msg.HasField("chunk")
-        chunk = msg.chunk if has_chunk else None
+        """Count one message: a stream Frame or a unary protobuf message.
+
+        direction is "in" or "out", seen from the process that owns this meter.
+        """
+        if isinstance(msg, Frame):
+            chunk, size = msg.chunk, msg.size
+        else:
+            chunk, size = None, msg.ByteSize()
         payload = len(chunk.data) if chunk is not None else 0
         block = chunk.block if chunk is not None else -1  # -1: headers and control messages
-        size = msg.ByteSize()
         with self._lock:
             self._total[(method, direction, block)].add(payload, size)
             self._window[(method, direction, block)].add(payload, size)

@@ -16,11 +16,12 @@ import numpy as np
 
 from proto import freezeps_pb2 as pb
 from proto.layout import BlockLayout, ManifestError, layout_from_manifest, model_bytes
-from proto.transport import ChunkReceiver, WireError, iter_chunks
+from proto.codec import Frame, encode_header
+from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import FailedPrecondition, InvalidArgument, PSError, Timeout, UnknownWorker
 from ps.freeze import FreezeEngine, RoundStats
 from ps.schedule import learning_rate
-from ps.store import BlockStore, as_bytes
+from ps.store import BlockStore, ReceivedPush, as_bytes
 
 log = logging.getLogger("freezeps.ps")
 
@@ -72,6 +73,9 @@ class ParameterServer:
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
+        # Every worker pulls the same bytes in a round: encode them once per (step, first block).
+        self._pull_cache: dict[tuple[int, int], list[Frame]] = {}
+        self._pull_cache_lock = threading.Lock()
 
     # -- helpers (call with the lock held) -------------------------------------------------
     def _worker(self, worker_id: str) -> _Worker:
@@ -133,7 +137,7 @@ class ParameterServer:
                             owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
                             chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps)
 
-    def init(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
+    def init(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
         header = _first_header(messages)
         with self._cond:
@@ -141,9 +145,10 @@ class ParameterServer:
             if self._initialized or self._init_worker != header.worker_id:
                 raise FailedPrecondition("Init is only for the first worker, once, before training")
         receiver = ChunkReceiver(self._blocks, list(self._owned),
-                                 {b: as_bytes(self._store.values[b]) for b in self._owned}, self.settings.chunk_bytes)
+                                 copy_into({b: as_bytes(self._store.values[b]) for b in self._owned}),
+                                 self.settings.chunk_bytes)
         _receive(receiver, messages)
-        bad = self._store.non_finite(self._store.values, self._owned)
+        bad = self._store.non_finite(self._store.values_pieces())
         if bad:
             raise InvalidArgument(f"initial value of tensor {bad!r} holds NaN or Inf")
         with self._cond:
@@ -160,7 +165,7 @@ class ParameterServer:
             self._cond.notify_all()
 
     # -- Pull ------------------------------------------------------------------------------
-    def pull(self, req: pb.PullRequest) -> Iterator[pb.PullMessage]:
+    def pull(self, req: pb.PullRequest) -> Iterator[Frame]:
         """Wait until parameters of version req.step exist, then stream the unfrozen blocks."""
         deadline = time.monotonic() + self.settings.round_timeout_s
         with self._cond:
@@ -184,14 +189,20 @@ class ParameterServer:
         # Values cannot change while we stream: round req.step needs this worker's push.
         return self._pull_stream(header, blocks)
 
-    def _pull_stream(self, header: pb.PullHeader, blocks: list[int]) -> Iterator[pb.PullMessage]:
-        yield pb.PullMessage(header=header)
-        for b in blocks:
-            for chunk in iter_chunks(self._blocks[b], as_bytes(self._store.values[b]), self.settings.chunk_bytes):
-                yield pb.PullMessage(chunk=chunk)
+    def _pull_stream(self, header: pb.PullHeader, blocks: list[int]) -> Iterator[Frame]:
+        yield encode_header(header)
+        key = (header.step, blocks[0] if blocks else -1)
+        with self._pull_cache_lock:
+            frames = self._pull_cache.get(key)
+            if frames is None:
+                self._pull_cache.clear()  # older steps are never pulled again
+                frames = [f for b in blocks for f in
+                          iter_chunks(self._blocks[b], as_bytes(self._store.values[b]), self.settings.chunk_bytes)]
+                self._pull_cache[key] = frames
+        yield from frames
 
     # -- Push ------------------------------------------------------------------------------
-    def push(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
+    def push(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
         header = _first_header(messages)
         with self._cond:
@@ -200,17 +211,16 @@ class ParameterServer:
             worker.pushing = True
             active = self._active()
         try:
-            staged = self._store.staging(worker.worker_id)
-            receiver = ChunkReceiver(self._blocks, list(active), {b: as_bytes(staged[b]) for b in active},
-                                     self.settings.chunk_bytes)
+            received = ReceivedPush()
+            receiver = ChunkReceiver(self._blocks, list(active), received.write, self.settings.chunk_bytes)
             _receive(receiver, messages)
-            bad = self._store.non_finite(staged, active)
+            bad = self._store.non_finite(received.pieces)
             if bad:
                 raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
             with self._cond:
                 self._worker(header.worker_id)
                 self._check_push(worker, header, already_pushing=True)
-                self._store.accumulate(staged, float(header.batch_size), active)
+                self._store.accumulate(received, float(header.batch_size))
                 self._weight += header.batch_size
                 worker.pushed_step = header.step
                 self._round_pushes.append({
@@ -263,6 +273,8 @@ class ParameterServer:
         }
         self._weight = 0.0
         self._round_pushes = []
+        with self._pull_cache_lock:
+            self._pull_cache.clear()
         self._step += 1
         self._round_started = now
         self._on_round(record)
@@ -279,7 +291,6 @@ class ParameterServer:
         with self._cond:
             worker = self._worker(req.worker_id)
             del self._workers[req.worker_id]
-            self._store.drop_staging(worker.worker_id)
             log.info("[PS.Leave] %s left; %d live", req.worker_id, len(self._workers))
             self._maybe_complete_round()
             self._cond.notify_all()
@@ -327,17 +338,21 @@ class ParameterServer:
                     "optimizer_state_bytes": self._store.optimizer_state_bytes() if self._store else 0}
 
 
-def _first_header(messages: Iterator[pb.PushMessage]) -> pb.PushHeader:
+def _first_header(messages: Iterator[Frame]) -> pb.PushHeader:
     first = next(messages, None)
-    if first is None or not first.HasField("header"):
+    if first is not None and first.error:
+        raise InvalidArgument(f"undecodable message: {first.error}")
+    if first is None or first.header is None:
         raise InvalidArgument("a push stream must start with a header")
     return first.header
 
 
-def _receive(receiver: ChunkReceiver, messages: Iterator[pb.PushMessage]) -> None:
+def _receive(receiver: ChunkReceiver, messages: Iterator[Frame]) -> None:
     try:
         for msg in messages:
-            if not msg.HasField("chunk"):
+            if msg.error:
+                raise WireError(f"undecodable message: {msg.error}")
+            if msg.chunk is None:
                 raise WireError("only one header is allowed, at the start of the stream")
             receiver.accept(msg.chunk)
         receiver.finish()

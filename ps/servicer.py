@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 
-from proto import freezeps_pb2_grpc as pb_grpc
+from proto.service import server_handler
 from proto.transport import CHANNEL_OPTIONS, ByteMeter, metered
 from ps.errors import PSError
 from ps.server import ParameterServer
@@ -23,7 +23,7 @@ def _worker_label(context: grpc.ServicerContext) -> str:
     return dict(context.invocation_metadata()).get(WORKER_METADATA, "?")
 
 
-class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+class ParameterServerServicer:
     def __init__(self, server: ParameterServer, meter: ByteMeter):
         self._ps = server
         self._meter = meter
@@ -83,7 +83,7 @@ def start_server(server: ParameterServer, meter: ByteMeter, address: str,
     """Start serving on `address` ("host:port", port 0 picks one); returns (server, port)."""
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * server.settings.num_workers + 8),
                               options=CHANNEL_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(server, meter), grpc_server)
+    grpc_server.add_generic_rpc_handlers((server_handler(ParameterServerServicer(server, meter)),))
     port = (grpc_server.add_secure_port(address, credentials) if credentials
             else grpc_server.add_insecure_port(address))
     if port == 0:

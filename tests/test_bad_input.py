@@ -1,4 +1,8 @@
-"""Malformed and hostile messages are refused with a specific status and change nothing."""
+"""Malformed and hostile messages are refused with a specific status and change nothing.
+
+These tests talk to the PS through protobuf's generated stub, not freezeps' own client:
+they also show that the wire is plain protobuf.
+"""
 from __future__ import annotations
 
 import math
@@ -25,8 +29,8 @@ def one_worker_run(ps_factory):
         stub = pb_grpc.ParameterServerStub(channel)
         joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
         init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
-        init += [pb.PushMessage(chunk=c) for b in flat.layout
-                 for c in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
+        init += [pb.PushMessage(chunk=_as_pb(f)) for b in flat.layout
+                 for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
         stub.Init(iter(init), timeout=10)
         yield ps, stub, joined.worker_id, flat
         channel.close()
@@ -38,8 +42,14 @@ def _push(stub, worker_id, step, chunks, batch_size=8):
     return stub.Push(iter(msgs), timeout=10)
 
 
+def _as_pb(frame) -> pb.Chunk:
+    c = frame.chunk
+    return pb.Chunk(block=c.block, tensor=c.tensor, offset=c.offset, data=bytes(c.data))
+
+
 def _good_chunks(flat, chunk_bytes=64):
-    return [c for b in flat.layout for c in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
+    # Sent through protobuf's generated stub: the PS's own codec must understand it.
+    return [_as_pb(f) for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
 
 
 def _mutations(flat):
@@ -92,6 +102,16 @@ def test_bad_pushes_are_refused_and_change_nothing(one_worker_run):
     assert not np.array_equal(before["fc1/fc.weight"], ps.server.values_by_name()["fc1/fc.weight"])
 
 
+def channel_bytes_call(address: str, raw: bytes) -> grpc.RpcError:
+    """Send raw bytes as a Push stream message; returns the error the PS answered with."""
+    with grpc.insecure_channel(address) as channel:
+        push = channel.stream_unary("/freezeps.ParameterServer/Push", request_serializer=lambda b: b,
+                                    response_deserializer=pb.PushReply.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            push(iter([raw]), timeout=10)
+    return err.value
+
+
 def test_wrong_step_and_unknown_worker(one_worker_run):
     ps, stub, worker_id, flat = one_worker_run
     cases = [(worker_id, 5, grpc.StatusCode.FAILED_PRECONDITION, "server is at step 0"),
@@ -112,6 +132,8 @@ def test_wrong_step_and_unknown_worker(one_worker_run):
     with pytest.raises(grpc.RpcError) as err:
         stub.Push(iter([]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in err.value.details()
+    garbage = channel_bytes_call(ps.address, b"\x12\xff\xff\xff")  # a chunk whose length runs past the end
+    assert garbage.code() == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in garbage.details()
     assert ps.server.step == 0
     # The same worker's push for step 0 is accepted once, then a duplicate is refused.
     _push(stub, worker_id, 0, _good_chunks(flat))

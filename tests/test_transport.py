@@ -6,7 +6,8 @@ import pytest
 
 from proto import freezeps_pb2 as pb
 from proto.layout import ManifestError, layout_from_manifest
-from proto.transport import ByteMeter, ChunkReceiver, WireError, iter_chunks, metered
+from proto.codec import RawChunk, decode, decoder, encode_chunk, encode_header
+from proto.transport import ByteMeter, ChunkReceiver, WireError, copy_into, iter_chunks, metered
 
 
 def _manifest():
@@ -33,12 +34,12 @@ def test_chunks_round_trip(chunk_bytes):
     blocks = layout_from_manifest(_manifest())
     src = {b.index: np.random.default_rng(b.index).integers(0, 255, b.nbytes, dtype=np.uint8) for b in blocks}
     dst = {b.index: np.zeros(b.nbytes, dtype=np.uint8) for b in blocks}
-    receiver = ChunkReceiver(blocks, [0, 1], dst, chunk_bytes)
+    receiver = ChunkReceiver(blocks, [0, 1], copy_into(dst), chunk_bytes)
     count = 0
     for b in blocks:
-        for chunk in iter_chunks(b, src[b.index], chunk_bytes):
-            assert len(chunk.data) <= chunk_bytes
-            receiver.accept(chunk)
+        for frame in iter_chunks(b, src[b.index], chunk_bytes):
+            assert len(frame.chunk.data) <= chunk_bytes
+            receiver.accept(decode(frame.raw, pb.PushHeader).chunk)
             count += 1
     receiver.finish()
     assert all(np.array_equal(src[k], dst[k]) for k in src)
@@ -47,9 +48,9 @@ def test_chunks_round_trip(chunk_bytes):
 
 def test_receiver_refuses_a_block_not_expected():
     blocks = layout_from_manifest(_manifest())
-    receiver = ChunkReceiver(blocks, [1], {1: np.zeros(28, np.uint8)}, 64)
+    receiver = ChunkReceiver(blocks, [1], copy_into({1: np.zeros(28, np.uint8)}), 64)
     with pytest.raises(WireError, match="not expected"):
-        receiver.accept(pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * 4))
+        receiver.accept(RawChunk(block=0, tensor=0, offset=0, data=memoryview(b"\0" * 4)))
 
 
 def test_manifest_errors():
@@ -61,13 +62,40 @@ def test_manifest_errors():
 
 def test_meter_counts_payload_and_messages():
     meter = ByteMeter()
-    msgs = [pb.PushMessage(header=pb.PushHeader(step=1)),
-            pb.PushMessage(chunk=pb.Chunk(block=1, data=b"\0" * 40))]
+    msgs = [encode_header(pb.PushHeader(step=1)), encode_chunk(1, 0, 0, memoryview(b"\0" * 40))]
     assert list(metered(msgs, meter, "Push", "out", "w0")) == msgs
     window = meter.take_window()
     by_block = window["by_block"]["Push"]["out"]
-    assert by_block["1"]["payload"] == 40 and by_block["1"]["message"] == msgs[1].ByteSize()
-    assert by_block["-1"]["payload"] == 0 and by_block["-1"]["message"] == msgs[0].ByteSize()
+    assert by_block["1"]["payload"] == 40 and by_block["1"]["message"] == len(msgs[1].raw)
+    assert by_block["-1"]["payload"] == 0 and by_block["-1"]["message"] == len(msgs[0].raw)
     assert window["by_worker"]["Push"]["out"]["w0"]["messages"] == 2
     assert meter.take_window() == {"by_block": {}, "by_worker": {}}
     assert meter.payload_total("out") == 40
+
+
+@pytest.mark.parametrize("block,tensor,offset,size", [(0, 0, 0, 4), (1, 2, 3, 0), (300, 70000, 2**40, 1 << 20)])
+def test_codec_writes_exactly_what_protobuf_writes(block, tensor, offset, size):
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    ours = encode_chunk(block, tensor, offset, memoryview(data))
+    theirs = pb.PushMessage(chunk=pb.Chunk(block=block, tensor=tensor, offset=offset, data=data))
+    assert ours.raw == theirs.SerializeToString() and ours.size == theirs.ByteSize()
+    back = pb.PullMessage.FromString(ours.raw)
+    assert (back.chunk.block, back.chunk.tensor, back.chunk.offset, back.chunk.data) == (block, tensor, offset, data)
+    got = decode(theirs.SerializeToString(), pb.PushHeader).chunk
+    assert (got.block, got.tensor, got.offset, bytes(got.data)) == (block, tensor, offset, data)
+    header = pb.PullHeader(step=7, blocks=[1, 2], freeze=pb.FreezeState(frozen_blocks=1))
+    assert encode_header(header).raw == pb.PullMessage(header=header).SerializeToString()
+    assert decode(encode_header(header).raw, pb.PullHeader).header == header
+
+
+@pytest.mark.parametrize("raw,words", [(b"", "neither"), (b"\x12\x05\x08", "past the end"),
+                                       (b"\x12\x80", "varint"), (b"\x0b", "wire type")])
+def test_codec_reports_bad_bytes(raw, words):
+    frame = decoder(pb.PushHeader)(raw)
+    assert frame.header is None and frame.chunk is None and words in frame.error
+
+
+def test_codec_skips_unknown_fields():
+    msg = pb.PushMessage(chunk=pb.Chunk(block=2, data=b"abcd")).SerializeToString()
+    extra = b"\x58\x01" + b"\x65\x00\x00\x00\x00"  # field 11 varint, field 12 fixed32
+    assert bytes(decode(extra + msg, pb.PushHeader).chunk.data) == b"abcd"

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import grpc
 
 from proto import freezeps_pb2 as pb
-from proto import freezeps_pb2_grpc as pb_grpc
-from proto.transport import CHANNEL_OPTIONS, ByteMeter, ChunkReceiver, WireError, iter_chunks, metered
+from proto.codec import encode_header
+from proto.service import ParameterServerClient
+from proto.transport import CHANNEL_OPTIONS, ByteMeter, ChunkReceiver, WireError, copy_into, iter_chunks, metered
 from worker.flat import FlatModel
 
 log = logging.getLogger("freezeps.worker")
@@ -31,7 +32,7 @@ class PSClient:
         self.meter = ByteMeter()
         self._channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
                          else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
-        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._stub = ParameterServerClient(self._channel)
         self._retries = connect_retries
         self._backoff = backoff_s
         self._backoff_max = backoff_max_s
@@ -68,11 +69,10 @@ class PSClient:
                            f"{self._retries} tries over {time.monotonic() - started:.1f} s")
 
     def _push_stream(self, header: pb.PushHeader, flat: FlatModel, blocks: range, values: bool) -> Iterator:
-        yield pb.PushMessage(header=header)
+        yield encode_header(header)
         for b in blocks:
             data = flat.value_bytes(b) if values else flat.push_bytes(b)
-            for chunk in iter_chunks(flat.layout[b], data, self.chunk_bytes):
-                yield pb.PushMessage(chunk=chunk)
+            yield from iter_chunks(flat.layout[b], data, self.chunk_bytes)
 
     def init(self, flat: FlatModel, owned: range, total_steps: int) -> pb.PushReply:
         header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps)
@@ -91,12 +91,14 @@ class PSClient:
                           self.meter, "Pull", "in", self.worker_id)
         first = next(replies)
         first_at = time.perf_counter()
-        if not first.HasField("header"):
-            raise WireError("pull stream did not start with a header")
+        if first.header is None:
+            raise WireError(f"pull stream did not start with a header {first.error}")
         header = first.header
         receiver = ChunkReceiver(flat.layout, list(header.blocks),
-                                 {b: flat.value_bytes(b) for b in header.blocks}, self.chunk_bytes)
+                                 copy_into({b: flat.value_bytes(b) for b in header.blocks}), self.chunk_bytes)
         for msg in replies:
+            if msg.chunk is None:
+                raise WireError(f"pull stream: expected a chunk {msg.error}")
             receiver.accept(msg.chunk)
         receiver.finish()
         return header, first_at - started, time.perf_counter() - first_at

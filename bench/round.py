@@ -1,0 +1,169 @@
+"""Time one synchronous round on loopback: N workers push and pull a whole model.
+
+Compares, in one run on one machine:
+  freezeps  a PS process and N worker processes; each round every worker pulls all
+            blocks and pushes a gradient for all of them (no compute), through gRPC;
+  raw TCP   a server process and N client processes moving the same bytes up and
+            down over plain sockets, the floor any transport pays on this machine.
+
+    python -m bench.round --model resnet18 --workers 4 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import socket
+import statistics
+import time
+from datetime import date
+
+import torch
+
+
+def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
+    from ps.freeze import NoFreeze
+    from ps.main import serve_ps
+    from ps.server import ServerSettings
+    torch.set_num_threads(1)
+    settings = ServerSettings(num_workers=num_workers, chunk_bytes=chunk_bytes, round_timeout_s=120)
+    serve_ps(settings, NoFreeze(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put)
+
+
+def _worker_process(address: str, model: str, rounds: int, out_q, start):
+    from worker.client import PSClient
+    from worker.flat import FlatModel
+    from worker.models import build_model
+    from proto import freezeps_pb2 as pb
+    torch.set_num_threads(1)
+    flat = FlatModel(build_model(model, 10, "random"))
+    for g in flat.grads:
+        g.fill_(1e-6)
+    client = PSClient(address)
+    joined = client.join(flat.manifest, f"bench-{mp.current_process().pid}")
+    if joined.needs_init:
+        client.init(flat, range(joined.owned.first, joined.owned.end), rounds)
+    blocks = range(len(flat.layout))
+    times = []
+    for step in range(rounds + 1):  # round 0 warms up
+        t0 = time.perf_counter()
+        client.pull(step, 0, flat)
+        client.push(pb.PushHeader(step=step, batch_size=1), flat, blocks)
+        times.append(time.perf_counter() - t0)
+    client.pull(rounds + 1, 0, flat)  # waits for the last round to be applied
+    client.leave()
+    out_q.put(times[1:])
+
+
+def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    port_q, out_q = ctx.Queue(), ctx.Queue()
+    ps = ctx.Process(target=_ps_process, args=(port_q, workers, chunk_bytes, rounds))
+    ps.start()
+    address = f"127.0.0.1:{port_q.get(timeout=60)}"
+    procs = [ctx.Process(target=_worker_process, args=(address, model, rounds, out_q, None)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    per_worker = [out_q.get(timeout=600) for _ in procs]
+    for p in procs + [ps]:
+        p.join(timeout=60)
+    # A round ends when the slowest worker's pull+push ends.
+    return [max(w[i] for w in per_worker) for i in range(rounds)]
+
+
+def _tcp_server(port_q, workers: int, nbytes: int, rounds: int):
+    import threading
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_q.put(srv.getsockname()[1])
+    payload = bytes(nbytes)
+
+    def serve(conn):
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        with conn:
+            for _ in range(rounds + 1):
+                got = 0
+                while got < nbytes:
+                    got += conn.recv_into(view[got:])
+                conn.sendall(payload)
+
+    threads = []
+    for _ in range(workers):
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = threading.Thread(target=serve, args=(conn,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+
+
+def _tcp_client(port: int, nbytes: int, rounds: int, out_q, barrier):
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = bytes(nbytes)
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    times = []
+    for _ in range(rounds + 1):
+        barrier.wait()
+        t0 = time.perf_counter()
+        sock.sendall(payload)  # "push"
+        got = 0
+        while got < nbytes:  # "pull"
+            got += sock.recv_into(view[got:])
+        times.append(time.perf_counter() - t0)
+    sock.close()
+    out_q.put(times[1:])
+
+
+def bench_tcp(nbytes: int, workers: int, rounds: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    port_q, out_q = ctx.Queue(), ctx.Queue()
+    barrier = ctx.Barrier(workers)
+    srv = ctx.Process(target=_tcp_server, args=(port_q, workers, nbytes, rounds))
+    srv.start()
+    port = port_q.get(timeout=30)
+    procs = [ctx.Process(target=_tcp_client, args=(port, nbytes, rounds, out_q, barrier)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    per_worker = [out_q.get(timeout=300) for _ in procs]
+    for p in procs + [srv]:
+        p.join(timeout=30)
+    return [max(w[i] for w in per_worker) for i in range(rounds)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON only")
+    args = parser.parse_args()
+    from worker.flat import FlatModel
+    from worker.models import build_model
+    nbytes = sum(b.nbytes for b in FlatModel(build_model(args.model, 10, "random")).layout)
+    ours = bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes)
+    tcp = bench_tcp(nbytes, args.workers, args.rounds)
+    result = {
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {mp.cpu_count()} cpus",
+        "model": args.model, "model_bytes": nbytes, "workers": args.workers, "rounds": args.rounds,
+        "chunk_bytes": args.chunk_bytes,
+        "freezeps_round_s": statistics.median(ours), "raw_tcp_round_s": statistics.median(tcp),
+    }
+    result["ratio"] = result["freezeps_round_s"] / result["raw_tcp_round_s"]
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.workers} workers push and pull {nbytes / 1e6:.1f} MB each ({args.model}), "
+          f"median of {args.rounds} rounds, chunks of {args.chunk_bytes} bytes")
+    print(f"  freezeps round   {result['freezeps_round_s'] * 1000:8.1f} ms")
+    print(f"  raw TCP          {result['raw_tcp_round_s'] * 1000:8.1f} ms")
+    print(f"  ratio            {result['ratio']:8.2f}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
