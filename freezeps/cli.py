@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="print the report of a finished run folder")
     report.add_argument("run_dir", help="the run folder (holds ps.jsonl and worker-*.jsonl)")
     report.add_argument("--json", action="store_true", help="print the facts as JSON")
+    status = sub.add_parser("status", help="ask a running PS for its status (exit 1 if unreachable)",
+                            description="ask a running PS for its status (exit 1 if unreachable); "
+                                        "used by health checks")
+    status.add_argument("address", nargs="?", default="127.0.0.1:50051", help="PS address, host:port")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     return parser
 
 
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         facts = summarize_run(Path(args.run_dir))
         print(json.dumps(facts, indent=1) if args.json else format_report(facts))
         return 0
+    if args.command == "status":
+        from freezeps.launch import print_status
+        return print_status(args.address, args.timeout)
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as e:

@@ -5,6 +5,7 @@ so the run folder alone says how the run was made. Progress comes from the PS's 
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,11 +16,12 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from freezeps.config import Config
 from freezeps.report import format_report, summarize_run
 from proto import freezeps_pb2 as pb
-from proto import freezeps_pb2_grpc as pb_grpc
+from proto.service import ParameterServerClient
 
 
 def _free_port() -> int:
@@ -40,11 +42,22 @@ def _toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _status(stub) -> pb.StatusReply | None:
+def _status(stub, timeout: float = 2.0) -> pb.StatusReply | None:
     try:
-        return stub.Status(pb.StatusRequest(), timeout=2.0)
+        return stub.Status(pb.StatusRequest(), timeout=timeout)
     except grpc.RpcError:
         return None
+
+
+def print_status(address: str, timeout: float) -> int:
+    """`freezeps status`: one line of JSON with the PS's state; exit 1 when it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        status = _status(ParameterServerClient(channel), timeout)
+    if status is None:
+        print(f"freezeps status: no answer from {address} within {timeout:g} s", file=sys.stderr)
+        return 1
+    print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True)))
+    return 0
 
 
 def run_job(cfg: Config, config_file: str | None = None) -> int:
@@ -69,7 +82,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
             base + ["worker"] + common + ["--ps-address", address, "--log-dir", str(run_dir),
                                           "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
     channel = grpc.insecure_channel(address)
-    stub = pb_grpc.ParameterServerStub(channel)
+    stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None
     try:
         while any(w.poll() is None for w in workers):

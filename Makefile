@@ -1,0 +1,23 @@
+# The two commands of the README, and a few helpers. Each target sets up what it needs.
+.PHONY: run test setup proto bench clean
+
+run:            ## set up, then run the main job: a PS and 4 workers on this machine
+	scripts/setup.sh
+	.venv/bin/freezeps run $(ARGS)
+
+test:           ## set up (with test packages), then run the test suite
+	scripts/setup.sh --test
+	.venv/bin/python -m pytest $(ARGS)
+
+setup:
+	scripts/setup.sh --test
+
+proto:          ## regenerate proto/*_pb2*.py from proto/freezeps.proto
+	.venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/freezeps.proto
+
+bench:          ## time one synchronous round against raw TCP (bench/round.py)
+	scripts/setup.sh
+	.venv/bin/python -m bench.round $(ARGS)
+
+clean:
+	rm -rf .venv runs .pytest_cache
