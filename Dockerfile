@@ -1,0 +1,26 @@
+# freezeps image: one image for the PS and the workers (the command picks the role).
+# Build where there is internet: docker build -t freezeps .
+FROM python:3.11-slim-bookworm
+
+# The default dataset ships as a Debian package; installed at build time, read offline.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 freezeps
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY ps ./ps
+COPY worker ./worker
+COPY freezeps ./freezeps
+# The CPU build of the pinned torch keeps the image small; the versions are the project's pins.
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+        torch==2.14.1 torchvision==0.29.1 \
+ && pip install --no-cache-dir .
+
+USER freezeps
+VOLUME ["/runs"]
+EXPOSE 50051
+ENTRYPOINT ["freezeps"]
+CMD ["--help"]
