@@ -89,3 +89,25 @@ def layout_from_manifest(manifest: pb.Manifest) -> list[BlockLayout]:
 
 def model_bytes(blocks: list[BlockLayout]) -> int:
     return sum(b.nbytes for b in blocks)
+
+
+def assign_blocks(block_bytes: list[int], num_servers: int) -> list[range]:
+    """Split blocks 0..B-1 into `num_servers` contiguous ranges of roughly equal bytes.
+
+    ps-lite gives each server a key range; here the keys are blocks in forward order, so a
+    growing frozen prefix empties the first servers' ranges first. Every range is non-empty.
+    """
+    if not 1 <= num_servers <= len(block_bytes):
+        raise ValueError(f"cannot split {len(block_bytes)} blocks over {num_servers} servers")
+    total = sum(block_bytes)
+    ranges, start, acc = [], 0, 0
+    for i, nbytes in enumerate(block_bytes):
+        acc += nbytes
+        left_servers = num_servers - len(ranges) - 1
+        left_blocks = len(block_bytes) - i - 1
+        target = total * (len(ranges) + 1) / num_servers
+        if left_servers and (acc >= target or left_blocks == left_servers):
+            ranges.append(range(start, i + 1))
+            start = i + 1
+    ranges.append(range(start, len(block_bytes)))
+    return ranges

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from proto import freezeps_pb2 as pb
-from proto.layout import BlockLayout, ManifestError, layout_from_manifest, model_bytes
+from proto.layout import BlockLayout, ManifestError, assign_blocks, layout_from_manifest, model_bytes
 from proto.codec import Frame, encode_header
 from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import FailedPrecondition, InvalidArgument, PSError, Timeout, UnknownWorker
@@ -105,7 +105,7 @@ class ParameterServer:
                 self._manifest = pb.Manifest()
                 self._manifest.CopyFrom(req.manifest)
                 self._blocks = blocks
-                self._owned = range(0, len(blocks))
+                self._owned = assign_blocks([b.nbytes for b in blocks], 1)[0]  # one PS owns every block
                 self._store = BlockStore(blocks, self._owned, momentum=self.settings.momentum,
                                          weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
                 if frozen:

@@ -28,9 +28,8 @@ class ParameterServerServicer:
         self._ps = server
         self._meter = meter
 
-    def _unary(self, method: str, fn, request, context, label: str | None = None):
-        label = label or _worker_label(context)
-        self._meter.count(method, "in", label, request)
+    def _call(self, method: str, fn, request, context, label: str):
+        """Run fn(request), count the reply, and turn a domain error into a gRPC status."""
         try:
             reply = fn(request)
         except PSError as e:
@@ -39,15 +38,14 @@ class ParameterServerServicer:
         self._meter.count(method, "out", label, reply)
         return reply
 
+    def _unary(self, method: str, fn, request, context, label: str | None = None):
+        label = label or _worker_label(context)
+        self._meter.count(method, "in", label, request)
+        return self._call(method, fn, request, context, label)
+
     def _client_stream(self, method: str, fn, request_iterator, context):
         label = _worker_label(context)
-        try:
-            reply = fn(metered(request_iterator, self._meter, method, "in", label))
-        except PSError as e:
-            log.warning("[PS.%s] %s: %s", method, label, e)
-            context.abort(e.code, str(e))
-        self._meter.count(method, "out", label, reply)
-        return reply
+        return self._call(method, fn, metered(request_iterator, self._meter, method, "in", label), context, label)
 
     def Join(self, request, context):
         return self._unary("Join", self._ps.join, request, context, label=request.worker_name or "?")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ps.freeze import StaticFreeze
 from tests.conftest import run_workers, worker_settings
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
-from worker.flat import manifest_for
+from worker.flat import FlatModel, manifest_for
 from worker.models import build_model
 
 
@@ -49,6 +49,9 @@ def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
         run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(num_workers)])
         got = ps.server.values_by_name()
         assert ps.server.step == steps
+        # Momentum is kept only for blocks that still train: frozen blocks' state is freed.
+        trained = [t for b in FlatModel(build_model("mlp", 4)).layout[freeze[0] if freeze else 0:] for t in b.tensors]
+        assert ps.server.describe()["optimizer_state_bytes"] == sum(t.nbytes for t in trained)
     want = _reference(weights, num_workers, steps, 16, lr, momentum, wd,
                       *(freeze if freeze else (0, 0)))
     assert got.keys() == want.keys()

@@ -99,3 +99,14 @@ def test_codec_skips_unknown_fields():
     msg = pb.PushMessage(chunk=pb.Chunk(block=2, data=b"abcd")).SerializeToString()
     extra = b"\x58\x01" + b"\x65\x00\x00\x00\x00"  # field 11 varint, field 12 fixed32
     assert bytes(decode(extra + msg, pb.PushHeader).chunk.data) == b"abcd"
+
+
+def test_assign_blocks_contiguous_and_balanced():
+    from proto.layout import assign_blocks
+    sizes = [37632, 1024, 593920, 2107392, 8409088, 33595392, 20520]  # resnet18
+    assert assign_blocks(sizes, 1) == [range(0, 7)]
+    two = assign_blocks(sizes, 2)
+    assert two[0].start == 0 and two[0].stop == two[1].start and two[1].stop == 7
+    assert assign_blocks([1] * 4, 4) == [range(i, i + 1) for i in range(4)]
+    with pytest.raises(ValueError):
+        assign_blocks([1, 2], 3)
