@@ -68,3 +68,32 @@ def test_run_end_to_end(tmp_path):
     assert facts["accuracy"] > 0.4  # 4 classes: well above chance after 2 epochs
     assert facts["push_payload"] < facts["push_payload_no_freeze"]
     assert facts["push_by_block"]["fc1"] == 48 * 2 * next(b["bytes"] for b in facts["blocks"] if b["name"] == "fc1")
+
+
+def test_ps_and_workers_started_by_hand(tmp_path):
+    """What a user does on several hosts: a `freezeps ps` and separate `freezeps worker`s."""
+    port = _closed_port()
+    env_file = tmp_path / "job.toml"  # the shared settings, as a deployment would hand them out
+    env_file.write_text('model = "mlp"\ndataset = "synthetic"\nweights = "random"\nimage_size = 8\n'
+                        'num_workers = 2\nsteps = 5\nbatch_size = 16\nfreeze = "none"\nevaluate = false\n')
+    common = ["--config", str(env_file)]
+    ps = subprocess.Popen(FREEZEPS + ["ps"] + common + ["--listen", f"127.0.0.1:{port}",
+                                                       "--run-log", str(tmp_path / "ps.jsonl")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        workers = [subprocess.Popen(FREEZEPS + ["worker"] + common + ["--ps-address", f"127.0.0.1:{port}",
+                                                                      "--log-dir", str(tmp_path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for _ in range(2)]
+        for w in workers:
+            out, _ = w.communicate(timeout=180)
+            assert w.returncode == 0, out
+        assert ps.wait(timeout=60) == 0  # the PS ends by itself once its workers have left
+    finally:
+        for proc in [ps, *[w for w in locals().get("workers", []) if w.poll() is None]]:
+            if proc.poll() is None:
+                proc.kill()
+    facts = json.loads(subprocess.run(FREEZEPS + ["report", str(tmp_path), "--json"], capture_output=True,
+                                      text=True, timeout=60, check=True).stdout)
+    assert facts["steps"] == 5 and facts["workers"] == 2
+    assert facts["push_payload"] == facts["push_payload_no_freeze"] == 5 * 2 * sum(b["bytes"] for b in facts["blocks"])
