@@ -28,7 +28,16 @@ def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
     from ps.server import ServerSettings
     torch.set_num_threads(1)
     settings = ServerSettings(num_workers=num_workers, chunk_bytes=chunk_bytes, round_timeout_s=120)
-    serve_ps(settings, NoFreeze(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put)
+    cpu = {}
+
+    def on_round(record):  # CPU of the whole PS process (all threads) over the timed rounds
+        if record["step"] == 0:
+            cpu["start"] = time.process_time()
+        if record["step"] == rounds:
+            cpu["end"] = time.process_time()
+
+    serve_ps(settings, NoFreeze(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put, on_round=on_round)
+    port_q.put((cpu["end"] - cpu["start"]) / rounds)
 
 
 def _worker_process(address: str, model: str, rounds: int, out_q, start):
@@ -47,16 +56,20 @@ def _worker_process(address: str, model: str, rounds: int, out_q, start):
     blocks = range(len(flat.layout))
     times = []
     for step in range(rounds + 1):  # round 0 warms up
+        if step == 1:
+            cpu0 = time.process_time()
         t0 = time.perf_counter()
         client.pull(step, 0, flat)
         client.push(pb.PushHeader(step=step, batch_size=1), flat, blocks)
         times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / rounds
     client.pull(rounds + 1, 0, flat)  # waits for the last round to be applied
     client.leave()
-    out_q.put(times[1:])
+    out_q.put((times[1:], cpu))
 
 
-def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> list[float]:
+def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> tuple[list[float], float, float]:
+    """(round times, PS CPU seconds per round, workers' CPU seconds per round, summed)."""
     ctx = mp.get_context("spawn")
     port_q, out_q = ctx.Queue(), ctx.Queue()
     ps = ctx.Process(target=_ps_process, args=(port_q, workers, chunk_bytes, rounds))
@@ -65,11 +78,13 @@ def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> l
     procs = [ctx.Process(target=_worker_process, args=(address, model, rounds, out_q, None)) for _ in range(workers)]
     for p in procs:
         p.start()
-    per_worker = [out_q.get(timeout=600) for _ in procs]
+    results = [out_q.get(timeout=600) for _ in procs]
+    ps_cpu = port_q.get(timeout=60)
     for p in procs + [ps]:
         p.join(timeout=60)
+    per_worker = [times for times, _ in results]
     # A round ends when the slowest worker's pull+push ends.
-    return [max(w[i] for w in per_worker) for i in range(rounds)]
+    return [max(w[i] for w in per_worker) for i in range(rounds)], ps_cpu, sum(cpu for _, cpu in results)
 
 
 def _tcp_server(port_q, workers: int, nbytes: int, rounds: int):
@@ -145,13 +160,14 @@ def main() -> None:
     from worker.flat import FlatModel
     from worker.models import build_model
     nbytes = sum(b.nbytes for b in FlatModel(build_model(args.model, 10, "random")).layout)
-    ours = bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes)
+    ours, ps_cpu, workers_cpu = bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes)
     tcp = bench_tcp(nbytes, args.workers, args.rounds)
     result = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {mp.cpu_count()} cpus",
         "model": args.model, "model_bytes": nbytes, "workers": args.workers, "rounds": args.rounds,
         "chunk_bytes": args.chunk_bytes,
         "freezeps_round_s": statistics.median(ours), "raw_tcp_round_s": statistics.median(tcp),
+        "ps_cpu_s_per_round": ps_cpu, "workers_cpu_s_per_round": workers_cpu,
     }
     result["ratio"] = result["freezeps_round_s"] / result["raw_tcp_round_s"]
     if args.json:
@@ -162,6 +178,7 @@ def main() -> None:
     print(f"  freezeps round   {result['freezeps_round_s'] * 1000:8.1f} ms")
     print(f"  raw TCP          {result['raw_tcp_round_s'] * 1000:8.1f} ms")
     print(f"  ratio            {result['ratio']:8.2f}x")
+    print(f"  CPU per round    PS {ps_cpu * 1000:.0f} ms, workers {workers_cpu * 1000:.0f} ms together")
     print(json.dumps(result))
 
 

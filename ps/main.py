@@ -35,20 +35,21 @@ class _Counterfactual:
 
 def serve_ps(settings: ServerSettings, engine: FreezeEngine, address: str, run_log: Path | None,
              credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
-             on_ready=lambda port: None) -> dict:
+             on_ready=lambda port: None, on_round=lambda record: None) -> dict:
     """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes)."""
     meter = ByteMeter()
     runlog = JsonlLog(run_log)
     counter = _Counterfactual()
 
-    def on_round(record: dict) -> None:
+    def log_round(record: dict) -> None:
+        on_round(record)
         counter.on_round(record)
         runlog.write({**record, "bytes": meter.take_window()})
         if record["step"] % 10 == 0:
             log.info("[PS.Round] step %d: loss %.4f, %d blocks frozen, %.3f s",
                      record["step"], record["loss"], record["frozen_blocks"], record["round_s"])
 
-    server = ParameterServer(settings, engine, on_round)
+    server = ParameterServer(settings, engine, log_round)
     grpc_server, port = start_server(server, meter, address, credentials)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)
