@@ -14,6 +14,7 @@ COPY proto ./proto
 COPY ps ./ps
 COPY worker ./worker
 COPY freezeps ./freezeps
+COPY freeze ./freeze
 # The CPU build of the pinned torch keeps the image small; the versions are the project's pins.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1 \

@@ -1,5 +1,5 @@
 # The two commands of the README, and a few helpers. Each target sets up what it needs.
-.PHONY: run test setup proto bench clean
+.PHONY: run test setup proto readme bench clean
 
 run:            ## set up, then run the main job: a PS and 4 workers on this machine
 	scripts/setup.sh
@@ -14,6 +14,9 @@ setup:
 
 proto:          ## regenerate proto/*_pb2*.py from proto/freezeps.proto
 	.venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/freezeps.proto
+
+readme:         ## rewrite the README's settings table from freezeps/config.py
+	.venv/bin/python scripts/readme_flags.py
 
 bench:          ## time one synchronous round against raw TCP (bench/round.py)
 	scripts/setup.sh

@@ -23,7 +23,7 @@ import torch
 
 
 def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
-    from ps.freeze import NoFreeze
+    from ps.policy import FreezePolicy
     from ps.main import serve_ps
     from ps.server import ServerSettings
     torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
         if record["step"] == rounds:
             cpu["end"] = time.process_time()
 
-    serve_ps(settings, NoFreeze(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put, on_round=on_round)
+    serve_ps(settings, FreezePolicy(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put, on_round=on_round)
     port_q.put((cpu["end"] - cpu["start"]) / rounds)
 
 

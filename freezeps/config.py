@@ -11,7 +11,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ps.freeze import make_engine
+from freeze.engines import ENGINES, EngineSpec
+from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from worker.data import DATASETS
 from worker.models import MODELS
@@ -40,9 +41,31 @@ class Config:
     # The defaults make `freezeps run` the main job: EfficientNet-Lite0 (ImageNet weights) on
     # a 24,576-sample slice of Fashion-MNIST, 4 workers, 2 epochs of 96 rounds, with the
     # stem and MBConv blocks 0-13 (half the bytes) frozen from epoch 2: about 5 minutes here.
-    freeze: str = _f("static", "freeze engine", (PS, RUN), ("none", "static"))
+    freeze: str = _f("static", "freeze engine", (PS, RUN), ENGINES)
     freeze_blocks: int = _f(15, "static: leading blocks to freeze", (PS, RUN))
     freeze_step: int = _f(96, "static: first step at which they are frozen (0 = from the start)", (PS, RUN))
+    freeze_interval: int = _f(10, "gradnorm, threshold: rounds per test (gradients are summed over them)", (PS, RUN))
+    freeze_variant: str = _f("percentile", "gradnorm: the seed's min rule or AutoFreeze's percentile rule",
+                             (PS, RUN), ("min", "percentile"))
+    freeze_percentile: float = _f(50.0, "gradnorm percentile rule: the percentile of the active blocks' eta",
+                                  (PS, RUN))
+    freeze_norm: int = _f(2, "gradnorm, threshold: 1 (L1) or 2 (L2) norm", (PS, RUN))
+    freeze_tau: float = _f(0.1, "threshold: a leading block freezes when its eta is below this", (PS, RUN))
+    freeze_rate: float = _f(0.5, "threshold: at most this fraction of the active blocks freezes per test", (PS, RUN))
+    linear_mode: str = _f("epoch", "linear: one block per epoch, Composer's fractions, or PipeTransformer's",
+                          (PS, RUN), ("epoch", "composer", "pipetransformer"))
+    linear_start: float = _f(0.0, "linear: epochs before the first freeze (epoch) or fraction of training (composer)",
+                             (PS, RUN))
+    linear_level: float = _f(1.0, "linear composer: fraction of the blocks frozen at the end", (PS, RUN))
+    linear_alpha: float = _f(0.5, "linear pipetransformer: alpha of ceil(L(1-(1-alpha)^epoch))", (PS, RUN))
+    freeze_warmup: int = _f(0, "guard: no freeze before this step", (PS, RUN))
+    freeze_min_gap: int = _f(0, "guard: at least this many steps between two freezes", (PS, RUN))
+    freeze_head: bool = _f(False, "guard: allow the last block (the head) to freeze", (PS, RUN))
+    freeze_max_fraction: float = _f(1.0, "guard: at most this fraction of the blocks frozen", (PS, RUN))
+    freeze_decision: str = _f("central", "gradnorm, threshold: the PS decides from averaged gradients, or "
+                              "workers vote from their own", (PS, RUN), ("central", "votes"))
+    vote_weights: str = _f("shard", "weight of a worker's vote", (PS, RUN), VOTE_WEIGHTS)
+    vote_quorum: float = _f(0.5, "fraction of the total vote weight a prefix needs", (PS, RUN))
     round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds", (PS, RUN))
     run_log: str = _f("", "PS run log (JSONL) path; empty: none (run: RUN_DIR/ps.jsonl)", (PS,))
     # -- worker ----------------------------------------------------------------------------
@@ -92,10 +115,21 @@ class Config:
             raise ValueError("timeouts must be > 0")
         if self.lr_schedule == "step" and self.lr_step_size == 0:
             raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
-        if self.freeze == "static" and self.freeze_blocks == 0:
-            raise ValueError("freeze 'static' needs freeze_blocks > 0")
-        make_engine(self.freeze, blocks=self.freeze_blocks, from_step=self.freeze_step)
+        freeze_policy(self)  # validates the engine and the guards
         return self
+
+
+def engine_spec(cfg: Config) -> EngineSpec:
+    return EngineSpec(name=cfg.freeze, blocks=cfg.freeze_blocks, from_step=cfg.freeze_step,
+                      interval=cfg.freeze_interval, variant=cfg.freeze_variant, percentile=cfg.freeze_percentile,
+                      norm=cfg.freeze_norm, tau=cfg.freeze_tau, rate=cfg.freeze_rate, linear_mode=cfg.linear_mode,
+                      start=cfg.linear_start, level=cfg.linear_level, alpha=cfg.linear_alpha)
+
+
+def freeze_policy(cfg: Config) -> FreezePolicy:
+    return FreezePolicy(spec=engine_spec(cfg), votes=cfg.freeze_decision == "votes", vote_weights=cfg.vote_weights,
+                        quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
+                        freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from freezeps.config import Config
-from ps.freeze import make_engine
+from freezeps.config import Config, freeze_policy
 from ps.main import serve_ps
 from ps.server import ServerSettings
 from worker.client import ConnectError
@@ -38,8 +37,7 @@ def worker_settings(cfg: Config) -> WorkerSettings:
 
 
 def run_ps(cfg: Config) -> dict:
-    engine = make_engine(cfg.freeze, blocks=cfg.freeze_blocks, from_step=cfg.freeze_step)
-    return serve_ps(server_settings(cfg), engine, cfg.listen, Path(cfg.run_log) if cfg.run_log else None)
+    return serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None)
 
 
 def run_worker_role(cfg: Config) -> int:

@@ -62,6 +62,28 @@ class BlockRange(_message.Message):
     end: int
     def __init__(self, first: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
+class EngineConfig(_message.Message):
+    __slots__ = ("name", "spec_json", "votes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec_json: str
+    votes: bool
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., votes: _Optional[bool] = ...) -> None: ...
+
+class Vote(_message.Message):
+    __slots__ = ("frozen_blocks", "eta", "shard_size", "label_balance")
+    FROZEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    frozen_blocks: int
+    eta: _containers.RepeatedScalarFieldContainer[float]
+    shard_size: int
+    label_balance: float
+    def __init__(self, frozen_blocks: _Optional[int] = ..., eta: _Optional[_Iterable[float]] = ..., shard_size: _Optional[int] = ..., label_balance: _Optional[float] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "manifest")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -71,7 +93,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps")
+    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +103,7 @@ class JoinReply(_message.Message):
     OWNED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     num_workers: int
@@ -90,7 +113,8 @@ class JoinReply(_message.Message):
     owned: BlockRange
     chunk_bytes: int
     total_steps: int
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    engine: EngineConfig
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("block", "tensor", "offset", "data")
@@ -119,20 +143,24 @@ class PhaseTimes(_message.Message):
     def __init__(self, forward_s: _Optional[float] = ..., backward_s: _Optional[float] = ..., pull_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., push_s: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "batch_size", "loss", "phases", "total_steps")
+    __slots__ = ("worker_id", "step", "batch_size", "loss", "phases", "total_steps", "vote", "steps_per_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VOTE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     batch_size: int
     loss: float
     phases: PhaseTimes
     total_steps: int
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_size: _Optional[int] = ..., loss: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    vote: Vote
+    steps_per_epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_size: _Optional[int] = ..., loss: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., total_steps: _Optional[int] = ..., vote: _Optional[_Union[Vote, _Mapping]] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")

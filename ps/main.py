@@ -16,7 +16,7 @@ import grpc
 
 from proto.runlog import JsonlLog
 from proto.transport import ByteMeter
-from ps.freeze import FreezeEngine
+from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
 
@@ -33,7 +33,7 @@ class _Counterfactual:
         self.pushes += len(record["workers"])
 
 
-def serve_ps(settings: ServerSettings, engine: FreezeEngine, address: str, run_log: Path | None,
+def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
              credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None) -> dict:
     """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes)."""
@@ -41,7 +41,10 @@ def serve_ps(settings: ServerSettings, engine: FreezeEngine, address: str, run_l
     runlog = JsonlLog(run_log)
     counter = _Counterfactual()
 
-    def log_round(record: dict) -> None:
+    def log_record(record: dict) -> None:
+        if record["event"] != "round":
+            runlog.write(record)
+            return
         on_round(record)
         counter.on_round(record)
         runlog.write({**record, "bytes": meter.take_window()})
@@ -49,7 +52,7 @@ def serve_ps(settings: ServerSettings, engine: FreezeEngine, address: str, run_l
             log.info("[PS.Round] step %d: loss %.4f, %d blocks frozen, %.3f s",
                      record["step"], record["loss"], record["frozen_blocks"], record["round_s"])
 
-    server = ParameterServer(settings, engine, log_round)
+    server = ParameterServer(settings, policy, log_record)
     grpc_server, port = start_server(server, meter, address, credentials)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)

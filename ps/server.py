@@ -19,7 +19,8 @@ from proto.layout import BlockLayout, ManifestError, assign_blocks, layout_from_
 from proto.codec import Frame, encode_header
 from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import FailedPrecondition, InvalidArgument, PSError, Timeout, UnknownWorker
-from ps.freeze import FreezeEngine, RoundStats
+from freeze.engines import RoundStats
+from ps.policy import FreezePolicy, decide
 from ps.schedule import learning_rate
 from ps.store import BlockStore, ReceivedPush, as_bytes
 
@@ -51,11 +52,13 @@ class _Worker:
 
 
 class ParameterServer:
-    def __init__(self, settings: ServerSettings, engine: FreezeEngine,
-                 on_round: Callable[[dict], None] = lambda record: None):
+    def __init__(self, settings: ServerSettings, policy: FreezePolicy,
+                 on_record: Callable[[dict], None] = lambda record: None):
+        """on_record gets one "round" record per step and a "freeze" record per freeze."""
         self.settings = settings
-        self.engine = engine
-        self._on_round = on_round
+        self.policy = policy.validate()
+        self.engine = policy.make_engine()
+        self._on_record = on_record
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._workers: dict[str, _Worker] = {}
@@ -69,6 +72,8 @@ class ParameterServer:
         self._started = False  # num_workers have joined once: round 0 may begin
         self._step = 0
         self._total_steps = 0
+        self._steps_per_epoch = 0
+        self._last_freeze_step = -1
         self._weight = 0.0
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
         self._freeze = pb.FreezeState()
@@ -135,7 +140,8 @@ class ParameterServer:
         return pb.JoinReply(worker_id=worker.worker_id, rank=worker.rank, num_workers=self.settings.num_workers,
                             needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
                             owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
-                            chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps)
+                            chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps,
+                            engine=self.policy.engine_config())
 
     def init(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
@@ -154,6 +160,7 @@ class ParameterServer:
         with self._cond:
             self._initialized = True
             self._total_steps = header.total_steps
+            self._steps_per_epoch = header.steps_per_epoch
             self._maybe_start()
             self._cond.notify_all()
             return pb.PushReply(step=self._step, freeze=self._freeze_copy())
@@ -225,7 +232,7 @@ class ParameterServer:
                 worker.pushed_step = header.step
                 self._round_pushes.append({
                     "worker": worker.worker_id, "rank": worker.rank, "batch_size": header.batch_size,
-                    "loss": header.loss,
+                    "loss": header.loss, "vote": header.vote if header.HasField("vote") else None,
                     "phases": {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields}})
                 self._maybe_complete_round()
                 return pb.PushReply(step=header.step, freeze=self._freeze_copy())
@@ -255,21 +262,29 @@ class ParameterServer:
         lr = learning_rate(step, base_lr=self.settings.lr, schedule=self.settings.lr_schedule,
                            total_steps=self._total_steps, warmup_steps=self.settings.warmup_steps,
                            step_size=self.settings.lr_step_size, gamma=self.settings.lr_gamma)
-        norms = self._store.apply(active, self._weight, lr)
+        weight = self._weight
+        grads = {}
+        if self.policy.needs_gradients:  # the engine reads the averaged gradient
+            self._store.average(active, weight)
+            weight = 1.0
+            grads = {b: self._store.param_grads(b) for b in active}
         frozen_before = self._freeze.frozen_blocks
-        wanted = self.engine.decide(RoundStats(step=step, num_blocks=len(self._blocks),
-                                               frozen_blocks=frozen_before, grad_norms=tuple(norms)))
-        # The frozen set is a prefix that only grows, and the last block always trains.
-        frozen = min(max(wanted, frozen_before), len(self._blocks) - 1)
+        stats = RoundStats(step=step, num_blocks=len(self._blocks), frozen_blocks=frozen_before,
+                           total_steps=self._total_steps, steps_per_epoch=self._steps_per_epoch, grads=grads)
+        frozen, decision_info = decide(self.policy, self.engine, stats, pushes, self._last_freeze_step)
+        norms = self._store.apply(active, weight, lr)
         if frozen > frozen_before:
             self._set_frozen(frozen, since_step=step + 1)
+            self._last_freeze_step = step + 1
+            self._on_record(self._freeze_record(step, frozen_before, frozen, decision_info, len(pushes)))
         now = time.monotonic()
         record = {
             "event": "round", "step": step, "round_s": round(now - self._round_started, 6), "lr": lr,
             "frozen_blocks": frozen_before, "samples": int(self._weight),
             "loss": sum(p["loss"] * p["batch_size"] for p in pushes) / self._weight,
-            "workers": {p.pop("worker"): p for p in pushes},
+            "workers": {p["worker"]: {k: v for k, v in p.items() if k not in ("worker", "vote")} for p in pushes},
             "grad_norm": {self._blocks[b].name: norms[b] for b in active},
+            **({"decision": decision_info} if decision_info else {}),
         }
         self._weight = 0.0
         self._round_pushes = []
@@ -277,8 +292,18 @@ class ParameterServer:
             self._pull_cache.clear()
         self._step += 1
         self._round_started = now
-        self._on_round(record)
+        self._on_record(record)
         self._cond.notify_all()
+
+    def _freeze_record(self, step: int, before: int, after: int, info: dict, workers: int) -> dict:
+        def per_step(frozen: int) -> int:  # push + pull payload of one round, all workers
+            return 2 * workers * sum(b.nbytes for b in self._blocks[frozen:])
+        epoch = (step + 1) / self._steps_per_epoch if self._steps_per_epoch else None
+        log.info("[PS.Freeze] step %d: %d -> %d blocks frozen (%s)", step + 1, before, after,
+                 ", ".join(b.name for b in self._blocks[before:after]))
+        return {"event": "freeze", "step": step + 1, "epoch": epoch, "from": before, "to": after,
+                "blocks": [b.name for b in self._blocks[before:after]],
+                "bytes_per_step_before": per_step(before), "bytes_per_step_after": per_step(after), **info}
 
     def _set_frozen(self, frozen: int, since_step: int) -> None:
         before = self._freeze.frozen_blocks

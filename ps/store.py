@@ -97,6 +97,15 @@ class BlockStore:
                 target.add_(values, alpha=weight)
         self._fresh = False
 
+    def average(self, blocks: range, total_weight: float) -> None:
+        """Divide the accumulators by the total weight in place (for engines that read them)."""
+        for b in blocks:
+            self.acc[b].div_(total_weight)
+
+    def param_grads(self, b: int) -> list[torch.Tensor]:
+        """Views of block b's parameter gradients in the accumulator (valid until apply())."""
+        return self._grads[b]
+
     def apply(self, blocks: range, total_weight: float, lr: float) -> list[float]:
         """Set buffers to their average and take one SGD step on the blocks' parameters.
 

@@ -10,7 +10,7 @@ import torch
 
 from proto.runlog import JsonlLog
 from proto.transport import ByteMeter
-from ps.freeze import NoFreeze
+from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
 from worker.train import WorkerSettings
@@ -23,13 +23,16 @@ class RunningPS:
 
 
 @contextlib.contextmanager
-def running_ps(num_workers: int = 2, engine=None, log_path: Path | None = None, **settings):
+def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_path: Path | None = None,
+               **settings):
     meter = ByteMeter()
     runlog = JsonlLog(log_path)
     settings.setdefault("chunk_bytes", 1 << 20)
     settings.setdefault("round_timeout_s", 30.0)
-    server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), engine or NoFreeze(),
-                             on_round=lambda r: runlog.write({**r, "bytes": meter.take_window()}))
+    def on_record(record):
+        runlog.write({**record, "bytes": meter.take_window()} if record["event"] == "round" else record)
+
+    server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), policy or FreezePolicy(), on_record)
     grpc_server, port = start_server(server, meter, "127.0.0.1:0")
     try:
         yield RunningPS(server, grpc_server, port, log_path)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from proto.layout import layout_from_manifest
-from ps.freeze import StaticFreeze
+from freeze.engines import EngineSpec
+from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.flat import manifest_for
 from worker.models import build_model
@@ -16,10 +17,11 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
     sizes = {str(b.index): b.nbytes for b in layout}
     log = tmp_path / "ps.jsonl"
     # Chunks of 256 bytes, so blocks span several chunks and chunks span tensors.
-    with ps_factory(num_workers, engine=StaticFreeze(blocks=2, from_step=freeze_at), log_path=log,
+    with ps_factory(num_workers, policy=FreezePolicy(EngineSpec("static", blocks=2, from_step=freeze_at)), log_path=log,
                     chunk_bytes=256) as ps:
         run_workers([worker_settings(ps.address, model="tiny_cnn", steps=steps) for _ in range(num_workers)])
-    rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    rounds = [r for r in records if r["event"] == "round"]
     assert [r["step"] for r in rounds] == list(range(steps))
     for r in rounds:
         push = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Push"]["in"].items()}

@@ -1,29 +1,12 @@
-"""Pure decision logic: freeze engines, learning-rate schedules, sharding, config."""
+"""Pure decision logic: learning-rate schedules, sharding, config."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from freezeps.config import Config, load_config
-from ps.freeze import NoFreeze, RoundStats, StaticFreeze, make_engine
 from ps.schedule import learning_rate
 from worker.data import batch_order, shard_indices
-
-
-def _stats(step, frozen=0):
-    return RoundStats(step=step, num_blocks=7, frozen_blocks=frozen, grad_norms=(1.0,) * 7)
-
-
-def test_static_freeze_from_a_step():
-    engine = StaticFreeze(blocks=3, from_step=5)
-    assert engine.initial(7) == 0
-    assert [engine.decide(_stats(s)) for s in (2, 3, 4, 5)] == [0, 0, 3, 3]
-    assert StaticFreeze(blocks=2).initial(7) == 2
-    with pytest.raises(ValueError, match="last must train"):
-        StaticFreeze(blocks=7).initial(7)
-    assert NoFreeze().decide(_stats(9, frozen=2)) == 2
-    with pytest.raises(ValueError, match="unknown freeze engine"):
-        make_engine("sometimes")
 
 
 def test_learning_rate_schedules():
@@ -67,7 +50,9 @@ def test_config_precedence_cli_over_file_over_env(tmp_path):
     ({"model": "vgg"}, "model"),
     ({"chunk_bytes": str(8 << 20)}, "chunk_bytes"),
     ({"lr": "fast"}, "--lr"),
-    ({"freeze": "static", "freeze_blocks": "0"}, "freeze_blocks"),
+    ({"freeze": "static", "freeze_blocks": "0"}, "blocks > 0"),
+    ({"freeze": "gradnorm", "freeze_norm": "3"}, "norm"),
+    ({"vote_quorum": "0"}, "quorum"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ps.freeze import StaticFreeze
+from freeze.engines import EngineSpec
+from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel, manifest_for
@@ -44,8 +45,8 @@ def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
     torch.save(build_model("mlp", 4, "random").state_dict(), weights)
     # BlockModel's state_dict names are those of its blocks; mlp loads its own file.
     steps, lr, momentum, wd = 6, 0.05, 0.9, 1e-3
-    engine = StaticFreeze(blocks=freeze[0], from_step=freeze[1]) if freeze else None
-    with ps_factory(num_workers, engine=engine, lr=lr, momentum=momentum, weight_decay=wd) as ps:
+    policy = FreezePolicy(EngineSpec("static", blocks=freeze[0], from_step=freeze[1])) if freeze else None
+    with ps_factory(num_workers, policy=policy, lr=lr, momentum=momentum, weight_decay=wd) as ps:
         run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(num_workers)])
         got = ps.server.values_by_name()
         assert ps.server.step == steps

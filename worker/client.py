@@ -74,8 +74,8 @@ class PSClient:
             data = flat.value_bytes(b) if values else flat.push_bytes(b)
             yield from iter_chunks(flat.layout[b], data, self.chunk_bytes)
 
-    def init(self, flat: FlatModel, owned: range, total_steps: int) -> pb.PushReply:
-        header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps)
+    def init(self, flat: FlatModel, owned: range, total_steps: int, steps_per_epoch: int = 0) -> pb.PushReply:
+        header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         stream = self._push_stream(header, flat, owned, values=True)
         reply = self._stub.Init(metered(stream, self.meter, "Init", "out", self.worker_id),
                                 timeout=self._timeout, metadata=self._metadata())

@@ -128,6 +128,13 @@ def shard_indices(labels: np.ndarray, rank: int, world: int, scheme: str = "iid"
     return np.sort(np.concatenate(mine))
 
 
+def label_balance(labels: np.ndarray, num_classes: int) -> float:
+    """Normalised entropy of a shard's labels: 1 for uniform, 0 for a single label."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(-(p * np.log(p)).sum() / np.log(num_classes)) if num_classes > 1 else 1.0
+
+
 def batch_order(shard: np.ndarray, epoch: int, rank: int, seed: int) -> np.ndarray:
     """This worker's sample order for one epoch: known in advance from the seed."""
     return np.random.default_rng([seed, epoch, rank]).permutation(shard)

@@ -43,10 +43,11 @@ class FlatModel:
         self.values: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._param_grads: list[list[torch.Tensor]] = []
         for block, layout in zip(model.blocks, self.layout):
             values = torch.empty(layout.nbytes // 4)
             grads = torch.zeros(layout.nbytes // 4)
-            slots = []
+            slots, param_grads = [], []
             for (_, module, attr, t, kind), spec in zip(_tensors(block), layout.tensors):
                 span = slice(spec.offset // 4, (spec.offset + spec.nbytes) // 4)
                 view = values[span].view(t.shape)
@@ -54,12 +55,14 @@ class FlatModel:
                 if kind == pb.PARAMETER:
                     t.data = view
                     t.grad = grads[span].view(t.shape)
+                    param_grads.append(grads[span])
                 else:
                     module._buffers[attr] = view
                     slots.append((view, grads[span]))
             self.values.append(values)
             self.grads.append(grads)
             self._buffer_slots.append(slots)
+            self._param_grads.append(param_grads)
 
     def value_bytes(self, b: int) -> np.ndarray:
         return self.values[b].numpy().view(np.uint8)
@@ -69,6 +72,10 @@ class FlatModel:
         for value, slot in self._buffer_slots[b]:
             slot.copy_(value.reshape(-1))
         return self.grads[b].numpy().view(np.uint8)
+
+    def param_grads(self, b: int) -> list[torch.Tensor]:
+        """Views of block b's parameter gradients (what a vote is computed from)."""
+        return self._param_grads[b]
 
     def zero_grads(self, first_block: int) -> None:
         for g in self.grads[first_block:]:

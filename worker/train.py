@@ -5,6 +5,7 @@ in eval mode and their gradients are neither computed nor sent.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from worker.client import PSClient
-from worker.data import batch_order, load_dataset, make_batch, shard_indices
+from worker.data import batch_order, label_balance, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import BlockModel, build_model
 
@@ -88,8 +90,11 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     steps_per_epoch = max(len(train) // (world * settings.batch_size), 1)
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     if joined.needs_init:
-        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps)
+        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps, steps_per_epoch)
     shard = shard_indices(train.labels.numpy(), rank, world, settings.sharding, settings.dirichlet_alpha, settings.seed)
+    # In votes mode this worker runs the run's engine on its own gradients and sends its proposal.
+    voter = make_engine(EngineSpec(**json.loads(joined.engine.spec_json))) if joined.engine.votes else None
+    balance = label_balance(train.labels.numpy()[shard], train.num_classes)
     log.info("[Worker] rank %d/%d: %d samples, %d steps from step %d", rank, world, len(shard), total_steps, joined.step)
     runlog = JsonlLog(settings.log_dir / f"worker-{rank}.jsonl" if settings.log_dir else None)
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
@@ -129,8 +134,16 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             loss.backward()
             t2 = time.perf_counter()
 
-            # Push the active blocks' gradients (and running statistics).
+            # Push the active blocks' gradients (and running statistics), with a vote at test rounds.
             push_header = pb.PushHeader(step=step, batch_size=len(y), loss=loss.item(), phases=phases)
+            if voter is not None:
+                stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=frozen,
+                                   total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                   grads={b: flat.param_grads(b) for b in range(frozen, len(flat.layout))})
+                decision = voter.decide(stats)
+                if decision.tested:
+                    push_header.vote.CopyFrom(pb.Vote(frozen_blocks=decision.frozen_blocks, eta=decision.eta,
+                                                      shard_size=len(shard), label_balance=balance))
             client.push(push_header, flat, range(frozen, len(flat.layout)))
             t3 = time.perf_counter()
             phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)

@@ -1,0 +1,92 @@
+"""Where and how the PS decides a freeze: the engine, central or by votes, and the guards."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from freeze import maths
+from freeze.engines import Decision, EngineSpec, RoundStats, make_engine
+from proto import freezeps_pb2 as pb
+
+VOTE_WEIGHTS = ("equal", "shard", "loss", "balance")
+GRADIENT_ENGINES = ("gradnorm", "threshold")
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    spec: EngineSpec = field(default_factory=EngineSpec)
+    votes: bool = False  # gradient engines only: workers vote from their own gradients
+    vote_weights: str = "shard"
+    quorum: float = 0.5  # fraction of the total vote weight a prefix needs
+    warmup_steps: int = 0
+    min_gap: int = 0
+    freeze_head: bool = False
+    max_fraction: float = 1.0
+
+    def validate(self) -> "FreezePolicy":
+        self.spec.validate()
+        if self.vote_weights not in VOTE_WEIGHTS:
+            raise ValueError(f"vote weights must be one of {VOTE_WEIGHTS}, got {self.vote_weights!r}")
+        if not 0 < self.quorum <= 1 or not 0 <= self.max_fraction <= 1:
+            raise ValueError("need 0 < quorum <= 1 and 0 <= max_fraction <= 1")
+        if self.warmup_steps < 0 or self.min_gap < 0:
+            raise ValueError("warm-up and minimum gap must be >= 0")
+        return self
+
+    @property
+    def uses_votes(self) -> bool:
+        return self.votes and self.spec.name in GRADIENT_ENGINES
+
+    @property
+    def needs_gradients(self) -> bool:
+        """The PS's engine reads the averaged gradients (central decisions of gradient engines)."""
+        return self.spec.name in GRADIENT_ENGINES and not self.uses_votes
+
+    def engine_config(self) -> pb.EngineConfig:
+        return pb.EngineConfig(name=self.spec.name, spec_json=json.dumps(dataclasses.asdict(self.spec)),
+                               votes=self.uses_votes)
+
+    def make_engine(self):
+        return make_engine(self.spec)
+
+
+def vote_weight(scheme: str, vote: pb.Vote, loss: float) -> float:
+    """equal: 1. shard: the shard's size. loss: the worker's loss this round (a worker still
+    far from fitting its data weighs more against freezing). balance: label entropy, so
+    workers whose data look like the whole distribution weigh more."""
+    if scheme == "equal":
+        return 1.0
+    if scheme == "shard":
+        return float(vote.shard_size)
+    if scheme == "loss":
+        return loss if math.isfinite(loss) and loss > 0 else 0.0
+    return max(vote.label_balance, 0.0)
+
+
+def decide(policy: FreezePolicy, engine, stats: RoundStats, pushes: list[dict],
+           last_freeze_step: int) -> tuple[int, dict]:
+    """The prefix for the next round, and what to log about how it was reached."""
+    info: dict = {}
+    if policy.uses_votes:
+        votes = [p for p in pushes if p.get("vote") is not None]
+        if votes:
+            weights = [vote_weight(policy.vote_weights, p["vote"], p["loss"]) for p in votes]
+            proposals = [p["vote"].frozen_blocks for p in votes]
+            proposed = maths.combine_votes(proposals, weights, policy.quorum, stats.frozen_blocks)
+            info["votes"] = [{"worker": p["worker"], "rank": p["rank"], "proposal": k, "weight": w,
+                              "eta": list(p["vote"].eta)} for p, k, w in zip(votes, proposals, weights)]
+        else:
+            proposed = stats.frozen_blocks
+    else:
+        decision: Decision = engine.decide(stats)
+        proposed = decision.frozen_blocks
+        if decision.tested:
+            info["eta"] = list(decision.eta)
+    frozen = maths.apply_guards(proposed, stats.frozen_blocks, stats.step, last_freeze_step, stats.num_blocks,
+                                warmup_steps=policy.warmup_steps, min_gap=policy.min_gap,
+                                freeze_head=policy.freeze_head, max_fraction=policy.max_fraction)
+    if proposed != stats.frozen_blocks:
+        info["proposed"] = proposed
+    return frozen, info
