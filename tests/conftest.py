@@ -24,12 +24,14 @@ class RunningPS:
 
 @contextlib.contextmanager
 def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_path: Path | None = None,
-               **settings):
+               observer=lambda server, record: None, **settings):
+    """A PS on 127.0.0.1; `observer(server, record)` sees every run-log record as it is made."""
     meter = ByteMeter()
     runlog = JsonlLog(log_path)
     settings.setdefault("chunk_bytes", 1 << 20)
     settings.setdefault("round_timeout_s", 30.0)
     def on_record(record):
+        observer(server, record)
         runlog.write({**record, "bytes": meter.take_window()} if record["event"] == "round" else record)
 
     server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), policy or FreezePolicy(), on_record)
