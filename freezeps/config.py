@@ -87,6 +87,8 @@ class Config:
     seed: int = _f(0, "seed of sharding, batch order, augmentation and init", (WORKER, RUN))
     threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
     evaluate: bool = _f(True, "rank 0 measures test accuracy at each epoch end", (WORKER, RUN))
+    eval_every: int = _f(0, "rank 0 also measures test accuracy every this many steps; 0 = epoch ends only",
+                         (WORKER, RUN))
     log_dir: str = _f("", "folder for the worker's log worker-RANK.jsonl; empty: none", (WORKER,))
     connect_retries: int = _f(8, "join attempts (exponential backoff) before giving up", (WORKER, RUN))
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
@@ -104,7 +106,7 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        nonneg = ("lr", "momentum", "weight_decay", "warmup_steps", "lr_step_size", "freeze_blocks",
+        nonneg = ("eval_every", "lr", "momentum", "weight_decay", "warmup_steps", "lr_step_size", "freeze_blocks",
                   "freeze_step", "train_samples", "test_samples", "steps", "threads")
         for name in nonneg:
             if getattr(self, name) < 0:

@@ -32,7 +32,7 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           test_samples=cfg.test_samples, image_size=cfg.image_size, augment=cfg.augment,
                           sharding=cfg.sharding, dirichlet_alpha=cfg.dirichlet_alpha, batch_size=cfg.batch_size,
                           epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
-                          evaluate=cfg.evaluate, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
+                          evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s)
 
 

@@ -49,6 +49,7 @@ class WorkerSettings:
     seed: int
     threads: int
     evaluate: bool  # rank 0 measures test accuracy each epoch
+    eval_every: int  # and every this many steps (0: epoch ends only)
     log_dir: Path | None
     connect_retries: int
     rpc_timeout_s: float
@@ -115,7 +116,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 model.set_frozen(frozen)
                 model.train()
                 log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
-            if settings.evaluate and rank == 0 and step > 0 and step % steps_per_epoch == 0:
+            due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
+            if settings.evaluate and rank == 0 and step > 0 and due:
                 evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
 
             # The batch: this worker's shard, in an order fixed by (seed, epoch, rank).
