@@ -1,5 +1,5 @@
 # The two commands of the README, and a few helpers. Each target sets up what it needs.
-.PHONY: run test setup proto readme bench clean
+.PHONY: run test setup proto readme bench sweep clean
 
 run:            ## set up, then run the main job: a PS and 4 workers on this machine
 	scripts/setup.sh
@@ -21,6 +21,10 @@ readme:         ## rewrite the README's settings table from freezeps/config.py
 bench:          ## time one synchronous round against raw TCP (bench/round.py)
 	scripts/setup.sh
 	.venv/bin/python -m bench.round $(ARGS)
+
+sweep:          ## run every freeze engine on the default workload (about 45 minutes); writes docs/results
+	scripts/setup.sh --bench
+	.venv/bin/python -m bench.freeze_sweep $(ARGS)
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -4,14 +4,25 @@
 #     torchvision 0.29.1 install from local files where the machine has them);
 #   - the Fashion-MNIST files from Debian's dataset-fashion-mnist package, when apt can
 #     install it (otherwise a clear message: tests do not need it, `freezeps run` does).
-# Usage: scripts/setup.sh [--test]   (--test adds the test-only packages)
+# Usage: scripts/setup.sh [--test] [--bench]   (extras: test-only packages, benchmark plots)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+NAMES=()
+for arg in "$@"; do
+    case "$arg" in
+        --test) NAMES+=(test) ;;
+        --bench) NAMES+=(bench) ;;
+        *) echo "setup: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 EXTRAS=""
-if [[ "${1:-}" == "--test" ]]; then EXTRAS="[test]"; fi
-STAMP=".venv/.installed${EXTRAS:+-test}"
+STAMP=".venv/.installed"
+if (( ${#NAMES[@]} )); then
+    EXTRAS="[$(IFS=,; echo "${NAMES[*]}")]"
+    STAMP=".venv/.installed-$(IFS=-; echo "${NAMES[*]}")"
+fi
 
 if [[ ! -x .venv/bin/python ]]; then
     echo "setup: creating .venv with $($PYTHON --version)"
