@@ -33,6 +33,12 @@ CONFIGS = {
     "gradnorm-pct": ["--freeze", "gradnorm", "--freeze-variant", "percentile", *ADAPTIVE],
     "threshold": ["--freeze", "threshold", "--freeze-tau", "0.8", "--freeze-rate", "0.5", *ADAPTIVE],
     "gradnorm-pct-votes": ["--freeze", "gradnorm", "--freeze-decision", "votes", *ADAPTIVE],
+    # After the first sweep: fewer tests (4 per epoch, as AutoFreeze) and the last 4 blocks kept training.
+    "gradnorm-pct-T24-cap": ["--freeze", "gradnorm", "--freeze-warmup", "32", "--freeze-interval", "24",
+                             "--freeze-max-fraction", "0.8"],
+    "gradnorm-pct-T24-cap-votes": ["--freeze", "gradnorm", "--freeze-decision", "votes", "--freeze-warmup", "32",
+                                   "--freeze-interval", "24", "--freeze-max-fraction", "0.8"],
+    "none-dirichlet": ["--freeze", "none", "--sharding", "dirichlet", "--dirichlet-alpha", "0.3"],
     "gradnorm-pct-dirichlet": ["--freeze", "gradnorm", "--sharding", "dirichlet", "--dirichlet-alpha", "0.3",
                                *ADAPTIVE],
     "gradnorm-pct-votes-dirichlet": ["--freeze", "gradnorm", "--freeze-decision", "votes", "--sharding",
@@ -82,9 +88,16 @@ def write_report(results: list[dict], out: Path) -> None:
         saved_b = f"{1 - moved / (base['push_payload'] + base['pull_payload']):.1%}" if base else "-"
         saved_t = f"{1 - r['wall_s'] / base['wall_s']:.1%}" if base else "-"
         phases = "/".join(f"{v:.0f}" for v in r["phase_ms_per_step"].values())
-        freezes = "; ".join(f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]) or "-"
+        initial = r["frozen_over_time"][0][1] if r["frozen_over_time"] else 0
+        freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
+                            [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
         lines.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['best_accuracy']:.4f} | {r['wall_s']:.0f} | "
                      f"{moved / 1e9:.2f} GB | {saved_b} | {saved_t} | {phases} | {freezes} |")
+    lines += ["", "![accuracy vs wall time](accuracy_vs_time.png) ![accuracy vs bytes](accuracy_vs_bytes.png)",
+              "![frozen prefix over time](frozen_prefix.png)"]
+    notes = out / "notes.md"  # the written analysis, kept apart from the generated table
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -110,14 +123,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/freeze-sweep"))
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.json")
+    parser.add_argument("--append", action="store_true", help="add to (or replace in) OUT/results.json")
     args = parser.parse_args()
     if args.report_only:
         write_report(json.loads((args.out / "results.json").read_text()), args.out)
         return
     names = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
     runs = Path("runs") / f"sweep-{date.today().isoformat()}"
-    results = []
+    results = json.loads((args.out / "results.json").read_text()) if args.append else []
     for name in names:
+        results = [r for r in results if r["name"] != name]
         results.append(run_one(name, CONFIGS[name], runs / name))
         write_report(results, args.out)  # a partial report survives an interrupted sweep
     print((args.out / "README.md").read_text())

@@ -76,6 +76,9 @@ class ParameterServer:
         self._last_freeze_step = -1
         self._weight = 0.0
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
+        # Accepted pushes wait here and are summed in rank order when the round completes:
+        # float addition is not associative, and arrival order would make runs irreproducible.
+        self._accepted: list[tuple[int, ReceivedPush, float]] = []
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
         # Every worker pulls the same bytes in a round: encode them once per (step, first block).
@@ -227,7 +230,7 @@ class ParameterServer:
             with self._cond:
                 self._worker(header.worker_id)
                 self._check_push(worker, header, already_pushing=True)
-                self._store.accumulate(received, float(header.batch_size))
+                self._accepted.append((worker.rank, received, float(header.batch_size)))
                 self._weight += header.batch_size
                 worker.pushed_step = header.step
                 self._round_pushes.append({
@@ -262,6 +265,9 @@ class ParameterServer:
         lr = learning_rate(step, base_lr=self.settings.lr, schedule=self.settings.lr_schedule,
                            total_steps=self._total_steps, warmup_steps=self.settings.warmup_steps,
                            step_size=self.settings.lr_step_size, gamma=self.settings.lr_gamma)
+        for _, received, batch_size in sorted(self._accepted, key=lambda a: a[0]):
+            self._store.accumulate(received, batch_size)
+        self._accepted = []
         weight = self._weight
         grads = {}
         if self.policy.needs_gradients:  # the engine reads the averaged gradient

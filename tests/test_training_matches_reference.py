@@ -61,3 +61,16 @@ def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
     # The check can fail: training moved the parameters away from where they started.
     init = build_model("mlp", 4, str(weights))
     assert not np.allclose(next(init.parameters()).detach().numpy(), want["fc1/fc.weight"]) or freeze
+
+
+def test_runs_are_bit_reproducible(ps_factory, tmp_path):
+    """Pushes are summed in rank order, not arrival order: the same run gives the same bits."""
+    weights = tmp_path / "init.pt"  # worker threads share torch's RNG: give them one initial model
+    torch.save(build_model("tiny_cnn", 4).state_dict(), weights)
+    finals = []
+    for _ in range(2):
+        with ps_factory(3, lr=0.05) as ps:
+            run_workers([worker_settings(ps.address, model="tiny_cnn", steps=5, weights=str(weights))
+                         for _ in range(3)])
+            finals.append(ps.server.values_by_name())
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
