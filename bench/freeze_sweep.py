@@ -102,6 +102,8 @@ def write_report(results: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
+    plt.rcParams["axes.prop_cycle"] = cycler(color=plt.cm.tab20.colors)  # a colour for each of up to 20 runs
     for key, xlabel, fname in (("wall_s", "wall time (s)", "accuracy_vs_time.png"),
                                ("bytes", "tensor bytes moved (GB)", "accuracy_vs_bytes.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
