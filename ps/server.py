@@ -76,9 +76,11 @@ class ParameterServer:
         self._last_freeze_step = -1
         self._weight = 0.0
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
-        # Accepted pushes wait here and are summed in rank order when the round completes:
-        # float addition is not associative, and arrival order would make runs irreproducible.
-        self._accepted: list[tuple[int, ReceivedPush, float]] = []
+        # Accepted pushes are summed in rank order (float addition is not associative, and
+        # arrival order would make runs irreproducible): a push waits here only until every
+        # lower-ranked live worker's push has been summed, so summing overlaps receiving.
+        self._accepted: dict[tuple[int, str], tuple[ReceivedPush, float]] = {}  # (rank, worker id) ->
+        self._summed: set[tuple[int, str]] = set()
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
         # Every worker pulls the same bytes in a round: encode them once per (step, first block).
@@ -230,7 +232,8 @@ class ParameterServer:
             with self._cond:
                 self._worker(header.worker_id)
                 self._check_push(worker, header, already_pushing=True)
-                self._accepted.append((worker.rank, received, float(header.batch_size)))
+                self._accepted[(worker.rank, worker.worker_id)] = (received, float(header.batch_size))
+                self._sum_in_rank_order(final=False)
                 self._weight += header.batch_size
                 worker.pushed_step = header.step
                 self._round_pushes.append({
@@ -255,6 +258,19 @@ class ParameterServer:
         if header.batch_size == 0:
             raise InvalidArgument("batch_size must be at least 1")
 
+    def _sum_in_rank_order(self, final: bool) -> None:
+        """Sum the accepted pushes whose turn has come: all of them when the round completes."""
+        while self._accepted:
+            waiting = {(w.rank, w.worker_id) for w in self._workers.values()} - self._summed
+            key = min(self._accepted) if final else min(waiting | set(self._accepted))
+            if key not in self._accepted:
+                return  # a lower-ranked worker has not pushed yet
+            received, batch_size = self._accepted.pop(key)
+            self._store.accumulate(received, batch_size)
+            self._summed.add(key)
+        if final:
+            self._summed = set()
+
     def _maybe_complete_round(self) -> None:
         waiting = [w for w in self._workers.values() if w.pushed_step != self._step]
         if waiting or not self._round_pushes:
@@ -265,9 +281,7 @@ class ParameterServer:
         lr = learning_rate(step, base_lr=self.settings.lr, schedule=self.settings.lr_schedule,
                            total_steps=self._total_steps, warmup_steps=self.settings.warmup_steps,
                            step_size=self.settings.lr_step_size, gamma=self.settings.lr_gamma)
-        for _, received, batch_size in sorted(self._accepted, key=lambda a: a[0]):
-            self._store.accumulate(received, batch_size)
-        self._accepted = []
+        self._sum_in_rank_order(final=True)
         weight = self._weight
         grads = {}
         if self.policy.needs_gradients:  # the engine reads the averaged gradient
