@@ -120,6 +120,7 @@ class ParameterServer:
                                          weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
+                    self._on_record(self._freeze_record(-1, 0, frozen, {"initial": True}, self.settings.num_workers))
                 log.info("[PS.Join] manifest: model %r, %d blocks, %d bytes", req.manifest.model,
                          len(blocks), model_bytes(blocks))
             elif req.manifest != self._manifest:

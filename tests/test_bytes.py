@@ -22,6 +22,8 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
         run_workers([worker_settings(ps.address, model="tiny_cnn", steps=steps) for _ in range(num_workers)])
     records = [json.loads(line) for line in log.read_text().splitlines()]
     rounds = [r for r in records if r["event"] == "round"]
+    freezes = [r for r in records if r["event"] == "freeze"]
+    assert [(f["step"], f["from"], f["to"]) for f in freezes] == [(freeze_at, 0, 2)]
     assert [r["step"] for r in rounds] == list(range(steps))
     for r in rounds:
         push = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Push"]["in"].items()}
@@ -56,3 +58,17 @@ def test_bn_running_stats_are_averaged(ps_factory):
     mean = values["conv1/bn.running_mean"]
     assert mean.shape == (8,) and abs(mean).sum() > 0
     assert (values["conv1/bn.running_var"] > 0).all()
+
+
+def test_freezing_from_the_start_is_logged_and_never_sent(ps_factory, tmp_path):
+    log = tmp_path / "ps.jsonl"
+    with ps_factory(2, policy=FreezePolicy(EngineSpec("static", blocks=2, from_step=0)), log_path=log) as ps:
+        run_workers([worker_settings(ps.address, model="tiny_cnn", steps=3) for _ in range(2)])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["to"], r["initial"]) for r in records if r["event"] == "freeze"] == [(0, 2, True)]
+    for r in records:
+        if r["event"] == "round":
+            assert set(r["bytes"]["by_block"]["Push"]["in"]) == {"-1", "2"}
+            # The first pull carries every block once (workers need the initial values).
+            pulled = set(r["bytes"]["by_block"]["Pull"]["out"])
+            assert pulled == ({"-1", "0", "1", "2"} if r["step"] == 0 else {"-1", "2"})
