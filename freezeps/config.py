@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from freeze.engines import ENGINES, EngineSpec
+from proto.transport import MAX_CHUNK_BYTES
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from worker.data import DATASETS
@@ -111,8 +112,8 @@ class Config:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.chunk_bytes % 4 or self.chunk_bytes > (4 << 20) - 4096:
-            raise ValueError(f"chunk_bytes must be a multiple of 4 and below 4 MiB - 4 KiB, got {self.chunk_bytes}")
+        if self.chunk_bytes % 4 or self.chunk_bytes > MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
         if self.round_timeout_s <= 0 or self.rpc_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

@@ -16,7 +16,6 @@ import numpy as np
 from proto.codec import Frame, RawChunk, encode_chunk
 from proto.layout import BlockLayout
 
-DEFAULT_CHUNK_BYTES = 1 << 20
 # Room for a chunk's header and gRPC's framing under the 4 MB default limit.
 MAX_CHUNK_BYTES = 4 * (1 << 20) - 4096
 # Limits both ends set on every channel: the default receive limit, written down

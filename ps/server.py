@@ -342,21 +342,20 @@ class ParameterServer:
             self._cond.notify_all()
             return pb.LeaveReply(freeze=self._freeze_copy())
 
-    @property
-    def done(self) -> bool:
-        with self._cond:
-            return self._ever_joined > 0 and self._started and not self._workers
+    def _done(self) -> bool:
+        """Every worker that joined has left (call with the lock held)."""
+        return self._ever_joined > 0 and self._started and not self._workers
 
     def wait_done(self, timeout: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self._ever_joined > 0 and self._started and not self._workers, timeout)
+            return self._cond.wait_for(self._done, timeout)
 
     def status(self) -> pb.StatusReply:
         with self._cond:
             return pb.StatusReply(
                 step=self._step, total_steps=self._total_steps, live_workers=len(self._workers),
                 num_workers=self.settings.num_workers, initialized=self._initialized,
-                done=self._ever_joined > 0 and self._started and not self._workers,
+                done=self._done(),
                 freeze=self._freeze_copy(), blocks=[b.name for b in self._blocks])
 
     def values_by_name(self) -> dict[str, np.ndarray]:
