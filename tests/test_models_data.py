@@ -65,3 +65,16 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("worker.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_dataset("fashion_mnist", tmp_path, True)
+
+
+def test_weights_files_and_bad_weights(tmp_path):
+    torch.manual_seed(1)
+    source = build_model("tiny_cnn", 4)
+    path = tmp_path / "w.pt"
+    torch.save(source.state_dict(), path)
+    loaded = build_model("tiny_cnn", 4, str(path))
+    assert torch.equal(loaded.blocks[0].conv.weight, source.blocks[0].conv.weight)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("mlp", 4, "imagenet")
+    with pytest.raises(ValueError, match="existing file"):
+        build_model("mlp", 4, str(tmp_path / "missing.pt"))

@@ -51,12 +51,16 @@ def _seq(**parts: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(parts))
 
 
-def _load_state(net: nn.Module, weights: str, model: str) -> None:
+def _load_original(net: nn.Module, weights: str) -> None:
     """Load a state_dict file saved from the original (unsplit) network."""
-    if weights not in ("random", "imagenet") and not hasattr(net, "blocks"):
-        _load_matching(net, torch.load(Path(weights), map_location="cpu", weights_only=True), Path(weights))
-    elif weights == "imagenet":
-        raise ValueError(f"{model} has no ImageNet weights; use random or a file")
+    path = Path(weights)
+    _load_matching(net, torch.load(path, map_location="cpu", weights_only=True), path)
+
+
+def _random_only(weights: str, model: str) -> None:
+    if weights != "random":
+        raise ValueError(f"{model} has no pretrained weights: use random, or a state_dict saved from a {model} "
+                         "BlockModel (keys 'blocks.N...')")
 
 
 def _load_matching(net: nn.Module, state: dict, path: Path) -> None:
@@ -83,7 +87,7 @@ def resnet18(num_classes: int, weights: str, fine_blocks: bool = False) -> Block
     else:
         net = torchvision.models.resnet18(num_classes=num_classes)
         if weights != "random":
-            _load_state(net, weights, "resnet18")
+            _load_original(net, weights)
     blocks = [("conv1", _seq(conv1=net.conv1)),
               ("bn1", _seq(bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))]
     for layer in ("layer1", "layer2", "layer3", "layer4"):
@@ -121,7 +125,7 @@ def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
     else:
         net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, **bn)
         if weights != "random":
-            _load_state(net, weights, "efficientnet_lite0")
+            _load_original(net, weights)
     rate = net._global_params.drop_connect_rate or 0.0
     n = len(net._blocks)
     blocks = [("stem", _seq(conv=net._conv_stem, bn=net._bn0, act=net._swish))]
@@ -133,7 +137,7 @@ def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
 
 def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
     """A tiny three-block MLP for tests: no BatchNorm, so distributed SGD equals serial SGD."""
-    _load_state(nn.Module(), weights, "mlp")
+    _random_only(weights, "mlp")
     return BlockModel("mlp", [("fc1", _seq(flatten=nn.Flatten(1), fc=nn.Linear(in_features, 32), act=nn.ReLU())),
                               ("fc2", _seq(fc=nn.Linear(32, 32), act=nn.ReLU())),
                               ("head", _seq(fc=nn.Linear(32, num_classes)))])
@@ -141,7 +145,7 @@ def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
 
 def tiny_cnn(num_classes: int, weights: str, in_channels: int = 3) -> BlockModel:
     """A tiny CNN with BatchNorm for tests of running-statistics handling."""
-    _load_state(nn.Module(), weights, "tiny_cnn")
+    _random_only(weights, "tiny_cnn")
     return BlockModel("tiny_cnn", [
         ("conv1", _seq(conv=nn.Conv2d(in_channels, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
         ("conv2", _seq(conv=nn.Conv2d(8, 8, 3, padding=1, stride=2), bn=nn.BatchNorm2d(8), act=nn.ReLU())),
