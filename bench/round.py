@@ -23,8 +23,8 @@ import torch
 
 
 def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
-    from ps.policy import FreezePolicy
     from ps.main import serve_ps
+    from ps.policy import FreezePolicy
     from ps.server import ServerSettings
     torch.set_num_threads(1)
     settings = ServerSettings(num_workers=num_workers, chunk_bytes=chunk_bytes, round_timeout_s=120)
@@ -41,10 +41,10 @@ def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
 
 
 def _worker_process(address: str, model: str, rounds: int, out_q, start):
+    from proto import freezeps_pb2 as pb
     from worker.client import PSClient
     from worker.flat import FlatModel
     from worker.models import build_model
-    from proto import freezeps_pb2 as pb
     torch.set_num_threads(1)
     flat = FlatModel(build_model(model, 10, "random"))
     for g in flat.grads:

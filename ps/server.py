@@ -14,12 +14,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto import freezeps_pb2 as pb
-from proto.layout import BlockLayout, ManifestError, assign_blocks, layout_from_manifest, model_bytes
-from proto.codec import Frame, encode_header
-from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
-from ps.errors import FailedPrecondition, InvalidArgument, PSError, Timeout, UnknownWorker
 from freeze.engines import RoundStats
+from proto import freezeps_pb2 as pb
+from proto.codec import Frame, encode_header
+from proto.layout import (
+    BlockLayout,
+    ManifestError,
+    assign_blocks,
+    layout_from_manifest,
+    model_bytes,
+)
+from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
+from ps.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PSError,
+    Timeout,
+    UnknownWorker,
+)
 from ps.policy import FreezePolicy, decide
 from ps.schedule import learning_rate
 from ps.store import BlockStore, ReceivedPush, as_bytes
@@ -335,7 +347,7 @@ class ParameterServer:
     # -- Leave / Status --------------------------------------------------------------------
     def leave(self, req: pb.LeaveRequest) -> pb.LeaveReply:
         with self._cond:
-            worker = self._worker(req.worker_id)
+            self._worker(req.worker_id)  # NOT_FOUND for an unknown id
             del self._workers[req.worker_id]
             log.info("[PS.Leave] %s left; %d live", req.worker_id, len(self._workers))
             self._maybe_complete_round()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from proto.layout import layout_from_manifest
 from freeze.engines import EngineSpec
+from proto.layout import layout_from_manifest
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.flat import manifest_for

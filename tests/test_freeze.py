@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from freeze import maths
-from freeze.engines import EngineSpec, GradNormFreeze, LinearFreeze, NoFreeze, RoundStats, StaticFreeze, \
-    ThresholdFreeze, make_engine
+from freeze.engines import (
+    EngineSpec,
+    GradNormFreeze,
+    LinearFreeze,
+    NoFreeze,
+    RoundStats,
+    StaticFreeze,
+    ThresholdFreeze,
+    make_engine,
+)
 from proto import freezeps_pb2 as pb
 from ps.policy import FreezePolicy, decide, vote_weight
 

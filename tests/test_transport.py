@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 
 from proto import freezeps_pb2 as pb
-from proto.layout import ManifestError, layout_from_manifest
 from proto.codec import RawChunk, decode, decoder, encode_chunk, encode_header
-from proto.transport import ByteMeter, ChunkReceiver, WireError, copy_into, iter_chunks, metered
+from proto.layout import ManifestError, layout_from_manifest
+from proto.transport import (
+    ByteMeter,
+    ChunkReceiver,
+    WireError,
+    copy_into,
+    iter_chunks,
+    metered,
+)
 
 
 def _manifest():

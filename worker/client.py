@@ -13,7 +13,15 @@ import grpc
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
 from proto.service import ParameterServerClient
-from proto.transport import CHANNEL_OPTIONS, ByteMeter, ChunkReceiver, WireError, copy_into, iter_chunks, metered
+from proto.transport import (
+    CHANNEL_OPTIONS,
+    ByteMeter,
+    ChunkReceiver,
+    WireError,
+    copy_into,
+    iter_chunks,
+    metered,
+)
 from worker.flat import FlatModel
 
 log = logging.getLogger("freezeps.worker")

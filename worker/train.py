@@ -9,8 +9,8 @@ import json
 import logging
 import os
 import socket
-import uuid
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,13 @@ from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from worker.client import PSClient
-from worker.data import batch_order, label_balance, load_dataset, make_batch, shard_indices
+from worker.data import (
+    batch_order,
+    label_balance,
+    load_dataset,
+    make_batch,
+    shard_indices,
+)
 from worker.flat import FlatModel
 from worker.models import BlockModel, build_model
 
