@@ -26,12 +26,16 @@ def as_bytes(flat: torch.Tensor) -> np.ndarray:
     return flat.numpy().view(np.uint8)
 
 
+# Received bytes are read-only and only ever read here, which makes torch's warning about
+# non-writable buffers moot. A filter set once, for this module only: warnings.catch_warnings
+# per call would be slower and is not thread-safe (gRPC handlers run in several threads).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def _float_view(data: memoryview) -> torch.Tensor:
-    """float32 view of received bytes, without a copy. The bytes are read-only and are
-    only ever read, which makes torch's warning about writable buffers moot here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.float32)
+    """float32 view of received bytes, without a copy."""
+    return torch.frombuffer(data, dtype=torch.float32)
 
 
 @dataclass
