@@ -12,6 +12,9 @@ from proto import freezeps_pb2 as pb
 from proto.codec import decoder
 
 SERVICE = "freezeps.ParameterServer"
+# Call metadata naming the calling worker (its worker id, or its name before it has one);
+# the PS labels the bytes it counts with it.
+WORKER_METADATA = "worker-id"
 
 
 def _frame_bytes(frame) -> bytes:

@@ -10,13 +10,12 @@ from concurrent import futures
 
 import grpc
 
-from proto.service import server_handler
+from proto.service import WORKER_METADATA, server_handler
 from proto.transport import CHANNEL_OPTIONS, ByteMeter, metered
 from ps.errors import PSError
 from ps.server import ParameterServer
 
 log = logging.getLogger("freezeps.ps")
-WORKER_METADATA = "worker-id"
 
 
 def _worker_label(context: grpc.ServicerContext) -> str:

@@ -12,7 +12,7 @@ import grpc
 
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
-from proto.service import ParameterServerClient
+from proto.service import WORKER_METADATA, ParameterServerClient
 from proto.transport import (
     CHANNEL_OPTIONS,
     ByteMeter,
@@ -25,7 +25,6 @@ from proto.transport import (
 from worker.flat import FlatModel
 
 log = logging.getLogger("freezeps.worker")
-WORKER_METADATA = "worker-id"
 
 
 class ConnectError(RuntimeError):
@@ -61,7 +60,7 @@ class PSClient:
         for attempt in range(1, self._retries + 1):
             try:
                 self.meter.count("Join", "out", name, request)
-                reply = self._stub.Join(request, timeout=max(delay, 5.0), metadata=(("worker-id", name),))
+                reply = self._stub.Join(request, timeout=max(delay, 5.0), metadata=((WORKER_METADATA, name),))
                 self.meter.count("Join", "in", name, reply)
                 self.worker_id, self.chunk_bytes = reply.worker_id, reply.chunk_bytes
                 return reply
