@@ -3,6 +3,9 @@
 Compares, in one run on one machine:
   freezeps  a PS process and N worker processes; each round every worker pulls all
             blocks and pushes a gradient for all of them (no compute), through gRPC;
+  bare gRPC the same gRPC streams, channel options and chunks, but a server that does
+            no work (pulls stream a prepared chunk, pushes are dropped): the floor of
+            Python gRPC itself on this machine;
   raw TCP   a server process and N client processes moving the same bytes up and
             down over plain sockets, the floor any transport pays on this machine.
 
@@ -87,6 +90,80 @@ def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> t
     return [max(w[i] for w in per_worker) for i in range(rounds)], ps_cpu, sum(cpu for _, cpu in results)
 
 
+def _bare_grpc_server(port_q, stop_q, nbytes: int, chunk_bytes: int):
+    from concurrent import futures
+
+    import grpc
+
+    from proto.transport import CHANNEL_OPTIONS
+    chunk = bytes(chunk_bytes)
+    count = -(-nbytes // chunk_bytes)
+
+    def pull(request, context):
+        for _ in range(count):
+            yield chunk
+
+    def push(request_iterator, context):
+        for _ in request_iterator:
+            pass
+        return b""
+
+    same = dict(request_deserializer=None, response_serializer=None)
+    handler = grpc.method_handlers_generic_handler("bench", {
+        "Pull": grpc.unary_stream_rpc_method_handler(pull, **same),
+        "Push": grpc.stream_unary_rpc_method_handler(push, **same)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cpu0 = time.process_time()
+    port_q.put(port)
+    stop_q.get(timeout=600)
+    port_q.put(time.process_time() - cpu0)
+    server.stop(0)
+
+
+def _bare_grpc_client(port: int, nbytes: int, chunk_bytes: int, rounds: int, out_q, barrier):
+    import grpc
+
+    from proto.transport import CHANNEL_OPTIONS
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    pull = channel.unary_stream("/bench/Pull")
+    push = channel.stream_unary("/bench/Push")
+    chunk = bytes(chunk_bytes)
+    count = -(-nbytes // chunk_bytes)
+    times = []
+    for _ in range(rounds + 1):
+        barrier.wait()
+        t0 = time.perf_counter()
+        for _ in pull(b""):
+            pass
+        push(iter([chunk] * count))
+        times.append(time.perf_counter() - t0)
+    channel.close()
+    out_q.put(times[1:])
+
+
+def bench_bare_grpc(nbytes: int, workers: int, rounds: int, chunk_bytes: int) -> tuple[list[float], float]:
+    """(round times, server CPU seconds per round, warm-up round included)."""
+    ctx = mp.get_context("spawn")
+    port_q, stop_q, out_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    barrier = ctx.Barrier(workers)
+    srv = ctx.Process(target=_bare_grpc_server, args=(port_q, stop_q, nbytes, chunk_bytes))
+    srv.start()
+    port = port_q.get(timeout=30)
+    procs = [ctx.Process(target=_bare_grpc_client, args=(port, nbytes, chunk_bytes, rounds, out_q, barrier))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    per_worker = [out_q.get(timeout=300) for _ in procs]
+    stop_q.put(None)
+    server_cpu = port_q.get(timeout=30)
+    for p in procs + [srv]:
+        p.join(timeout=30)
+    return [max(w[i] for w in per_worker) for i in range(rounds)], server_cpu / (rounds + 1)
+
+
 def _tcp_server(port_q, workers: int, nbytes: int, rounds: int):
     import threading
     srv = socket.create_server(("127.0.0.1", 0))
@@ -161,12 +238,14 @@ def main() -> None:
     from worker.models import build_model
     nbytes = sum(b.nbytes for b in FlatModel(build_model(args.model, 10, "random")).layout)
     ours, ps_cpu, workers_cpu = bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes)
+    bare, bare_cpu = bench_bare_grpc(nbytes, args.workers, args.rounds, args.chunk_bytes)
     tcp = bench_tcp(nbytes, args.workers, args.rounds)
     result = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {mp.cpu_count()} cpus",
         "model": args.model, "model_bytes": nbytes, "workers": args.workers, "rounds": args.rounds,
         "chunk_bytes": args.chunk_bytes,
         "freezeps_round_s": statistics.median(ours), "raw_tcp_round_s": statistics.median(tcp),
+        "bare_grpc_round_s": statistics.median(bare), "bare_grpc_server_cpu_s_per_round": bare_cpu,
         "ps_cpu_s_per_round": ps_cpu, "workers_cpu_s_per_round": workers_cpu,
     }
     result["ratio"] = result["freezeps_round_s"] / result["raw_tcp_round_s"]
@@ -176,6 +255,8 @@ def main() -> None:
     print(f"{args.workers} workers push and pull {nbytes / 1e6:.1f} MB each ({args.model}), "
           f"median of {args.rounds} rounds, chunks of {args.chunk_bytes} bytes")
     print(f"  freezeps round   {result['freezeps_round_s'] * 1000:8.1f} ms")
+    print(f"  bare gRPC        {result['bare_grpc_round_s'] * 1000:8.1f} ms "
+          f"(server CPU {bare_cpu * 1000:.0f} ms per round)")
     print(f"  raw TCP          {result['raw_tcp_round_s'] * 1000:8.1f} ms")
     print(f"  ratio            {result['ratio']:8.2f}x")
     print(f"  CPU per round    PS {ps_cpu * 1000:.0f} ms, workers {workers_cpu * 1000:.0f} ms together")
