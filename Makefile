@@ -18,12 +18,12 @@ proto:          ## regenerate proto/*_pb2*.py from proto/freezeps.proto
 readme:         ## rewrite the README's settings table from freezeps/config.py
 	.venv/bin/python scripts/readme_flags.py
 
-bench:          ## time one synchronous round against raw TCP (bench/round.py)
+bench:          ## time one synchronous round against bare gRPC and raw TCP (bench/round.py)
 	scripts/setup.sh
 	.venv/bin/python -m bench.round $(ARGS)
 
 sweep:          ## run every freeze engine on the default workload (about 45 minutes); writes docs/results
-	scripts/setup.sh --bench
+	scripts/setup.sh
 	.venv/bin/python -m bench.freeze_sweep $(ARGS)
 
 clean:

@@ -4,8 +4,8 @@
 
 Each configuration is one `freezeps run` (a PS and 4 workers on this machine) with the
 same data, model, seed and budget; only the freeze settings differ. Writes OUT/results.json,
-OUT/README.md (the table) and OUT/*.png (accuracy vs wall time and vs bytes, frozen prefix
-over time). The run folders themselves go to runs/sweep-<date>/.
+OUT/report.md and OUT/README.md (the table, with OUT/notes.md appended) and the plots of
+`freezeps report` (rebuilt from OUT/results.json with --report-only). The run folders themselves go to runs/sweep-<date>/.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from freezeps.report import read_jsonl, summarize_run
+from freezeps.report import summarize_run, write_comparison
 
 COMMON = ["--num-workers", "4", "--epochs", "2", "--train-samples", "24576", "--test-samples", "1000",
           "--eval-every", "48", "--seed", "0"]
@@ -51,73 +51,23 @@ def run_one(name: str, args: list[str], run_dir: Path) -> dict:
     print(f"[sweep] {name}: {' '.join(cmd[3:])}", flush=True)
     started = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=1800)
-    facts = summarize_run(run_dir)
-    ps = read_jsonl(run_dir / "ps.jsonl")
-    rounds = [r for r in ps if r.get("event") == "round"]
-    t0 = rounds[0]["time"] - rounds[0]["round_s"]
-    cumulative, total = {}, 0
-    for r in rounds:
-        total += sum(v["payload"] for m in ("Push", "Pull") for d in ("in", "out")
-                     for k, v in r["bytes"]["by_block"].get(m, {}).get(d, {}).items())
-        cumulative[r["step"]] = total
-    evals = [e for e in read_jsonl(run_dir / "worker-0.jsonl") if e.get("event") == "eval"]
-    return {
-        "name": name, "args": args, "process_wall_s": time.monotonic() - started, **facts,
-        "best_accuracy": max((e["accuracy"] for e in evals), default=None),
-        "curve": [{"step": e["step"], "wall_s": e["time"] - t0, "accuracy": e["accuracy"],
-                   "bytes": cumulative.get(e["step"] - 1, 0)} for e in evals],
-        "frozen_over_time": [(r["time"] - t0, r["frozen_blocks"]) for r in rounds],
-        "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
-                    for f in ps if f.get("event") == "freeze"],
-    }
+    return {**summarize_run(run_dir), "name": name, "args": args, "process_wall_s": time.monotonic() - started}
 
 
 def write_report(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    base = next((r for r in results if r["name"] == "none"), None)
-    lines = [f"# Freeze engines side by side ({date.today().isoformat()})", "",
+    title = f"Freeze engines side by side ({date.today().isoformat()})"
+    path = write_comparison(results, out, title, baseline="none")
+    lines = [path.read_text().rstrip(), "",
              f"Machine: {platform.machine()}, 2 vCPU, no GPU. Command: `python -m bench.freeze_sweep --out {out}`.",
              "Workload: EfficientNet-Lite0 (ImageNet weights) on 24,576 Fashion-MNIST samples, 4 workers x 1 thread, "
              "2 epochs of 96 rounds, batch 64 per worker, SGD lr 0.1; test accuracy on 1,000 test samples every "
-             "48 rounds. Common flags: `" + " ".join(COMMON) + "`.", "",
-             "| run | final acc | best acc | wall s | bytes (push+pull) | bytes saved | time saved | "
-             "fwd/bwd/pull/wait/push ms | freezes (step: blocks) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        moved = r["push_payload"] + r["pull_payload"]
-        saved_b = f"{1 - moved / (base['push_payload'] + base['pull_payload']):.1%}" if base else "-"
-        saved_t = f"{1 - r['wall_s'] / base['wall_s']:.1%}" if base else "-"
-        phases = "/".join(f"{v:.0f}" for v in r["phase_ms_per_step"].values())
-        initial = r["frozen_over_time"][0][1] if r["frozen_over_time"] else 0
-        freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
-                            [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
-        lines.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['best_accuracy']:.4f} | {r['wall_s']:.0f} | "
-                     f"{moved / 1e9:.2f} GB | {saved_b} | {saved_t} | {phases} | {freezes} |")
-    lines += ["", "![accuracy vs wall time](accuracy_vs_time.png) ![accuracy vs bytes](accuracy_vs_bytes.png)",
-              "![frozen prefix over time](frozen_prefix.png)"]
+             "48 rounds. Common flags: `" + " ".join(COMMON) + "`."]
     notes = out / "notes.md"  # the written analysis, kept apart from the generated table
     if notes.is_file():
         lines += ["", notes.read_text().rstrip()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from cycler import cycler
-    plt.rcParams["axes.prop_cycle"] = cycler(color=plt.cm.tab20.colors)  # a colour for each of up to 20 runs
-    for key, xlabel, fname in (("wall_s", "wall time (s)", "accuracy_vs_time.png"),
-                               ("bytes", "tensor bytes moved (GB)", "accuracy_vs_bytes.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in results:
-            xs = [c[key] / (1e9 if key == "bytes" else 1) for c in r["curve"]]
-            ax.plot(xs, [c["accuracy"] for c in r["curve"]], marker="o", label=r["name"])
-        ax.set_xlabel(xlabel), ax.set_ylabel("test accuracy"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
-        fig.tight_layout(), fig.savefig(out / fname, dpi=110), plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.step([t for t, _ in r["frozen_over_time"]], [k for _, k in r["frozen_over_time"]], where="post",
-                label=r["name"])
-    ax.set_xlabel("wall time (s)"), ax.set_ylabel("frozen blocks (of 19)"), ax.grid(alpha=0.3)
-    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(out / "frozen_prefix.png", dpi=110), plt.close(fig)
 
 
 def main() -> None:

@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for role in (PS, WORKER, RUN):
         _add_flags(sub.add_parser(role, help=ROLE_HELP[role], description=ROLE_HELP[role]), role)
-    report = sub.add_parser("report", help="print the report of a finished run folder",
-                            description="print the report of a finished run folder")
-    report.add_argument("run_dir", help="the run folder (holds ps.jsonl and worker-*.jsonl)")
+    report = sub.add_parser("report", help="report on finished run folders: text, or markdown tables and PNG plots",
+                            description="Print the report of a finished run folder. With several folders, or "
+                                        "--out, write OUT/report.md (a comparison table) and PNG plots: bytes per "
+                                        "step stacked by block, accuracy vs wall time and vs bytes, the freeze "
+                                        "timeline.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (hold ps.jsonl, worker-*.jsonl)")
+    report.add_argument("--out", help="folder for report.md and the plots (default with several runs: "
+                                      "the first run's folder/../report)")
+    report.add_argument("--baseline", help="run folder name that savings are measured against (default: the first)")
+    report.add_argument("--title", default="freezeps runs compared", help="title of report.md")
     report.add_argument("--json", action="store_true", help="print the facts as JSON")
     status = sub.add_parser("status", help="ask a running PS for its status (exit 1 if unreachable)",
                             description="ask a running PS for its status (exit 1 if unreachable); "
@@ -53,13 +60,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(cli, args.config)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from freezeps.report import format_report, summarize_run, write_comparison
+    try:
+        runs = [summarize_run(Path(d)) for d in args.run_dirs]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"freezeps report: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(runs[0] if len(runs) == 1 else runs, indent=1))
+        return 0
+    if len(runs) == 1 and not args.out:
+        print(format_report(runs[0]))
+        return 0
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report"
+    path = write_comparison(runs, out, args.title, args.baseline)
+    print(path.read_text())
+    print(f"written: {path} and the plots beside it")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
-        from freezeps.report import format_report, summarize_run
-        facts = summarize_run(Path(args.run_dir))
-        print(json.dumps(facts, indent=1) if args.json else format_report(facts))
-        return 0
+        return _report(args)
     if args.command == "status":
         from freezeps.launch import print_status
         return print_status(args.address, args.timeout)

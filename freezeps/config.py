@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from freeze.engines import ENGINES, EngineSpec
+from freezeps.netns import LinkShape
 from proto.transport import MAX_CHUNK_BYTES
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
@@ -95,6 +96,15 @@ class Config:
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
+    network: str = _f("loopback", "loopback, or netns: the PS and each worker in its own network namespace "
+                      "on a bridge, wire bytes read from the links (needs root)", (RUN,), ("loopback", "netns"))
+    link_rate: str = _f("", "netns: bandwidth of each host's link, e.g. 1gbit or 10gbit; empty: unlimited", (RUN,))
+    link_delay_ms: float = _f(0.0, "netns: one-way delay of each host's link, ms (needs the kernel's netem)", (RUN,))
+    link_mtu: int = _f(1500, "netns: MTU of the links", (RUN,))
+    link_offload: bool = _f(False, "netns: segmentation offload on the links (less CPU per byte; the counters "
+                            "then count headers once per 64 KiB, not per frame)", (RUN,))
+    count_wire_bytes: bool = _f(False, "record the bytes this host's interfaces (all but lo) sent and received "
+                                "in each round record; exact in a netns, where only the PS's traffic is", (PS,))
     log_level: str = _f("info", "logging level", (PS, WORKER, RUN), ("debug", "info", "warning", "error"))
 
     def validate(self) -> "Config":
@@ -119,6 +129,7 @@ class Config:
         if self.lr_schedule == "step" and self.lr_step_size == 0:
             raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
         freeze_policy(self)  # validates the engine and the guards
+        link_shape(self)
         return self
 
 
@@ -133,6 +144,11 @@ def freeze_policy(cfg: Config) -> FreezePolicy:
     return FreezePolicy(spec=engine_spec(cfg), votes=cfg.freeze_decision == "votes", vote_weights=cfg.vote_weights,
                         quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
                         freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
+
+
+def link_shape(cfg: Config) -> LinkShape:
+    return LinkShape(rate=cfg.link_rate, delay_ms=cfg.link_delay_ms, mtu=cfg.link_mtu,
+                     offload=cfg.link_offload).validate()
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:

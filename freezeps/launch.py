@@ -1,4 +1,5 @@
-"""`freezeps run`: one PS and N workers as separate processes on this machine, over loopback.
+"""`freezeps run`: one PS and N workers as separate processes on this machine, over loopback
+or (--network netns) each in its own network namespace on an emulated switch.
 
 The merged configuration is written to RUN_DIR/config.toml and every process reads it,
 so the run folder alone says how the run was made. Progress comes from the PS's Status RPC.
@@ -11,14 +12,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from freezeps.config import Config
+from freezeps import netns
+from freezeps.config import Config, link_shape
 from freezeps.report import format_report, summarize_run
 from proto import freezeps_pb2 as pb
 from proto.service import ParameterServerClient
@@ -62,26 +64,87 @@ def print_status(address: str, timeout: float) -> int:
 
 def run_job(cfg: Config, config_file: str | None = None) -> int:
     run_dir = Path(cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if (run_dir / "ps.jsonl").exists():
+        print(f"freezeps run: {run_dir} already holds a run (ps.jsonl); logs are appended to, so give "
+              f"another --run-dir or delete that folder", file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     (run_dir / "config.toml").write_text(_toml(cfg))
+    if cfg.network == "loopback":
+        return _run_processes(cfg, run_dir, Placement.loopback(_free_port(), cfg.num_workers))
+    reason = netns.unavailable()
+    if reason:
+        print(f"freezeps run: --network netns is not available here: {reason}", file=sys.stderr)
+        return 2
+    try:
+        with netns.Topology(cfg.num_workers, link_shape(cfg)) as topology:
+            placement = Placement.in_namespaces(topology, port=50051)
+            before = topology.counters()
+            code = _run_processes(cfg, run_dir, placement, after=lambda: _write_wire(run_dir, topology, before, cfg))
+    except netns.NetnsError as e:
+        print(f"freezeps run: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each process of a run lives and which addresses it uses."""
+    listen: str  # what the PS binds
+    status_address: str  # where the launcher asks the PS for its status
+    worker_ps_address: list[str]
+    ps_prefix: list[str]  # argv prefix that starts a process in its place (ip netns exec ...)
+    worker_prefix: list[list[str]]
+
+    @classmethod
+    def loopback(cls, port: int, workers: int) -> "Placement":
+        address = f"127.0.0.1:{port}"
+        return cls(address, address, [address] * workers, [], [[]] * workers)
+
+    @classmethod
+    def in_namespaces(cls, topology: netns.Topology, port: int) -> "Placement":
+        address = f"{topology.ps_ip}:{port}"
+        return cls(address, address, [address] * topology.workers, topology.exec_prefix(topology.ps),
+                   [topology.exec_prefix(ns) for ns in topology.worker_ns])
+
+
+def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Config) -> None:
+    """wire.json: what each namespace's link sent and received during the run."""
+    after = topology.counters()
+    links = {ns: {k: after[ns][k] - before[ns][k] for k in after[ns]} for ns in after}
+    workers = [links[ns] for ns in topology.worker_ns]
+    record = {
+        "network": "netns", "rate": cfg.link_rate, "delay_ms": cfg.link_delay_ms, "mtu": cfg.link_mtu,
+        "offload": cfg.link_offload,
+        # Between the workers and the PS: the worker links carry nothing else (the
+        # launcher's Status calls cross only the PS's link).
+        "workers_tx_bytes": sum(w["tx_bytes"] for w in workers),
+        "workers_rx_bytes": sum(w["rx_bytes"] for w in workers),
+        "links": {"ps": links[topology.ps], **{f"worker-{i}": w for i, w in enumerate(workers)}},
+    }
+    (run_dir / "wire.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: None) -> int:
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     base = [sys.executable, "-m", "freezeps"]
     common = ["--config", str(run_dir / "config.toml")]
     print(f"freezeps run: {cfg.num_workers} workers x {threads} threads, {cfg.model} on {cfg.dataset}, "
-          f"freeze {cfg.freeze}; logs in {run_dir}", flush=True)
+          f"freeze {cfg.freeze}, {cfg.network}; logs in {run_dir}", flush=True)
     ps_log = open(run_dir / "ps.log", "w")
-    ps = subprocess.Popen(base + ["ps"] + common + ["--listen", address, "--run-log", str(run_dir / "ps.jsonl")],
+    wire = ["--count-wire-bytes"] if cfg.network == "netns" else []
+    ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire +
+                          ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl")],
                           stdout=ps_log, stderr=subprocess.STDOUT)
     workers, logs = [], [ps_log]
     for i in range(cfg.num_workers):
         log = open(run_dir / f"worker-{i}.log", "w")
         logs.append(log)
         workers.append(subprocess.Popen(
-            base + ["worker"] + common + ["--ps-address", address, "--log-dir", str(run_dir),
-                                          "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
-    channel = grpc.insecure_channel(address)
+            where.worker_prefix[i] + base + ["worker"] + common +
+            ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)],
+            stdout=log, stderr=subprocess.STDOUT))
+    channel = grpc.insecure_channel(where.status_address)
     stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None
     try:
@@ -110,6 +173,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
             print(f"freezeps run: the PS failed; see {run_dir / 'ps.log'}", file=sys.stderr)
             return 1
         ps.wait(timeout=60)
+        after()
     finally:
         for proc in [*workers, ps]:
             if proc.poll() is None:

@@ -1,7 +1,13 @@
-"""Read a run folder's logs and print what a user wants at the end: accuracy, time, bytes, phases."""
+"""Read run folders' logs and turn them into what a user wants: a report per run, and for
+several runs a markdown comparison with plots (see freezeps/plots.py).
+
+A run folder holds ps.jsonl (one "round" record per step, "freeze" records, a "summary"),
+worker-RANK.jsonl, config.toml, and with --network netns wire.json (the links' counters).
+"""
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 PHASES = ("forward_s", "backward_s", "pull_s", "wait_s", "push_s")
@@ -18,6 +24,17 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 1e5 or n == 0 else f"{n / 1e3:,.1f} kB"
 
 
+def _payload(by_method: dict, methods=("Push", "Pull")) -> dict[str, int]:
+    """Tensor payload per block index (as a string) over the given methods, both directions."""
+    out: dict[str, int] = {}
+    for method in methods:
+        for direction in by_method.get(method, {}).values():
+            for block, traffic in direction.items():
+                if traffic["payload"]:
+                    out[block] = out.get(block, 0) + traffic["payload"]
+    return out
+
+
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
     ps = read_jsonl(run_dir / "ps.jsonl")
@@ -30,17 +47,46 @@ def summarize_run(run_dir: Path) -> dict:
     steps = sum(w["steps"] for w in worker_sums) or 1
     phases = {k: sum(w["phases_s"][k] for w in worker_sums) / steps for k in PHASES}
     rounds = [r for r in ps if r.get("event") == "round"]
+    names = [b["name"] for b in summary["blocks"]]
+    # Time axis: the PS's clock, from the start of round 0.
+    t0 = rounds[0]["time"] - rounds[0]["round_s"] if rounds else 0.0
+    moved, cumulative, per_step = 0, {}, []
+    for r in rounds:
+        by_block = _payload(r["bytes"]["by_block"])
+        moved += sum(by_block.values())
+        cumulative[r["step"]] = moved
+        per_step.append({names[int(k)]: v for k, v in by_block.items() if int(k) >= 0})
+    config_file = run_dir / "config.toml"
+    config = tomllib.loads(config_file.read_text()) if config_file.is_file() else {}
+    total_payload = sum(_payload(summary["bytes"], methods=tuple(summary["bytes"])).values())
+    wire_file = run_dir / "wire.json"
+    wire = json.loads(wire_file.read_text()) if wire_file.is_file() else None
+    if wire is not None:
+        wire["payload_bytes"] = total_payload
+        wire["message_bytes"] = sum(sum(d.values()) for d in summary["message_bytes"].values())
+        wire["wire_bytes"] = wire["workers_tx_bytes"] + wire["workers_rx_bytes"]
+        wire["wire_per_payload"] = wire["wire_bytes"] / total_payload if total_payload else None
     return {
-        "model": summary["model"], "workers": summary["num_workers"], "steps": summary["steps"],
-        "wall_s": summary["wall_s"], "frozen_blocks": summary["frozen_blocks"],
+        "name": run_dir.name, "model": summary["model"], "workers": summary["num_workers"],
+        "steps": summary["steps"], "wall_s": summary["wall_s"], "frozen_blocks": summary["frozen_blocks"],
+        "freeze": config.get("freeze"), "config": config,
         "accuracy": evals[-1]["accuracy"] if evals else None,
+        "best_accuracy": max((e["accuracy"] for e in evals), default=None),
         "accuracy_by_epoch": [(round(e["epoch"], 3), e["accuracy"]) for e in evals],
         "final_loss": rounds[-1]["loss"] if rounds else None,
         "phase_ms_per_step": {k: v * 1000 for k, v in phases.items()},
         "push_payload": summary["push_payload"], "push_payload_no_freeze": summary["push_payload_no_freeze"],
         "pull_payload": summary["pull_payload"], "pull_payload_no_freeze": summary["pull_payload_no_freeze"],
-        "message_bytes": summary["message_bytes"],
+        "message_bytes": summary["message_bytes"], "wire": wire,
         "blocks": summary["blocks"], "push_by_block": summary["push_by_block"], "pull_by_block": summary["pull_by_block"],
+        # Curves for the comparison and plots.
+        "curve": [{"step": e["step"], "wall_s": e["time"] - t0, "accuracy": e["accuracy"],
+                   "bytes": cumulative.get(e["step"] - 1, 0)} for e in evals],
+        "payload_per_step": per_step,
+        "wire_per_step": [r["wire"] for r in rounds if "wire" in r],
+        "frozen_over_time": [(r["time"] - t0, r["frozen_blocks"]) for r in rounds],
+        "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
+                    for f in ps if f.get("event") == "freeze"],
     }
 
 
@@ -63,9 +109,58 @@ def format_report(facts: dict) -> str:
     msg = facts["message_bytes"]
     lines.append(f"serialized messages: push {_mb(msg.get('Push', {}).get('in', 0))}, "
                  f"pull {_mb(msg.get('Pull', {}).get('out', 0))}")
+    wire = facts["wire"]
+    if wire is not None:
+        ratio = f"{wire['wire_per_payload']:.4f}" if wire["wire_per_payload"] else "-"
+        lines.append(f"wire (worker links, both ways, MTU {wire['mtu']}{', offload' if wire['offload'] else ''}"
+                     f"{', ' + wire['rate'] if wire['rate'] else ''}): {_mb(wire['wire_bytes'])} for "
+                     f"{_mb(wire['payload_bytes'])} of payload, wire/payload {ratio}")
     lines.append("")
     lines.append(f"{'block':<14}{'size':>12}{'pushed':>14}{'pulled':>14}")
     for b in facts["blocks"]:
         lines.append(f"{b['name']:<14}{_mb(b['bytes']):>12}{_mb(facts['push_by_block'].get(b['name'], 0)):>14}"
                      f"{_mb(facts['pull_by_block'].get(b['name'], 0)):>14}")
     return "\n".join(lines)
+
+
+def time_to_accuracy(facts: dict, target: float) -> float | None:
+    """Seconds from round 0 to the first evaluation at or above `target`, or None."""
+    return next((c["wall_s"] for c in facts["curve"] if c["accuracy"] >= target), None)
+
+
+def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
+    """One table row per run; savings are against `baseline` (a run name; default the first)."""
+    base = next((r for r in runs if r["name"] == baseline), runs[0])
+    target = (base["best_accuracy"] or 0.0) - 0.005
+    lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
+             f"test accuracy minus 0.5 point ({target:.4f}).", "",
+             "| run | freeze | final acc | best acc | wall s | time to target s | payload (push+pull) | "
+             "bytes saved | time saved | wire/payload | fwd/bwd/pull/wait/push ms | freezes (step: blocks) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base_moved = base["push_payload"] + base["pull_payload"]
+    for r in runs:
+        moved = r["push_payload"] + r["pull_payload"]
+        tta = time_to_accuracy(r, target)
+        wire = f"{r['wire']['wire_per_payload']:.4f}" if r["wire"] and r["wire"]["wire_per_payload"] else "-"
+        phases = "/".join(f"{v:.0f}" for v in r["phase_ms_per_step"].values())
+        initial = r["frozen_over_time"][0][1] if r["frozen_over_time"] else 0
+        freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
+                            [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
+        acc = lambda a: f"{a:.4f}" if a is not None else "-"  # noqa: E731
+        lines.append(f"| {r['name']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {acc(r['best_accuracy'])} | "
+                     f"{r['wall_s']:.0f} | {f'{tta:.0f}' if tta is not None else 'not reached'} | "
+                     f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['wall_s'] / base['wall_s']:.1%} | "
+                     f"{wire} | {phases} | {freezes} |")
+    return "\n".join(lines)
+
+
+def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | None = None) -> Path:
+    """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path."""
+    from freezeps.plots import write_plots
+    out.mkdir(parents=True, exist_ok=True)
+    images = write_plots(runs, out)
+    text = [f"# {title}", "", comparison_markdown(runs, baseline), ""]
+    text += [f"![{name}]({path.name})" for name, path in images.items()]
+    path = out / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from freezeps.config import Config, freeze_policy
+from proto.transport import InterfaceCounter
 from ps.main import serve_ps
 from ps.server import ServerSettings
 from worker.client import ConnectError
@@ -37,7 +38,8 @@ def worker_settings(cfg: Config) -> WorkerSettings:
 
 
 def run_ps(cfg: Config) -> dict:
-    return serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None)
+    return serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
+                    wire=InterfaceCounter() if cfg.count_wire_bytes else None)
 
 
 def run_worker_role(cfg: Config) -> int:

@@ -163,6 +163,41 @@ class ByteMeter:
             return sum(t.payload for (_, d, _), t in self._total.items() if d == direction)
 
 
+class InterfaceCounter:
+    """The third level of bytes: what this host's network interfaces (all but lo) sent and
+    received, from the kernel's counters in /proc/net/dev, which are per network namespace.
+
+    In a namespace of its own (freezeps run --network netns) only the PS's traffic crosses
+    them, so a window is exactly that traffic, with every header and acknowledgement.
+    """
+
+    def __init__(self, path: str = "/proc/net/dev"):
+        self._path = path
+        self._last = self._read()
+
+    def _read(self) -> dict[str, int]:
+        totals = {"rx_bytes": 0, "rx_packets": 0, "tx_bytes": 0, "tx_packets": 0}
+        with open(self._path, encoding="ascii") as f:
+            for line in f.readlines()[2:]:  # two header lines
+                name, _, fields = line.partition(":")
+                if name.strip() == "lo":
+                    continue
+                v = [int(x) for x in fields.split()]
+                # rx: bytes packets errs drop fifo frame compressed multicast; then tx: bytes packets ...
+                totals["rx_bytes"] += v[0]
+                totals["rx_packets"] += v[1]
+                totals["tx_bytes"] += v[8]
+                totals["tx_packets"] += v[9]
+        return totals
+
+    def take_window(self) -> dict[str, int]:
+        """Counts since the last call (or since this counter was made)."""
+        now = self._read()
+        window = {k: now[k] - self._last[k] for k in now}
+        self._last = now
+        return window
+
+
 def _nest(flat: dict) -> dict:
     out: dict = {}
     for (method, direction, key), traffic in sorted(flat.items(), key=lambda kv: str(kv[0])):

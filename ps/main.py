@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from proto.runlog import JsonlLog
-from proto.transport import ByteMeter
+from proto.transport import ByteMeter, InterfaceCounter
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
@@ -35,9 +35,13 @@ class _Counterfactual:
 
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
              credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
-             on_ready=lambda port: None, on_round=lambda record: None) -> dict:
-    """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes)."""
+             on_ready=lambda port: None, on_round=lambda record: None,
+             wire: InterfaceCounter | None = None) -> dict:
+    """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes).
+
+    With `wire`, each round record also gets the interface bytes of that round."""
     meter = ByteMeter()
+    wire_total: dict[str, int] = {}
     runlog = JsonlLog(run_log)
     counter = _Counterfactual()
 
@@ -47,7 +51,12 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
             return
         on_round(record)
         counter.on_round(record)
-        runlog.write({**record, "bytes": meter.take_window()})
+        extra = {}
+        if wire is not None:
+            extra["wire"] = wire.take_window()
+            for k, v in extra["wire"].items():
+                wire_total[k] = wire_total.get(k, 0) + v
+        runlog.write({**record, "bytes": meter.take_window(), **extra})
         if record["step"] % 10 == 0:
             log.info("[PS.Round] step %d: loss %.4f, %d blocks frozen, %.3f s",
                      record["step"], record["loss"], record["frozen_blocks"], record["round_s"])
@@ -70,6 +79,8 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     finally:
         grpc_server.stop(grace=2.0).wait(5.0)
         summary = summarize(server.describe(), meter.totals(), counter.pushes, time.monotonic() - started)
+        if wire is not None:
+            summary["wire_rounds"] = wire_total  # the rounds' windows summed; the first holds Join and Init
         runlog.write(summary)
         runlog.close()
     return summary

@@ -4,7 +4,7 @@
 #     torchvision 0.29.1 install from local files where the machine has them);
 #   - the Fashion-MNIST files from Debian's dataset-fashion-mnist package, when apt can
 #     install it (otherwise a clear message: tests do not need it, `freezeps run` does).
-# Usage: scripts/setup.sh [--test] [--bench]   (extras: test-only packages, benchmark plots)
+# Usage: scripts/setup.sh [--test]   (extra: test-only packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,6 @@ NAMES=()
 for arg in "$@"; do
     case "$arg" in
         --test) NAMES+=(test) ;;
-        --bench) NAMES+=(bench) ;;
         *) echo "setup: unknown option $arg" >&2; exit 2 ;;
     esac
 done

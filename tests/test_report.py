@@ -1,0 +1,78 @@
+"""`freezeps report` on a small committed run log (tests/fixtures/run-small: a 2-worker MLP
+run of 16 steps in network namespaces, the first block frozen from step 8)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from freezeps.cli import main
+from freezeps.report import comparison_markdown, summarize_run, time_to_accuracy
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-small"
+
+
+def test_facts_of_a_run():
+    facts = summarize_run(FIXTURE)
+    assert facts["steps"] == 16 and facts["workers"] == 2 and facts["frozen_blocks"] == 1
+    assert len(facts["payload_per_step"]) == 16
+    sizes = {b["name"]: b["bytes"] for b in facts["blocks"]}
+    # Before the freeze every block moves up and down for both workers; from step 9 on the
+    # first block moves no more (step 8 still pulls its last update).
+    assert facts["payload_per_step"][0] == {n: 4 * s for n, s in sizes.items()}
+    assert "fc1" not in facts["payload_per_step"][9]
+    # The rounds' windows hold everything but rank 0's last pull (of the active blocks) for
+    # its final evaluation, which comes after the last round.
+    in_rounds = sum(sum(s.values()) for s in facts["payload_per_step"])
+    assert facts["push_payload"] + facts["pull_payload"] - in_rounds == sizes["fc2"] + sizes["head"]
+    assert [c["step"] for c in facts["curve"]] == [4, 8, 12, 16]
+    assert facts["curve"] == sorted(facts["curve"], key=lambda c: c["wall_s"])
+    assert facts["wire"]["wire_bytes"] >= facts["wire"]["payload_bytes"] > 0
+    assert len(facts["wire_per_step"]) == 16
+
+
+def test_text_report(capsys):
+    assert main(["report", str(FIXTURE)]) == 0
+    out = capsys.readouterr().out
+    assert "16 steps" in out and "wire/payload" in out and "fc1" in out
+
+
+def test_comparison_writes_tables_and_plots(tmp_path, capsys):
+    for name in ("full", "frozen"):
+        shutil.copytree(FIXTURE, tmp_path / name)
+    out = tmp_path / "cmp"
+    assert main(["report", str(tmp_path / "full"), str(tmp_path / "frozen"), "--out", str(out),
+                 "--title", "two runs"]) == 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# two runs")
+    assert "| full | static |" in text and "| frozen | static |" in text
+    for png in ("bytes_per_step.png", "accuracy_vs_time.png", "accuracy_vs_bytes.png", "freeze_timeline.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in text
+
+
+def test_time_to_accuracy_and_baseline():
+    facts = summarize_run(FIXTURE)
+    best = facts["best_accuracy"]
+    first = next(c for c in facts["curve"] if c["accuracy"] >= best)
+    assert time_to_accuracy(facts, best) == first["wall_s"]
+    assert time_to_accuracy(facts, 1.01) is None
+    other = {**facts, "name": "other", "push_payload": facts["push_payload"] // 2, "pull_payload": 0}
+    table = comparison_markdown([facts, other], baseline="run-small")
+    row = next(line for line in table.splitlines() if line.startswith("| other"))
+    saved = 1 - (facts["push_payload"] // 2) / (facts["push_payload"] + facts["pull_payload"])
+    assert f"{saved:.1%}" in row
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "has no summary record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["fast", "0gbit", "-1mbit"])
+def test_bad_link_rate_refused(bad):
+    from freezeps.config import load_config
+    with pytest.raises(ValueError, match="link rate"):
+        load_config({"link_rate": bad}, environ={})
