@@ -70,6 +70,8 @@ class Config:
     vote_quorum: float = _f(0.5, "fraction of the total vote weight a prefix needs", (PS, RUN))
     round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds", (PS, RUN))
     run_log: str = _f("", "PS run log (JSONL) path; empty: none (run: RUN_DIR/ps.jsonl)", (PS,))
+    params_out: str = _f("", "save the final parameters here ({tensor name: tensor}, torch.save); empty: "
+                         "not saved (run: RUN_DIR/params.pt)", (PS,))
     # -- worker ----------------------------------------------------------------------------
     ps_address: str = _f("127.0.0.1:50051", "PS address a worker connects to, host:port", (WORKER,))
     model: str = _f("efficientnet_lite0", "model", (WORKER, RUN), tuple(sorted(MODELS)))
@@ -96,6 +98,8 @@ class Config:
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
+    mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo); single: one "
+                   "process on the union of the workers' batches, no communication", (RUN,), ("ps", "ddp", "single"))
     network: str = _f("loopback", "loopback, or netns: the PS and each worker in its own network namespace "
                       "on a bridge, wire bytes read from the links (needs root)", (RUN,), ("loopback", "netns"))
     link_rate: str = _f("", "netns: bandwidth of each host's link, e.g. 1gbit or 10gbit; empty: unlimited", (RUN,))

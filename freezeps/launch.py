@@ -72,6 +72,9 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
     (run_dir / "config.toml").write_text(_toml(cfg))
     if cfg.network == "loopback":
         return _run_processes(cfg, run_dir, Placement.loopback(_free_port(), cfg.num_workers))
+    if cfg.mode == "single":
+        print("freezeps run: --mode single has no network; use --network loopback", file=sys.stderr)
+        return 2
     reason = netns.unavailable()
     if reason:
         print(f"freezeps run: --network netns is not available here: {reason}", file=sys.stderr)
@@ -95,17 +98,19 @@ class Placement:
     worker_ps_address: list[str]
     ps_prefix: list[str]  # argv prefix that starts a process in its place (ip netns exec ...)
     worker_prefix: list[list[str]]
+    ddp_master: str  # DDP's rendezvous: rank 0's host and a free port
+    interface: str  # the network interface gloo uses
 
     @classmethod
     def loopback(cls, port: int, workers: int) -> "Placement":
         address = f"127.0.0.1:{port}"
-        return cls(address, address, [address] * workers, [], [[]] * workers)
+        return cls(address, address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{_free_port()}", "lo")
 
     @classmethod
     def in_namespaces(cls, topology: netns.Topology, port: int) -> "Placement":
         address = f"{topology.ps_ip}:{port}"
         return cls(address, address, [address] * topology.workers, topology.exec_prefix(topology.ps),
-                   [topology.exec_prefix(ns) for ns in topology.worker_ns])
+                   [topology.exec_prefix(ns) for ns in topology.worker_ns], f"{topology.worker_ip(0)}:29500", "eth0")
 
 
 def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Config) -> None:
@@ -116,8 +121,9 @@ def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Conf
     record = {
         "network": "netns", "rate": cfg.link_rate, "delay_ms": cfg.link_delay_ms, "mtu": cfg.link_mtu,
         "offload": cfg.link_offload,
-        # Between the workers and the PS: the worker links carry nothing else (the
-        # launcher's Status calls cross only the PS's link).
+        # Every frame once, where it was sent: what crossed the switch. The worker links
+        # carry nothing but the run; the PS's also carries the launcher's Status calls.
+        "wire_bytes": sum(link["tx_bytes"] for link in links.values()),
         "workers_tx_bytes": sum(w["tx_bytes"] for w in workers),
         "workers_rx_bytes": sum(w["rx_bytes"] for w in workers),
         "links": {"ps": links[topology.ps], **{f"worker-{i}": w for i, w in enumerate(workers)}},
@@ -125,7 +131,52 @@ def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Conf
     (run_dir / "wire.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
+    """--mode ddp: N DDP processes in the workers' places; --mode single: one process."""
+    ranks = 1 if cfg.mode == "single" else cfg.num_workers
+    print(f"freezeps run: {cfg.mode}, {ranks} process(es), {cfg.model} on {cfg.dataset}, freeze {cfg.freeze}, "
+          f"{cfg.network}; logs in {run_dir}", flush=True)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": where.interface}
+    procs, logs = [], []
+    for rank in range(ranks):
+        log = open(run_dir / f"ddp-{rank}.log", "w")
+        logs.append(log)
+        argv = [sys.executable, "-m", "freezeps.ddp", "--config", str(run_dir / "config.toml"), "--rank", str(rank),
+                "--world", str(ranks), "--master", where.ddp_master, "--run-dir", str(run_dir)]
+        procs.append(subprocess.Popen(where.worker_prefix[rank] + argv + (["--single"] if cfg.mode == "single" else []),
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(1.0)
+        bad = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        if bad is not None:
+            tail = (run_dir / f"ddp-{bad}.log").read_text().strip().splitlines()[-5:]
+            print(f"freezeps run: {cfg.mode} rank {bad} failed (exit {procs[bad].returncode}):\n  " + "\n  ".join(tail),
+                  file=sys.stderr)
+            return 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for log in logs:
+            log.close()
+    return 0
+
+
 def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: None) -> int:
+    if cfg.mode != "ps":
+        code = _run_baseline(cfg, run_dir, where)
+        if code == 0:
+            after()
+            print()
+            print(format_report(summarize_run(run_dir)))
+        return code
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     base = [sys.executable, "-m", "freezeps"]
     common = ["--config", str(run_dir / "config.toml")]
@@ -134,7 +185,8 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
     ps_log = open(run_dir / "ps.log", "w")
     wire = ["--count-wire-bytes"] if cfg.network == "netns" else []
     ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire +
-                          ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl")],
+                          ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl"),
+                           "--params-out", str(run_dir / "params.pt")],
                           stdout=ps_log, stderr=subprocess.STDOUT)
     workers, logs = [], [ps_log]
     for i in range(cfg.num_workers):

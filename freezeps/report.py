@@ -24,7 +24,10 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 1e5 or n == 0 else f"{n / 1e3:,.1f} kB"
 
 
-def _payload(by_method: dict, methods=("Push", "Pull")) -> dict[str, int]:
+TENSOR_METHODS = ("Push", "Pull", "Allreduce")  # the PS's streams and DDP's all-reduce
+
+
+def _payload(by_method: dict, methods=TENSOR_METHODS) -> dict[str, int]:
     """Tensor payload per block index (as a string) over the given methods, both directions."""
     out: dict[str, int] = {}
     for method in methods:
@@ -37,15 +40,18 @@ def _payload(by_method: dict, methods=("Push", "Pull")) -> dict[str, int]:
 
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
-    ps = read_jsonl(run_dir / "ps.jsonl")
+    log_file = run_dir / "ps.jsonl" if (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists() \
+        else run_dir / "ddp.jsonl"
+    ps = read_jsonl(log_file)
     summary = next((r for r in reversed(ps) if r.get("event") == "summary"), None)
     if summary is None:
-        raise FileNotFoundError(f"{run_dir / 'ps.jsonl'} has no summary record: did the PS finish?")
+        raise FileNotFoundError(f"{log_file} has no summary record: did the run finish?")
     workers = [read_jsonl(p) for p in sorted(run_dir.glob("worker-*.jsonl"))]
     evals = [r for w in workers for r in w if r.get("event") == "eval"]
     worker_sums = [r for w in workers for r in w if r.get("event") == "worker_summary"]
     steps = sum(w["steps"] for w in worker_sums) or 1
-    phases = {k: sum(w["phases_s"][k] for w in worker_sums) / steps for k in PHASES}
+    keys = [k for k in worker_sums[0]["phases_s"]] if worker_sums else list(PHASES)
+    phases = {k: sum(w["phases_s"].get(k, 0.0) for w in worker_sums) / steps for k in keys}
     rounds = [r for r in ps if r.get("event") == "round"]
     names = [b["name"] for b in summary["blocks"]]
     # Time axis: the PS's clock, from the start of round 0.
@@ -64,10 +70,9 @@ def summarize_run(run_dir: Path) -> dict:
     if wire is not None:
         wire["payload_bytes"] = total_payload
         wire["message_bytes"] = sum(sum(d.values()) for d in summary["message_bytes"].values())
-        wire["wire_bytes"] = wire["workers_tx_bytes"] + wire["workers_rx_bytes"]
         wire["wire_per_payload"] = wire["wire_bytes"] / total_payload if total_payload else None
     return {
-        "name": run_dir.name, "model": summary["model"], "workers": summary["num_workers"],
+        "name": run_dir.name, "mode": summary.get("mode", "ps"), "model": summary["model"], "workers": summary["num_workers"],
         "steps": summary["steps"], "wall_s": summary["wall_s"], "frozen_blocks": summary["frozen_blocks"],
         "freeze": config.get("freeze"), "config": config,
         "accuracy": evals[-1]["accuracy"] if evals else None,
@@ -91,7 +96,7 @@ def summarize_run(run_dir: Path) -> dict:
 
 
 def format_report(facts: dict) -> str:
-    lines = [f"model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
+    lines = [f"{facts['mode']}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
              f"wall {facts['wall_s']:.1f} s, {facts['frozen_blocks']} blocks frozen at the end"]
     if facts["accuracy"] is not None:
         curve = ", ".join(f"epoch {e:g}: {a:.4f}" for e, a in facts["accuracy_by_epoch"])
@@ -107,12 +112,15 @@ def format_report(facts: dict) -> str:
         saved = f"{1 - got / full:.1%}" if full else "-"
         lines.append(f"{name:<16}{_mb(got):>16}{_mb(full):>16}{saved:>9}")
     msg = facts["message_bytes"]
-    lines.append(f"serialized messages: push {_mb(msg.get('Push', {}).get('in', 0))}, "
-                 f"pull {_mb(msg.get('Pull', {}).get('out', 0))}")
+    if facts["mode"] == "ps":
+        lines.append(f"serialized messages: push {_mb(msg.get('Push', {}).get('in', 0))}, "
+                     f"pull {_mb(msg.get('Pull', {}).get('out', 0))}")
+    else:
+        lines.append("(ddp/single: push = gradient bytes the ranks handed to the all-reduce, pull = the same back)")
     wire = facts["wire"]
     if wire is not None:
         ratio = f"{wire['wire_per_payload']:.4f}" if wire["wire_per_payload"] else "-"
-        lines.append(f"wire (worker links, both ways, MTU {wire['mtu']}{', offload' if wire['offload'] else ''}"
+        lines.append(f"wire (every frame sent on the links, MTU {wire['mtu']}{', offload' if wire['offload'] else ''}"
                      f"{', ' + wire['rate'] if wire['rate'] else ''}): {_mb(wire['wire_bytes'])} for "
                      f"{_mb(wire['payload_bytes'])} of payload, wire/payload {ratio}")
     lines.append("")
@@ -134,23 +142,28 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     target = (base["best_accuracy"] or 0.0) - 0.005
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
              f"test accuracy minus 0.5 point ({target:.4f}).", "",
-             "| run | freeze | final acc | best acc | wall s | time to target s | payload (push+pull) | "
-             "bytes saved | time saved | wire/payload | fwd/bwd/pull/wait/push ms | freezes (step: blocks) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | mode | freeze | final acc | best acc | wall s | samples/s | time to target s | "
+             "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
+             "freezes (step: blocks) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_moved = base["push_payload"] + base["pull_payload"]
     for r in runs:
         moved = r["push_payload"] + r["pull_payload"]
         tta = time_to_accuracy(r, target)
         wire = f"{r['wire']['wire_per_payload']:.4f}" if r["wire"] and r["wire"]["wire_per_payload"] else "-"
-        phases = "/".join(f"{v:.0f}" for v in r["phase_ms_per_step"].values())
+        wire_bytes = f"{r['wire']['wire_bytes'] / 1e9:.3f} GB" if r["wire"] else "-"
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in r["phase_ms_per_step"].items())
+        samples = r["config"].get("batch_size", 0) * r["workers"] * r["steps"]
+        rate = f"{samples / r['wall_s']:.0f}" if samples and r["wall_s"] else "-"
         initial = r["frozen_over_time"][0][1] if r["frozen_over_time"] else 0
         freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
                             [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
         acc = lambda a: f"{a:.4f}" if a is not None else "-"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {acc(r['best_accuracy'])} | "
-                     f"{r['wall_s']:.0f} | {f'{tta:.0f}' if tta is not None else 'not reached'} | "
+        lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | "
+                     f"{acc(r['best_accuracy'])} | {r['wall_s']:.0f} | {rate} | "
+                     f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['wall_s'] / base['wall_s']:.1%} | "
-                     f"{wire} | {phases} | {freezes} |")
+                     f"{wire_bytes} | {wire} | {phases} | {freezes} |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,8 @@ def worker_settings(cfg: Config) -> WorkerSettings:
 
 def run_ps(cfg: Config) -> dict:
     return serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
-                    wire=InterfaceCounter() if cfg.count_wire_bytes else None)
+                    wire=InterfaceCounter() if cfg.count_wire_bytes else None,
+                    params_out=Path(cfg.params_out) if cfg.params_out else None)
 
 
 def run_worker_role(cfg: Config) -> int:

@@ -36,10 +36,11 @@ class _Counterfactual:
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
              credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None,
-             wire: InterfaceCounter | None = None) -> dict:
+             wire: InterfaceCounter | None = None, params_out: Path | None = None) -> dict:
     """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes).
 
-    With `wire`, each round record also gets the interface bytes of that round."""
+    With `wire`, each round record also gets the interface bytes of that round; with
+    `params_out`, the final values are saved there ({manifest name: tensor}, torch.save)."""
     meter = ByteMeter()
     wire_total: dict[str, int] = {}
     runlog = JsonlLog(run_log)
@@ -78,12 +79,22 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
                 break
     finally:
         grpc_server.stop(grace=2.0).wait(5.0)
+        if params_out is not None:
+            save_params(server.values_by_name(), params_out)
         summary = summarize(server.describe(), meter.totals(), counter.pushes, time.monotonic() - started)
         if wire is not None:
             summary["wire_rounds"] = wire_total  # the rounds' windows summed; the first holds Join and Init
         runlog.write(summary)
         runlog.close()
     return summary
+
+
+def save_params(values: dict, path: Path) -> None:
+    """{name: tensor} to `path` atomically (a temporary file renamed over it)."""
+    import torch
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: torch.as_tensor(v) for k, v in values.items()}, tmp)
+    tmp.replace(path)
 
 
 def summarize(run: dict, totals: dict, pushes: int, wall_s: float) -> dict:

@@ -46,7 +46,7 @@ def test_comparison_writes_tables_and_plots(tmp_path, capsys):
                  "--title", "two runs"]) == 0
     text = (out / "report.md").read_text()
     assert text.startswith("# two runs")
-    assert "| full | static |" in text and "| frozen | static |" in text
+    assert "| full | ps | static |" in text and "| frozen | ps | static |" in text
     for png in ("bytes_per_step.png", "accuracy_vs_time.png", "accuracy_vs_bytes.png", "freeze_timeline.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -73,6 +73,11 @@ class FlatModel:
             slot.copy_(value.reshape(-1))
         return self.grads[b].numpy().view(np.uint8)
 
+    def values_by_name(self) -> dict[str, torch.Tensor]:
+        """A copy of every tensor's value by manifest name (the names the PS saves under)."""
+        return {t.name: self.values[b][t.offset // 4:(t.offset + t.nbytes) // 4].view(t.shape).clone()
+                for b, layout in enumerate(self.layout) for t in layout.tensors}
+
     def param_grads(self, b: int) -> list[torch.Tensor]:
         """Views of block b's parameter gradients (what a vote is computed from)."""
         return self._param_grads[b]

@@ -85,7 +85,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
                         settings.test_samples, settings.seed) if settings.evaluate else None
     model = build_model(settings.model, train.num_classes, settings.weights)
-    channels = _input_channels(model)
+    channels = input_channels(model)
     flat = FlatModel(model)
     client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
                                 rpc_timeout_s=settings.rpc_timeout_s)
@@ -182,7 +182,7 @@ def _evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runl
     return record
 
 
-def _input_channels(model: BlockModel) -> int:
+def input_channels(model: BlockModel) -> int:
     first = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     return first.in_channels if isinstance(first, torch.nn.Conv2d) else 3
 

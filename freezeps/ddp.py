@@ -1,0 +1,210 @@
+"""The baselines a user would otherwise run, on the same code: DDP (torch.distributed with
+gloo, NCCL where a GPU is), and a single process with no communication at all.
+
+Same model, data, sharding, batch order, optimizer maths, LR schedule and freeze engines as
+a freezeps run. The freeze decision is made on rank 0 from the all-reduced gradients (the
+same average the PS's central decision reads) and broadcast; a freeze takes effect at the
+next step, as on the PS. DDP is rebuilt over the parameters that still train when the
+frozen prefix grows, so frozen blocks are neither all-reduced nor back-propagated.
+
+The single process trains on the union of the workers' batches (batch_size x num_workers)
+in one step: the same optimisation trajectory, without distribution.
+
+Rank 0 writes RUN_DIR/params.pt as the PS does, and RUN_DIR/ddp.jsonl in the shape of a PS run log ("round" records with the
+tensor bytes each rank handed to the all-reduce per block, "freeze" records, a "summary"),
+so `freezeps report` reads both. Bytes: a rank hands its gradients to the all-reduce and gets
+the average back; that is counted as its push and pull payload. The wire bytes (ring
+all-reduce moves 2(N-1)/N of them each way) come from the links in --network netns.
+
+    python -m freezeps.ddp --config RUN_DIR/config.toml --rank R --world N --master HOST:PORT
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from freeze.engines import RoundStats, make_engine
+from freezeps.config import Config, freeze_policy, load_config
+from proto.runlog import JsonlLog
+from ps.main import save_params
+from ps.policy import decide
+from ps.schedule import learning_rate
+from worker.data import batch_order, load_dataset, make_batch, shard_indices
+from worker.flat import FlatModel
+from worker.models import build_model
+from worker.train import input_channels, evaluate
+
+
+def _block_param_bytes(model) -> list[int]:
+    return [sum(p.numel() * p.element_size() for p in block.parameters()) for block in model.blocks]
+
+
+def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool = False) -> torch.nn.Module:
+    """Train as one rank of `world` (dist already initialised when world > 1); returns the model."""
+    if cfg.freeze_decision == "votes":
+        raise ValueError("the ddp and single modes decide centrally: freeze_decision must be 'central'")
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // (1 if single else world)))
+    torch.manual_seed(cfg.seed)
+    train_set = load_dataset(cfg.dataset, Path(cfg.data_dir), True, cfg.download, cfg.train_samples, cfg.seed)
+    test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed) \
+        if cfg.evaluate and rank == 0 else None
+    model = build_model(cfg.model, train_set.num_classes, cfg.weights)
+    channels = input_channels(model)
+    names = model.block_names
+    param_bytes = _block_param_bytes(model)
+    model_bytes = sum(b.nbytes for b in FlatModel(build_model(cfg.model, train_set.num_classes, "random")).layout)
+    workers = cfg.num_workers  # data-parallel width: world for ddp, emulated for single
+    steps_per_epoch = max(len(train_set) // (workers * cfg.batch_size), 1)
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    labels = train_set.labels.numpy()
+    shards = [shard_indices(labels, r, workers, cfg.sharding, cfg.dirichlet_alpha, cfg.seed)
+              for r in (range(workers) if single else [rank])]
+    ranks = list(range(workers)) if single else [rank]
+
+    policy = freeze_policy(cfg)
+    engine = make_engine(policy.spec)
+    frozen = engine.initial(len(names))
+    model.set_frozen(frozen)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    net = model if single else DistributedDataParallel(model)
+    log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
+    wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
+    if frozen:
+        log.write({"event": "freeze", "step": 0, "from": 0, "to": frozen, "blocks": names[:frozen], "initial": True})
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    totals = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+    allreduce = {"in": 0, "out": 0}
+    by_block_total: dict[str, int] = {}
+    last_freeze, started, evals = 0, time.perf_counter(), []
+    for step in range(total_steps):
+        if cfg.evaluate and rank == 0 and step > 0 and (
+                step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            evals.append(_evaluate(model, test_set, cfg, channels, step, steps_per_epoch, wlog))
+        t0 = time.perf_counter()
+        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * cfg.batch_size
+        idx = np.concatenate([np.take(batch_order(s, epoch, r, cfg.seed), np.arange(pos, pos + cfg.batch_size),
+                                      mode="wrap") for r, s in zip(ranks, shards)])
+        x, y = make_batch(train_set, idx, cfg.image_size, channels, cfg.augment, gen)
+        lr = learning_rate(step, base_lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=total_steps,
+                           warmup_steps=cfg.warmup_steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        t2 = time.perf_counter()
+        loss.backward()  # DDP all-reduces the active blocks' gradients, bucket by bucket, as they are ready
+        t3 = time.perf_counter()
+
+        # The freeze decision on rank 0, from the averaged gradients, before the step applies them.
+        active = range(frozen, len(names))
+        stats = RoundStats(step=step, num_blocks=len(names), frozen_blocks=frozen, total_steps=total_steps,
+                           steps_per_epoch=steps_per_epoch,
+                           grads={b: [p.grad.reshape(-1) for p in model.blocks[b].parameters() if p.grad is not None]
+                                  for b in active} if policy.needs_gradients else {})
+        decided, info = decide(policy, engine, stats, [], last_freeze) if rank == 0 else (frozen, {})
+        optimizer.step()
+        t4 = time.perf_counter()
+        if not single:
+            decision = torch.tensor([decided])
+            dist.broadcast(decision, src=0)
+            decided = int(decision)
+        moved = {names[b]: param_bytes[b] for b in active if param_bytes[b]}
+        for name, n in moved.items():
+            by_block_total[name] = by_block_total.get(name, 0) + n * workers
+        allreduce["in"] += sum(moved.values()) * workers
+        allreduce["out"] += sum(moved.values()) * workers
+        losses = torch.tensor([float(loss)])
+        if not single:
+            dist.all_reduce(losses)  # for the log only: the mean training loss of the step
+            losses /= world
+        for key, seconds in zip(totals, (t2 - t1, t3 - t2, t4 - t3)):
+            totals[key] += seconds
+        log.write({"event": "round", "step": step, "round_s": round(t4 - t0, 6), "lr": lr, "frozen_blocks": frozen,
+                   "samples": len(y) * (1 if single else world), "loss": float(losses),
+                   **({"decision": info} if info else {}),
+                   "bytes": {"by_block": {"Allreduce": {d: {str(names.index(n)): {"payload": v * workers,
+                                                                                  "message": v * workers,
+                                                                                  "messages": workers}
+                                                            for n, v in moved.items()} for d in ("in", "out")}}}})
+        if decided > frozen:
+            log.write({"event": "freeze", "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "from": frozen,
+                       "to": decided, "blocks": names[frozen:decided], **info})
+            for block in model.blocks[frozen:decided]:
+                for p in block.parameters():
+                    optimizer.state.pop(p, None)  # frozen blocks' momentum is freed, as on the PS
+                    p.grad = None
+            frozen, last_freeze = decided, step + 1
+            model.set_frozen(frozen)
+            model.train()
+            if not single:  # DDP over the parameters that still train
+                net = DistributedDataParallel(model)
+    if cfg.evaluate and rank == 0 and total_steps > 0:
+        evals.append(_evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, wlog))
+    wall = time.perf_counter() - started
+    wlog.write({"event": "worker_summary", "rank": rank, "steps": total_steps, "wall_s": wall,
+                "phases_s": totals, "evals": evals})
+    blocks = [{"name": n, "bytes": b.nbytes} for n, b in zip(names, FlatModel(model).layout)]
+    log.write({"event": "summary", "mode": "single" if single else "ddp", "model": cfg.model,
+               "num_workers": workers, "steps": total_steps, "wall_s": round(wall, 3), "frozen_blocks": frozen,
+               "model_bytes": model_bytes, "blocks": blocks,
+               "push_payload": allreduce["in"], "pull_payload": allreduce["out"],
+               "push_payload_no_freeze": total_steps * workers * sum(param_bytes),
+               "pull_payload_no_freeze": total_steps * workers * sum(param_bytes),
+               "push_by_block": by_block_total, "pull_by_block": by_block_total,
+               "message_bytes": {"Allreduce": dict(allreduce)},
+               "bytes": {"Allreduce": {d: {str(names.index(n)): {"payload": v, "message": v, "messages": 0}
+                                           for n, v in by_block_total.items()} for d in ("in", "out")}}})
+    log.close()
+    wlog.close()
+    if run_dir is not None and rank == 0:
+        save_params(FlatModel(model).values_by_name(), run_dir / "params.pt")
+    return model
+
+
+def _evaluate(model, test_set, cfg, channels, step, steps_per_epoch, wlog) -> dict:
+    acc, loss = evaluate(model, test_set, cfg, channels)
+    record = {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss}
+    wlog.write(record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m freezeps.ddp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's config.toml")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world", type=int, default=1, help="processes; 1 with --single")
+    parser.add_argument("--master", default="127.0.0.1:29500", help="rank 0's host:port for the rendezvous")
+    parser.add_argument("--single", action="store_true", help="one process, no communication")
+    parser.add_argument("--run-dir", help="where ddp.jsonl and worker-RANK.jsonl go")
+    args = parser.parse_args(argv)
+    cfg = load_config({}, args.config)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.single:
+        train(cfg, 0, 1, run_dir, single=True)
+        return 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
+    try:
+        train(cfg, args.rank, args.world, run_dir)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

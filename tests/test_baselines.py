@@ -1,0 +1,61 @@
+"""The baselines share our code: PS, DDP (gloo) and a single process give the same
+parameters after the same steps on a deterministic tiny workload, freezing included."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from freezeps.report import summarize_run
+from worker.flat import FlatModel
+from worker.models import build_model
+
+COMMON = ["--model", "mlp", "--image-size", "8", "--dataset", "synthetic",
+          "--num-workers", "2", "--steps", "8", "--batch-size", "16", "--lr", "0.05", "--momentum", "0.9",
+          "--weight-decay", "0.001", "--freeze", "static", "--freeze-blocks", "1", "--freeze-step", "4",
+          "--eval-every", "4", "--seed", "3"]
+
+
+def _run(mode: str, run_dir, weights) -> dict[str, torch.Tensor]:
+    proc = subprocess.run([sys.executable, "-m", "freezeps", "run", "--mode", mode, *COMMON, "--weights", str(weights),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    return torch.load(run_dir / "params.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("baselines")
+    torch.manual_seed(11)
+    model = build_model("mlp", 4, "random")
+    torch.save(model.state_dict(), base / "init.pt")
+    runs = {mode: (_run(mode, base / mode, base / "init.pt"), base / mode) for mode in ("ps", "ddp", "single")}
+    runs["init"] = (FlatModel(model).values_by_name(), None)
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["ddp", "single"])
+def test_same_parameters_as_the_ps(runs, mode):
+    ps, _ = runs["ps"]
+    other, _ = runs[mode]
+    assert ps.keys() == other.keys()
+    for name in ps:
+        torch.testing.assert_close(other[name], ps[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Not vacuous: every block, the frozen one too (before step 4), moved from the start.
+    init, _ = runs["init"]
+    for name in ("fc1/fc.weight", "head/fc.weight"):
+        assert not torch.allclose(init[name], ps[name], atol=1e-4), name
+
+
+def test_ddp_moves_no_bytes_for_frozen_blocks(runs):
+    _, run_dir = runs["ddp"]
+    facts = summarize_run(run_dir)
+    assert facts["mode"] == "ddp" and facts["frozen_blocks"] == 1
+    per_step = facts["payload_per_step"]
+    assert "fc1" in per_step[3] and all("fc1" not in s for s in per_step[4:])
+    records = [json.loads(line) for line in (run_dir / "ddp.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "freeze"] == [4]
+    assert facts["accuracy"] == summarize_run(runs["ps"][1])["accuracy"]
