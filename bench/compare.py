@@ -1,0 +1,87 @@
+"""PS vs DDP vs one process, with and without freezing, side by side in one invocation.
+
+    python -m bench.compare --out docs/results/compare-loopback [--network netns --link-rate 1gbit]
+
+Each configuration is one `freezeps run` with the same model, data, seed and steps; only
+--mode and the freeze settings differ. Writes OUT/report.md and the plots (`freezeps report`),
+OUT/results.json (the facts of each run, without the per-step curves) and OUT/README.md
+(the report, the command, the machine, the date, and OUT/notes.md when there is one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from freezeps.report import summarize_run, write_comparison
+
+WORKLOAD = ["--model", "resnet18", "--weights", "random", "--dataset", "fashion_mnist", "--num-workers", "4",
+            "--batch-size", "32", "--train-samples", "8192", "--test-samples", "1000", "--seed", "0"]
+# The seed's ResNet-18 groups: conv1, bn1, layer1, layer2, layer3, layer4, fc.
+ADAPTIVE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-warmup", "8",
+            "--freeze-interval", "4"]
+CONFIGS = {
+    "ps-none": ["--mode", "ps", "--freeze", "none"],
+    "ddp-none": ["--mode", "ddp", "--freeze", "none"],
+    "ps-static-4": ["--mode", "ps", "--freeze", "static", "--freeze-blocks", "4", "--freeze-step", "0"],
+    "ddp-static-4": ["--mode", "ddp", "--freeze", "static", "--freeze-blocks", "4", "--freeze-step", "0"],
+    "ps-gradnorm": ["--mode", "ps", *ADAPTIVE],
+    "ddp-gradnorm": ["--mode", "ddp", *ADAPTIVE],
+    "single-none": ["--mode", "single", "--freeze", "none"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--steps", type=int, default=32, help="rounds per run")
+    parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
+    parser.add_argument("--link-rate", default="")
+    parser.add_argument("--link-mtu", type=int, default=1500)
+    parser.add_argument("--link-offload", action="store_true")
+    args, extra = parser.parse_known_args()
+    names = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
+    net = ["--network", args.network, "--link-mtu", str(args.link_mtu)]
+    if args.link_rate:
+        net += ["--link-rate", args.link_rate]
+    if args.link_offload:
+        net += ["--link-offload"]
+    common = [*WORKLOAD, "--steps", str(args.steps), "--eval-every", str(args.eval_every), *extra]
+    if args.network == "netns":
+        common += net
+    runs_dir = Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
+    results = []
+    for name in names:
+        if args.network == "netns" and CONFIGS[name][1] == "single":
+            continue  # one process has no network
+        cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], "--run-dir", str(runs_dir / name)]
+        print(f"[compare] {name}: {' '.join(cmd[3:])}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
+        results.append(summarize_run(runs_dir / name))
+        print(f"[compare] {name}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
+    out = args.out
+    title = f"PS vs DDP vs one process ({date.today().isoformat()}, {args.network}" + \
+        (f", {args.link_rate}" if args.link_rate else "") + ")"
+    path = write_comparison(results, out, title, baseline=names[0])
+    slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
+            for r in results]
+    (out / "results.json").write_text(json.dumps(slim, indent=1))
+    text = [path.read_text().rstrip(), "",
+            f"Machine: {platform.machine()}, 2 vCPU, 24 GB, no GPU. Command: `python -m bench.compare "
+            f"{' '.join(sys.argv[1:])}`.", f"Common flags: `{' '.join(common)}`."]
+    notes = out / "notes.md"
+    if notes.is_file():
+        text += ["", notes.read_text().rstrip()]
+    (out / "README.md").write_text("\n".join(text) + "\n")
+    print((out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
