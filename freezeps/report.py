@@ -73,7 +73,10 @@ def summarize_run(run_dir: Path) -> dict:
         wire["wire_per_payload"] = wire["wire_bytes"] / total_payload if total_payload else None
     return {
         "name": run_dir.name, "mode": summary.get("mode", "ps"), "model": summary["model"], "workers": summary["num_workers"],
-        "steps": summary["steps"], "wall_s": summary["wall_s"], "frozen_blocks": summary["frozen_blocks"],
+        "steps": summary["steps"], "wall_s": summary["wall_s"],
+        # Round 0's start to the last round's end: what the modes share (the PS's wall_s also
+        # holds the wait for workers to start and join).
+        "train_s": rounds[-1]["time"] - t0 if rounds else 0.0, "frozen_blocks": summary["frozen_blocks"],
         "freeze": config.get("freeze"), "config": config,
         "accuracy": evals[-1]["accuracy"] if evals else None,
         "best_accuracy": max((e["accuracy"] for e in evals), default=None),
@@ -97,7 +100,7 @@ def summarize_run(run_dir: Path) -> dict:
 
 def format_report(facts: dict) -> str:
     lines = [f"{facts['mode']}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
-             f"wall {facts['wall_s']:.1f} s, {facts['frozen_blocks']} blocks frozen at the end"]
+             f"wall {facts['wall_s']:.1f} s (training {facts['train_s']:.1f} s), {facts['frozen_blocks']} blocks frozen at the end"]
     if facts["accuracy"] is not None:
         curve = ", ".join(f"epoch {e:g}: {a:.4f}" for e, a in facts["accuracy_by_epoch"])
         lines.append(f"test accuracy {facts['accuracy']:.4f} ({curve})")
@@ -142,7 +145,7 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     target = (base["best_accuracy"] or 0.0) - 0.005
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
              f"test accuracy minus 0.5 point ({target:.4f}).", "",
-             "| run | mode | freeze | final acc | best acc | wall s | samples/s | time to target s | "
+             "| run | mode | freeze | final acc | best acc | train s | samples/s | time to target s | "
              "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
              "freezes (step: blocks) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -154,15 +157,15 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         wire_bytes = f"{r['wire']['wire_bytes'] / 1e9:.3f} GB" if r["wire"] else "-"
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in r["phase_ms_per_step"].items())
         samples = r["config"].get("batch_size", 0) * r["workers"] * r["steps"]
-        rate = f"{samples / r['wall_s']:.0f}" if samples and r["wall_s"] else "-"
+        rate = f"{samples / r['train_s']:.1f}" if samples and r["train_s"] else "-"
         initial = r["frozen_over_time"][0][1] if r["frozen_over_time"] else 0
         freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
                             [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
         acc = lambda a: f"{a:.4f}" if a is not None else "-"  # noqa: E731
         lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | "
-                     f"{acc(r['best_accuracy'])} | {r['wall_s']:.0f} | {rate} | "
+                     f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | {rate} | "
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
-                     f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['wall_s'] / base['wall_s']:.1%} | "
+                     f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
                      f"{wire_bytes} | {wire} | {phases} | {freezes} |")
     return "\n".join(lines)
 
