@@ -21,7 +21,7 @@ from pathlib import Path
 from freezeps.report import summarize_run, write_comparison
 
 WORKLOAD = ["--model", "resnet18", "--weights", "random", "--dataset", "fashion_mnist", "--num-workers", "4",
-            "--batch-size", "32", "--train-samples", "8192", "--test-samples", "1000", "--seed", "0"]
+            "--batch-size", "32", "--lr", "0.02", "--train-samples", "8192", "--test-samples", "1000", "--seed", "0"]
 # The seed's ResNet-18 groups: conv1, bn1, layer1, layer2, layer3, layer4, fc.
 ADAPTIVE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-warmup", "8",
             "--freeze-interval", "4"]

@@ -7,13 +7,18 @@ same average the PS's central decision reads) and broadcast; a freeze takes effe
 next step, as on the PS. DDP is rebuilt over the parameters that still train when the
 frozen prefix grows, so frozen blocks are neither all-reduced nor back-propagated.
 
+BatchNorm running statistics are averaged over the ranks after each step (an all-reduce of
+the active blocks' buffers), as the PS averages the pushed ones, instead of DDP's default
+broadcast of rank 0's; their bytes are counted with the gradients'.
+
 The single process trains on the union of the workers' batches (batch_size x num_workers)
 in one step: the same optimisation trajectory, without distribution.
 
 Rank 0 writes RUN_DIR/params.pt as the PS does, and RUN_DIR/ddp.jsonl in the shape of a PS run log ("round" records with the
 tensor bytes each rank handed to the all-reduce per block, "freeze" records, a "summary"),
 so `freezeps report` reads both. Bytes: a rank hands its gradients to the all-reduce and gets
-the average back; that is counted as its push and pull payload. The wire bytes (ring
+the average back (with the running statistics); that is counted as its push and pull
+payload, which then equals a PS worker's. The wire bytes (ring
 all-reduce moves 2(N-1)/N of them each way) come from the links in --network netns.
 
     python -m freezeps.ddp --config RUN_DIR/config.toml --rank R --world N --master HOST:PORT
@@ -45,8 +50,10 @@ from worker.models import build_model
 from worker.train import input_channels, evaluate
 
 
-def _block_param_bytes(model) -> list[int]:
-    return [sum(p.numel() * p.element_size() for p in block.parameters()) for block in model.blocks]
+def _block_bytes(model) -> list[int]:
+    """Per block: what a step all-reduces for it, its gradients and float buffers."""
+    return [sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]
+                if t.is_floating_point()) for block in model.blocks]
 
 
 def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool = False) -> torch.nn.Module:
@@ -61,7 +68,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     model = build_model(cfg.model, train_set.num_classes, cfg.weights)
     channels = input_channels(model)
     names = model.block_names
-    param_bytes = _block_param_bytes(model)
+    block_bytes = _block_bytes(model)
     model_bytes = sum(b.nbytes for b in FlatModel(build_model(cfg.model, train_set.num_classes, "random")).layout)
     workers = cfg.num_workers  # data-parallel width: world for ddp, emulated for single
     steps_per_epoch = max(len(train_set) // (workers * cfg.batch_size), 1)
@@ -78,7 +85,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    net = model if single else DistributedDataParallel(model)
+    net = model if single else _ddp(model)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
     wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
     if frozen:
@@ -116,12 +123,14 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                                   for b in active} if policy.needs_gradients else {})
         decided, info = decide(policy, engine, stats, [], last_freeze) if rank == 0 else (frozen, {})
         optimizer.step()
+        if not single:
+            _average_running_stats(model, frozen, world)
         t4 = time.perf_counter()
         if not single:
             decision = torch.tensor([decided])
             dist.broadcast(decision, src=0)
             decided = int(decision)
-        moved = {names[b]: param_bytes[b] for b in active if param_bytes[b]}
+        moved = {names[b]: block_bytes[b] for b in active if block_bytes[b]}
         for name, n in moved.items():
             by_block_total[name] = by_block_total.get(name, 0) + n * workers
         allreduce["in"] += sum(moved.values()) * workers
@@ -150,7 +159,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             model.set_frozen(frozen)
             model.train()
             if not single:  # DDP over the parameters that still train
-                net = DistributedDataParallel(model)
+                net = _ddp(model)
     if cfg.evaluate and rank == 0 and total_steps > 0:
         evals.append(_evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, wlog))
     wall = time.perf_counter() - started
@@ -161,8 +170,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                "num_workers": workers, "steps": total_steps, "wall_s": round(wall, 3), "frozen_blocks": frozen,
                "model_bytes": model_bytes, "blocks": blocks,
                "push_payload": allreduce["in"], "pull_payload": allreduce["out"],
-               "push_payload_no_freeze": total_steps * workers * sum(param_bytes),
-               "pull_payload_no_freeze": total_steps * workers * sum(param_bytes),
+               "push_payload_no_freeze": total_steps * workers * sum(block_bytes),
+               "pull_payload_no_freeze": total_steps * workers * sum(block_bytes),
                "push_by_block": by_block_total, "pull_by_block": by_block_total,
                "message_bytes": {"Allreduce": dict(allreduce)},
                "bytes": {"Allreduce": {d: {str(names.index(n)): {"payload": v, "message": v, "messages": 0}
@@ -172,6 +181,25 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     if run_dir is not None and rank == 0:
         save_params(FlatModel(model).values_by_name(), run_dir / "params.pt")
     return model
+
+
+def _ddp(model) -> DistributedDataParallel:
+    # Running statistics are averaged over the ranks after each step, as the PS does, rather
+    # than DDP's default of broadcasting rank 0's: the two modes then compute the same thing.
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def _average_running_stats(model, frozen: int, world: int) -> None:
+    """Average the active blocks' float buffers (BatchNorm running statistics) over the ranks."""
+    buffers = [b for block in model.blocks[frozen:] for b in block.buffers() if b.is_floating_point()]
+    if buffers:
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def _evaluate(model, test_set, cfg, channels, step, steps_per_epoch, wlog) -> dict:

@@ -19,8 +19,9 @@ COMMON = ["--model", "mlp", "--image-size", "8", "--dataset", "synthetic",
           "--eval-every", "4", "--seed", "3"]
 
 
-def _run(mode: str, run_dir, weights) -> dict[str, torch.Tensor]:
+def _run(mode: str, run_dir, weights, *extra: str) -> dict[str, torch.Tensor]:
     proc = subprocess.run([sys.executable, "-m", "freezeps", "run", "--mode", mode, *COMMON, "--weights", str(weights),
+                           *extra,
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
     return torch.load(run_dir / "params.pt")
@@ -59,3 +60,16 @@ def test_ddp_moves_no_bytes_for_frozen_blocks(runs):
     records = [json.loads(line) for line in (run_dir / "ddp.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "freeze"] == [4]
     assert facts["accuracy"] == summarize_run(runs["ps"][1])["accuracy"]
+
+
+def test_ddp_averages_running_statistics_as_the_ps_does(tmp_path):
+    """With BatchNorm: DDP averages the running statistics over the ranks as the PS does, so
+    both give the same parameters and statistics (a single process, normalising over the
+    union batch, would not)."""
+    extra = ("--model", "tiny_cnn", "--freeze-blocks", "1")
+    ps = _run("ps", tmp_path / "ps", "random", *extra)
+    ddp = _run("ddp", tmp_path / "ddp", "random", *extra)
+    assert any("running_var" in name for name in ps)
+    for name in ps:
+        torch.testing.assert_close(ddp[name], ps[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert summarize_run(tmp_path / "ddp")["push_payload"] == summarize_run(tmp_path / "ps")["push_payload"]
