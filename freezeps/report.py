@@ -94,7 +94,7 @@ def summarize_run(run_dir: Path) -> dict:
         "wire_per_step": [r["wire"] for r in rounds if "wire" in r],
         "frozen_over_time": [(r["time"] - t0, r["frozen_blocks"]) for r in rounds],
         "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
-                    for f in ps if f.get("event") == "freeze"],
+                    for f in ps if f.get("event") == "freeze" and not f.get("initial")],
     }
 
 
