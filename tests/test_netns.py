@@ -76,19 +76,21 @@ def _transfer(t: Topology, nbytes: int) -> tuple[dict, dict]:
         server.kill()
 
 
-@pytest.mark.parametrize("mtu, most", [(1500, 1.075), (9000, 1.02)])
-def test_counters_match_a_known_transfer(mtu, most):
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_counters_match_a_known_transfer(mtu):
     nbytes = 20_000_000
     with Topology(1, LinkShape(mtu=mtu), tag="fzt4") as t:
         before, after = _transfer(t, nbytes)
     w = t.worker_ns[0]
     sent = after[w]["tx_bytes"] - before[w]["tx_bytes"]
     frames = after[w]["tx_packets"] - before[w]["tx_packets"]
-    # Ethernet + IPv4 + TCP (with timestamps) headers: 66 bytes per frame of at most the MTU
-    # (4.6% at MTU 1500, 0.7% at 9000); measured a little more (6.5%, 1.2%): not every frame
-    # is full, and a loaded 2-core machine retransmits a few.
-    assert nbytes < sent <= nbytes * most
-    assert frames >= nbytes / (mtu - 52)
+    # Every frame carries at most MTU - 52 bytes of data under 66 bytes of Ethernet, IPv4 and
+    # TCP (with timestamps) headers, and the counters count those headers: at least 4.6% at
+    # MTU 1500, 0.7% at 9000. Measured 6.5% and 1.2-2.5%: not every frame is full, and a
+    # loaded 2-core machine retransmits some; never 10%.
+    least_frames = -(-nbytes // (mtu - 52))
+    assert frames >= least_frames
+    assert nbytes + 66 * least_frames <= sent <= nbytes * 1.10
     assert after[t.ps]["rx_bytes"] - before[t.ps]["rx_bytes"] >= sent  # the same frames arrive
 
 
