@@ -69,7 +69,6 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     channels = input_channels(model)
     names = model.block_names
     block_bytes = _block_bytes(model)
-    model_bytes = sum(b.nbytes for b in FlatModel(build_model(cfg.model, train_set.num_classes, "random")).layout)
     workers = cfg.num_workers  # data-parallel width: world for ddp, emulated for single
     steps_per_epoch = max(len(train_set) // (workers * cfg.batch_size), 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -165,10 +164,10 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     wall = time.perf_counter() - started
     wlog.write({"event": "worker_summary", "rank": rank, "steps": total_steps, "wall_s": wall,
                 "phases_s": totals, "evals": evals})
-    blocks = [{"name": n, "bytes": b.nbytes} for n, b in zip(names, FlatModel(model).layout)]
+    blocks = [{"name": n, "bytes": b} for n, b in zip(names, block_bytes)]
     log.write({"event": "summary", "mode": "single" if single else "ddp", "model": cfg.model,
                "num_workers": workers, "steps": total_steps, "wall_s": round(wall, 3), "frozen_blocks": frozen,
-               "model_bytes": model_bytes, "blocks": blocks,
+               "model_bytes": sum(block_bytes), "blocks": blocks,
                "push_payload": allreduce["in"], "pull_payload": allreduce["out"],
                "push_payload_no_freeze": total_steps * workers * sum(block_bytes),
                "pull_payload_no_freeze": total_steps * workers * sum(block_bytes),

@@ -93,8 +93,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
 @dataclass(frozen=True)
 class Placement:
     """Where each process of a run lives and which addresses it uses."""
-    listen: str  # what the PS binds
-    status_address: str  # where the launcher asks the PS for its status
+    listen: str  # what the PS binds, and where the launcher asks it for its status
     worker_ps_address: list[str]
     ps_prefix: list[str]  # argv prefix that starts a process in its place (ip netns exec ...)
     worker_prefix: list[list[str]]
@@ -104,12 +103,12 @@ class Placement:
     @classmethod
     def loopback(cls, port: int, workers: int) -> "Placement":
         address = f"127.0.0.1:{port}"
-        return cls(address, address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{_free_port()}", "lo")
+        return cls(address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{_free_port()}", "lo")
 
     @classmethod
     def in_namespaces(cls, topology: netns.Topology, port: int) -> "Placement":
         address = f"{topology.ps_ip}:{port}"
-        return cls(address, address, [address] * topology.workers, topology.exec_prefix(topology.ps),
+        return cls(address, [address] * topology.workers, topology.exec_prefix(topology.ps),
                    [topology.exec_prefix(ns) for ns in topology.worker_ns], f"{topology.worker_ip(0)}:29500", "eth0")
 
 
@@ -129,6 +128,22 @@ def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Conf
         "links": {"ps": links[topology.ps], **{f"worker-{i}": w for i, w in enumerate(workers)}},
     }
     (run_dir / "wire.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate what still runs, then kill what does not end within 10 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _report_failure(what: str, proc: subprocess.Popen, log_file: Path) -> None:
+    tail = log_file.read_text().strip().splitlines()[-5:]
+    print(f"freezeps run: {what} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)
 
 
 def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
@@ -152,18 +167,10 @@ def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
             time.sleep(1.0)
         bad = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
         if bad is not None:
-            tail = (run_dir / f"ddp-{bad}.log").read_text().strip().splitlines()[-5:]
-            print(f"freezeps run: {cfg.mode} rank {bad} failed (exit {procs[bad].returncode}):\n  " + "\n  ".join(tail),
-                  file=sys.stderr)
+            _report_failure(f"{cfg.mode} rank {bad}", procs[bad], run_dir / f"ddp-{bad}.log")
             return 1
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(procs)
         for log in logs:
             log.close()
     return 0
@@ -196,7 +203,7 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
             where.worker_prefix[i] + base + ["worker"] + common +
             ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)],
             stdout=log, stderr=subprocess.STDOUT))
-    channel = grpc.insecure_channel(where.status_address)
+    channel = grpc.insecure_channel(where.listen)
     stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None
     try:
@@ -217,9 +224,7 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
             time.sleep(2.0)
         if failed is not None or any(w.wait() != 0 for w in workers):
             bad = failed if failed is not None else next(i for i, w in enumerate(workers) if w.returncode != 0)
-            tail = (run_dir / f"worker-{bad}.log").read_text().strip().splitlines()[-5:]
-            print(f"freezeps run: worker {bad} failed (exit {workers[bad].returncode}):\n  " + "\n  ".join(tail),
-                  file=sys.stderr)
+            _report_failure(f"worker {bad}", workers[bad], run_dir / f"worker-{bad}.log")
             return 1
         if ps.poll() is not None and ps.returncode != 0:
             print(f"freezeps run: the PS failed; see {run_dir / 'ps.log'}", file=sys.stderr)
@@ -227,13 +232,7 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
         ps.wait(timeout=60)
         after()
     finally:
-        for proc in [*workers, ps]:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop([*workers, ps])
         channel.close()
         for log in logs:
             log.close()
