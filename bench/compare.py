@@ -30,6 +30,8 @@ CONFIGS = {
     "ddp-none": ["--mode", "ddp", "--freeze", "none"],
     "ps-static-4": ["--mode", "ps", "--freeze", "static", "--freeze-blocks", "4", "--freeze-step", "0"],
     "ddp-static-4": ["--mode", "ddp", "--freeze", "static", "--freeze-blocks", "4", "--freeze-step", "0"],
+    "ps-static-5": ["--mode", "ps", "--freeze", "static", "--freeze-blocks", "5", "--freeze-step", "0"],
+    "ddp-static-5": ["--mode", "ddp", "--freeze", "static", "--freeze-blocks", "5", "--freeze-step", "0"],
     "ps-gradnorm": ["--mode", "ps", *ADAPTIVE],
     "ddp-gradnorm": ["--mode", "ddp", *ADAPTIVE],
     "single-none": ["--mode", "single", "--freeze", "none"],

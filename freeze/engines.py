@@ -45,6 +45,23 @@ class FreezeEngine(Protocol):
 
     def decide(self, stats: RoundStats) -> Decision: ...
 
+    # What the engine has accumulated, for the PS's checkpoints: tensors, numbers and
+    # containers of them only (torch.load(weights_only=True) reads it back).
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _Stateless:
+    """Engines whose decision depends on the round alone have nothing to checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"engine {self.name!r} keeps no state, got {sorted(state)}")
+
 
 @dataclass
 class EngineSpec:
@@ -83,7 +100,7 @@ class EngineSpec:
         return self
 
 
-class NoFreeze:
+class NoFreeze(_Stateless):
     """Full fine-tuning: nothing is ever frozen."""
     name = "none"
 
@@ -95,7 +112,7 @@ class NoFreeze:
 
 
 @dataclass
-class StaticFreeze:
+class StaticFreeze(_Stateless):
     """Freeze the first `blocks` blocks from step `from_step` on (0: from the start)."""
     blocks: int
     from_step: int = 0
@@ -117,7 +134,7 @@ class StaticFreeze:
 
 
 @dataclass
-class LinearFreeze:
+class LinearFreeze(_Stateless):
     """A schedule that ignores the gradients: the weak baseline adaptive engines must beat."""
     mode: str = "epoch"
     start: float = 0.0
@@ -162,6 +179,13 @@ class _IntervalEngine:
         acc, self._acc = self._acc, {}
         return acc
 
+    def state_dict(self) -> dict:
+        return {"rounds": self._rounds, "acc": {b: [t.clone() for t in ts] for b, ts in self._acc.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rounds = int(state["rounds"])
+        self._acc = {int(b): [t.clone() for t in ts] for b, ts in state["acc"].items()}
+
 
 class GradNormFreeze(_IntervalEngine):
     """The seed's test (variant "min") and AutoFreeze's (variant "percentile") on
@@ -187,6 +211,13 @@ class GradNormFreeze(_IntervalEngine):
             k = maths.percentile_rule(eta, stats.frozen_blocks, self.percentile)
         return Decision(k, tested=True, eta=tuple(eta))
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "prev_norm": dict(self._prev_norm)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._prev_norm = {int(b): float(v) for b, v in state["prev_norm"].items()}
+
 
 class ThresholdFreeze(_IntervalEngine):
     """SmartPipe: η = ‖Δ_{T−1} − Δ_T‖ / ‖Δ_{T−1}‖; leading blocks with η < τ freeze, at a rate λ."""
@@ -208,6 +239,13 @@ class ThresholdFreeze(_IntervalEngine):
         self._prev = current
         return Decision(maths.threshold_rule(eta, stats.frozen_blocks, self.tau, self.rate), tested=True,
                         eta=tuple(eta))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "prev": {b: [t.clone() for t in ts] for b, ts in self._prev.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._prev = {int(b): [t.clone() for t in ts] for b, ts in state["prev"].items()}
 
 
 def make_engine(spec: EngineSpec) -> FreezeEngine:

@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(message)s")
     if args.command == PS:
         from freezeps.roles import run_ps
-        run_ps(cfg)
-        return 0
+        return run_ps(cfg)
     if args.command == WORKER:
         from freezeps.roles import run_worker_role
         return run_worker_role(cfg)

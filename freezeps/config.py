@@ -68,7 +68,18 @@ class Config:
                               "workers vote from their own", (PS, RUN), ("central", "votes"))
     vote_weights: str = _f("shard", "weight of a worker's vote", (PS, RUN), VOTE_WEIGHTS)
     vote_quorum: float = _f(0.5, "fraction of the total vote weight a prefix needs", (PS, RUN))
-    round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds", (PS, RUN))
+    round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds (more than worker_timeout_s)",
+                                (PS, RUN))
+    worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began is dropped "
+                                 "and the round completes without it; a (resumed) run waiting this long for "
+                                 "workers starts with those present", (PS, RUN))
+    checkpoint_dir: str = _f("", "folder for the PS's checkpoints; empty: none (run: RUN_DIR/checkpoints when "
+                             "checkpoint_every > 0)", (PS,))
+    checkpoint_every: int = _f(0, "checkpoint every this many rounds (also at SIGTERM and at the end); 0: only "
+                               "at SIGTERM and the end", (PS, RUN))
+    checkpoint_keep: int = _f(2, "checkpoints kept; a corrupted newest one falls back to the one before", (PS,))
+    resume: str = _f("", "restore the newest good checkpoint in this folder before serving (and checkpoint "
+                     "there unless checkpoint_dir is set)", (PS,))
     run_log: str = _f("", "PS run log (JSONL) path; empty: none (run: RUN_DIR/ps.jsonl)", (PS,))
     params_out: str = _f("", "save the final parameters here ({tensor name: tensor}, torch.save); empty: "
                          "not saved (run: RUN_DIR/params.pt)", (PS,))
@@ -96,6 +107,8 @@ class Config:
     log_dir: str = _f("", "folder for the worker's log worker-RANK.jsonl; empty: none", (WORKER,))
     connect_retries: int = _f(8, "join attempts (exponential backoff) before giving up", (WORKER, RUN))
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
+    max_rejoins: int = _f(20, "times a worker joins again after the PS dropped it or restarted, before it gives up",
+                          (WORKER, RUN))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
     mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo); single: one "
@@ -117,19 +130,23 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
-        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "connect_retries")
+        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "connect_retries",
+                "checkpoint_keep")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("eval_every", "lr", "momentum", "weight_decay", "warmup_steps", "lr_step_size", "freeze_blocks",
-                  "freeze_step", "train_samples", "test_samples", "steps", "threads")
+                  "freeze_step", "train_samples", "test_samples", "steps", "threads", "checkpoint_every", "max_rejoins")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes % 4 or self.chunk_bytes > MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
-        if self.round_timeout_s <= 0 or self.rpc_timeout_s <= 0:
+        if self.round_timeout_s <= 0 or self.rpc_timeout_s <= 0 or self.worker_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.round_timeout_s <= self.worker_timeout_s:
+            raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "
+                             f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
         if self.lr_schedule == "step" and self.lr_step_size == 0:
             raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
         freeze_policy(self)  # validates the engine and the guards

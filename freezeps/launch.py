@@ -193,7 +193,8 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
     wire = ["--count-wire-bytes"] if cfg.network == "netns" else []
     ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire +
                           ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl"),
-                           "--params-out", str(run_dir / "params.pt")],
+                           "--params-out", str(run_dir / "params.pt")] +
+                          (["--checkpoint-dir", str(run_dir / "checkpoints")] if cfg.checkpoint_every else []),
                           stdout=ps_log, stderr=subprocess.STDOUT)
     workers, logs = [], [ps_log]
     for i in range(cfg.num_workers):

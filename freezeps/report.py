@@ -38,6 +38,19 @@ def _payload(by_method: dict, methods=TENSOR_METHODS) -> dict[str, int]:
     return out
 
 
+def applied_rounds(records: list[dict]) -> list[dict]:
+    """The round records that count: a resumed PS redoes the rounds after its checkpoint, so a
+    "resume" record drops the rounds logged from its step on (their bytes and time were spent,
+    and stay in the log, but their updates were lost)."""
+    rounds: list[dict] = []
+    for r in records:
+        if r.get("event") == "resume":
+            rounds = [x for x in rounds if x["step"] < r["step"]]
+        elif r.get("event") == "round":
+            rounds.append(r)
+    return rounds
+
+
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
     log_file = run_dir / "ps.jsonl" if (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists() \
@@ -52,7 +65,7 @@ def summarize_run(run_dir: Path) -> dict:
     steps = sum(w["steps"] for w in worker_sums) or 1
     keys = [k for k in worker_sums[0]["phases_s"]] if worker_sums else list(PHASES)
     phases = {k: sum(w["phases_s"].get(k, 0.0) for w in worker_sums) / steps for k in keys}
-    rounds = [r for r in ps if r.get("event") == "round"]
+    rounds = applied_rounds(ps)
     names = [b["name"] for b in summary["blocks"]]
     # Time axis: the PS's clock, from the start of round 0.
     t0 = rounds[0]["time"] - rounds[0]["round_s"] if rounds else 0.0

@@ -10,7 +10,8 @@ import grpc
 
 from freezeps.config import Config, freeze_policy
 from proto.transport import InterfaceCounter
-from ps.main import serve_ps
+from ps.checkpoint import CheckpointError
+from ps.main import CheckpointPlan, serve_ps
 from ps.server import ServerSettings
 from worker.client import ConnectError
 from worker.train import WorkerSettings, run_worker
@@ -23,7 +24,7 @@ def server_settings(cfg: Config) -> ServerSettings:
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
-                          round_timeout_s=cfg.round_timeout_s)
+                          round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s)
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
@@ -34,13 +35,26 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           sharding=cfg.sharding, dirichlet_alpha=cfg.dirichlet_alpha, batch_size=cfg.batch_size,
                           epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
                           evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
-                          connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s)
+                          connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
+                          max_rejoins=cfg.max_rejoins)
 
 
-def run_ps(cfg: Config) -> dict:
-    return serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
-                    wire=InterfaceCounter() if cfg.count_wire_bytes else None,
-                    params_out=Path(cfg.params_out) if cfg.params_out else None)
+def checkpoint_plan(cfg: Config) -> CheckpointPlan | None:
+    folder = cfg.checkpoint_dir or cfg.resume
+    return CheckpointPlan(Path(folder), cfg.checkpoint_every, cfg.checkpoint_keep) if folder else None
+
+
+def run_ps(cfg: Config) -> int:
+    """Serve one run; exit status 0, or 5 when --resume finds no checkpoint that fits."""
+    try:
+        serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
+                 wire=InterfaceCounter() if cfg.count_wire_bytes else None,
+                 params_out=Path(cfg.params_out) if cfg.params_out else None,
+                 checkpoints=checkpoint_plan(cfg), resume=Path(cfg.resume) if cfg.resume else None)
+    except CheckpointError as e:
+        print(f"freezeps ps: cannot resume: {e}", file=sys.stderr)
+        return 5
+    return 0
 
 
 def run_worker_role(cfg: Config) -> int:

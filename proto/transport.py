@@ -158,6 +158,16 @@ class ByteMeter:
         with self._lock:
             return _nest(self._total)
 
+    def restore(self, totals: dict) -> None:
+        """Start from the totals() of an earlier process (a resumed PS); the window stays empty."""
+        with self._lock:
+            self._total = defaultdict(Traffic)
+            for method, dirs in totals.items():
+                for direction, keys in dirs.items():
+                    for key, t in keys.items():
+                        key = int(key) if key.lstrip("-").isdigit() else key
+                        self._total[(method, direction, key)] = Traffic(t["payload"], t["message"], t["messages"])
+
     def payload_total(self, direction: str) -> int:
         with self._lock:
             return sum(t.payload for (_, d, _), t in self._total.items() if d == direction)

@@ -16,6 +16,11 @@ class FailedPrecondition(PSError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class RunFull(PSError):
+    """Every worker slot is taken; one frees when a worker leaves or is dropped: retry later."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class UnknownWorker(PSError):
     code = grpc.StatusCode.NOT_FOUND
 

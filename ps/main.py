@@ -2,25 +2,43 @@
 
 The run log gets one "round" record per step (loss, phases, gradient norms, and the bytes
 of that step per method, block and worker) and one "summary" record at the end that sets
-the bytes moved against the no-freezing counterfactual.
+the bytes moved against the no-freezing counterfactual; also "freeze", "drop" (a worker
+past its deadline), "resume" (with the rounds lost since the checkpoint) and
+"checkpoint" records.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from proto.runlog import JsonlLog
 from proto.transport import ByteMeter, InterfaceCounter
+from ps.checkpoint import CheckpointError, read_latest, write_checkpoint
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
 
 log = logging.getLogger("freezeps.ps")
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where and how often the PS saves itself: every `every` rounds (0: only at shutdown),
+    at SIGTERM and at the end, keeping the newest `keep` files."""
+    directory: Path
+    every: int = 0
+    keep: int = 2
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("checkpoint every must be >= 0 and keep >= 1")
 
 
 class _Counterfactual:
@@ -36,15 +54,24 @@ class _Counterfactual:
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
              credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None,
-             wire: InterfaceCounter | None = None, params_out: Path | None = None) -> dict:
+             wire: InterfaceCounter | None = None, params_out: Path | None = None,
+             checkpoints: CheckpointPlan | None = None, resume: Path | None = None) -> dict:
     """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes).
 
     With `wire`, each round record also gets the interface bytes of that round; with
-    `params_out`, the final values are saved there ({manifest name: tensor}, torch.save)."""
+    `params_out`, the final values are saved there ({manifest name: tensor}, torch.save).
+    With `resume`, the newest good checkpoint in that folder is restored first (a
+    CheckpointError when there is none that fits, before serving anything)."""
     meter = ByteMeter()
     wire_total: dict[str, int] = {}
-    runlog = JsonlLog(run_log)
     counter = _Counterfactual()
+    server: ParameterServer | None = None
+
+    def save_checkpoint() -> None:
+        state = {"format": 1, "server": server.snapshot(), "bytes": meter.totals(),
+                 "pushes": counter.pushes, "wire_rounds": dict(wire_total)}
+        path = write_checkpoint(checkpoints.directory, state["server"]["step"], state, checkpoints.keep)
+        runlog.write({"event": "checkpoint", "step": state["server"]["step"], "path": str(path)})
 
     def log_record(record: dict) -> None:
         if record["event"] != "round":
@@ -61,8 +88,29 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
         if record["step"] % 10 == 0:
             log.info("[PS.Round] step %d: loss %.4f, %d blocks frozen, %.3f s",
                      record["step"], record["loss"], record["frozen_blocks"], record["round_s"])
+        if checkpoints is not None and checkpoints.every and (record["step"] + 1) % checkpoints.every == 0:
+            save_checkpoint()  # under the server's lock, between two rounds
 
     server = ParameterServer(settings, policy, log_record)
+    resumed = None
+    if resume is not None:  # before the run log opens: a refused checkpoint writes nothing
+        path, state, refused = read_latest(resume)
+        try:
+            server.restore(state["server"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} does not fit this run: {e}") from None
+        meter.restore(state["bytes"])
+        counter.pushes = int(state["pushes"])
+        wire_total.update(state["wire_rounds"])
+        resumed = {"event": "resume", "checkpoint": str(path), "step": int(state["server"]["step"]),
+                   "refused": refused, "rounds_lost": _rounds_lost(run_log, int(state["server"]["step"]))}
+        for why in refused:
+            log.error("[PS] checkpoint refused: %s", why)
+        log.warning("[PS] resumed from %s at step %d (%d rounds lost since it was written)",
+                    path, resumed["step"], resumed["rounds_lost"])
+    runlog = JsonlLog(run_log)
+    if resumed:
+        runlog.write(resumed)
     grpc_server, port = start_server(server, meter, address, credentials)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)
@@ -74,11 +122,14 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
         while not stop.is_set():
             if server.wait_done(timeout=0.5):
                 break
+            server.enforce_deadlines()
             if max_wait_s and time.monotonic() - started > max_wait_s:
                 log.warning("[PS] giving up after %.0f s", max_wait_s)
                 break
     finally:
         grpc_server.stop(grace=2.0).wait(5.0)
+        if checkpoints is not None and server.status().initialized:
+            save_checkpoint()
         if params_out is not None:
             save_params(server.values_by_name(), params_out)
         summary = summarize(server.describe(), meter.totals(), counter.pushes, time.monotonic() - started)
@@ -87,6 +138,24 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
         runlog.write(summary)
         runlog.close()
     return summary
+
+
+def _rounds_lost(run_log: Path | None, restored_step: int) -> int:
+    """Rounds the previous process completed after the checkpoint: the run log's last round."""
+    if run_log is None or not run_log.is_file():
+        return 0
+    last = restored_step - 1
+    with open(run_log, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+            if record.get("event") == "round":
+                last = max(last, record["step"])
+            elif record.get("event") == "resume":
+                last = record["step"] - 1  # rounds before an earlier resume were redone
+    return last + 1 - restored_step
 
 
 def save_params(values: dict, path: Path) -> None:

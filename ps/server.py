@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,7 @@ from ps.errors import (
     FailedPrecondition,
     InvalidArgument,
     PSError,
+    RunFull,
     Timeout,
     UnknownWorker,
 )
@@ -51,7 +53,15 @@ class ServerSettings:
     warmup_steps: int = 0
     lr_step_size: int = 0
     lr_gamma: float = 0.1
-    round_timeout_s: float = 300.0
+    round_timeout_s: float = 300.0  # longest a pull waits for its round
+    # A worker that has not pushed the current step this long after the round began is
+    # dropped, and the round completes without it. The same bound starts a run (or a
+    # resumed one) with the workers present, and ends one that every worker has abandoned.
+    worker_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
 
 
 @dataclass
@@ -73,6 +83,9 @@ class ParameterServer:
         self._on_record = on_record
         self._cond = threading.Condition()
         self._ids = itertools.count()
+        # Worker ids differ between server processes, so that an id issued before a restart
+        # is unknown after it (NOT_FOUND: join again) instead of naming someone else.
+        self._incarnation = secrets.token_hex(4)
         self._workers: dict[str, _Worker] = {}
         self._ever_joined = 0
         self._manifest: pb.Manifest | None = None
@@ -95,6 +108,10 @@ class ParameterServer:
         self._summed: set[tuple[int, str]] = set()
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
+        self._waiting_since = time.monotonic()  # initialized, not started: when the wait for workers began
+        self._empty_since: float | None = None  # started, no live worker: since when
+        self._abandoned = False  # every worker gone for worker_timeout_s before the last step
+        self._dropped = 0
         # Every worker pulls the same bytes in a round: encode them once per (step, first block).
         self._pull_cache: dict[tuple[int, int], list[Frame]] = {}
         self._pull_cache_lock = threading.Lock()
@@ -141,12 +158,13 @@ class ParameterServer:
             if again is not None:  # a retried Join whose reply was lost: same registration
                 return self._join_reply(again, needs_init=self._init_worker == again.worker_id and not self._initialized)
             if len(self._workers) >= self.settings.num_workers:
-                raise FailedPrecondition(f"run is full: {len(self._workers)} of {self.settings.num_workers} workers live")
+                raise RunFull(f"run is full: {len(self._workers)} of {self.settings.num_workers} workers live")
             taken = {w.rank for w in self._workers.values()}
             rank = next(r for r in itertools.count() if r not in taken)
-            worker_id = f"w{next(self._ids)}-{rank}"
+            worker_id = f"w{next(self._ids)}-{rank}-{self._incarnation}"
             self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank)
             self._ever_joined += 1
+            self._empty_since = None
             needs_init = not self._initialized and self._init_worker is None
             if needs_init:
                 self._init_worker = worker_id
@@ -177,14 +195,15 @@ class ParameterServer:
             raise InvalidArgument(f"initial value of tensor {bad!r} holds NaN or Inf")
         with self._cond:
             self._initialized = True
+            self._waiting_since = time.monotonic()
             self._total_steps = header.total_steps
             self._steps_per_epoch = header.steps_per_epoch
             self._maybe_start()
             self._cond.notify_all()
             return pb.PushReply(step=self._step, freeze=self._freeze_copy())
 
-    def _maybe_start(self) -> None:
-        if self._initialized and not self._started and len(self._workers) >= self.settings.num_workers:
+    def _maybe_start(self, short: bool = False) -> None:
+        if self._initialized and not self._started and (short or len(self._workers) >= self.settings.num_workers):
             self._started = True
             self._round_started = time.monotonic()
             self._cond.notify_all()
@@ -355,8 +374,105 @@ class ParameterServer:
             return pb.LeaveReply(freeze=self._freeze_copy())
 
     def _done(self) -> bool:
-        """Every worker that joined has left (call with the lock held)."""
-        return self._ever_joined > 0 and self._started and not self._workers
+        """Every worker that joined has left after the last step, or all were gone for too long
+        (call with the lock held)."""
+        finished = not self._total_steps or self._step >= self._total_steps or self._abandoned
+        return self._ever_joined > 0 and self._started and not self._workers and finished
+
+    # -- deadlines -------------------------------------------------------------------------
+    def enforce_deadlines(self, now: float | None = None) -> list[str]:
+        """Apply worker_timeout_s; call it every fraction of that. Returns the dropped workers' ids.
+
+        - A worker that has not pushed the current step worker_timeout_s after the round
+          began is dropped (it may Join again); the round completes with the pushes that
+          arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
+        - A run (or a resumed run) waiting for its workers starts with those present.
+        - A run whose workers are all gone that long before its last step is abandoned.
+        """
+        now = time.monotonic() if now is None else now
+        limit = self.settings.worker_timeout_s
+        with self._cond:
+            if not self._initialized:
+                return []
+            if not self._started:
+                if self._workers and now - self._waiting_since > limit:
+                    ranks = sorted(w.rank for w in self._workers.values())
+                    log.warning("[PS] starting step %d with %d of %d workers (ranks %s) after %.0f s",
+                                self._step, len(ranks), self.settings.num_workers, ranks, limit)
+                    self._on_record({"event": "start_short", "step": self._step, "ranks": ranks,
+                                     "num_workers": self.settings.num_workers})
+                    self._maybe_start(short=True)
+                return []
+            if not self._workers:
+                if self._empty_since is None:
+                    self._empty_since = now
+                elif now - self._empty_since > limit and not self._done():
+                    log.warning("[PS] no worker for %.0f s at step %d of %d: ending the run",
+                                limit, self._step, self._total_steps)
+                    self._abandoned = True
+                    self._on_record({"event": "abandoned", "step": self._step})
+                    self._cond.notify_all()
+                return []
+            if now - self._round_started <= limit:
+                return []
+            late = [w for w in self._workers.values() if w.pushed_step != self._step]
+            for w in late:
+                del self._workers[w.worker_id]
+                self._dropped += 1
+                log.warning("[PS] dropped %s (rank %d): no push for step %d after %.0f s",
+                            w.worker_id, w.rank, self._step, now - self._round_started)
+                self._on_record({"event": "drop", "step": self._step, "worker": w.worker_id, "rank": w.rank,
+                                 "reason": f"no push {now - self._round_started:.1f} s after the round began"})
+            if late:
+                self._maybe_complete_round()
+                self._cond.notify_all()
+            return [w.worker_id for w in late]
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything needed to go on from the rounds applied so far, as copies: the manifest,
+        values, momentum, freeze state, engine state and counters. Pushes of the round in
+        progress are not part of it: after a restore, workers push that step again."""
+        with self._cond:
+            if not self._initialized:
+                raise FailedPrecondition("nothing to checkpoint before the initial values arrived")
+            return {"manifest": self._manifest.SerializeToString(), "step": self._step,
+                    "total_steps": self._total_steps, "steps_per_epoch": self._steps_per_epoch,
+                    "last_freeze_step": self._last_freeze_step,
+                    "freeze": [self._freeze.frozen_blocks, self._freeze.version, self._freeze.since_step],
+                    "engine_config": self.policy.engine_config().SerializeToString(),
+                    "engine": self.engine.state_dict(), **self._store.state()}
+
+    def restore(self, state: dict) -> None:
+        """Go on from a snapshot(), before any worker joined. ValueError (nothing changed)
+        when it does not fit: a different freeze engine, or values that do not fit the manifest."""
+        with self._cond:
+            if self._manifest is not None:
+                raise FailedPrecondition("restore only into a fresh server")
+            manifest = pb.Manifest.FromString(state["manifest"])
+            if pb.EngineConfig.FromString(state["engine_config"]) != self.policy.engine_config():
+                raise ValueError("the checkpoint was made with another freeze engine or engine settings: "
+                                 f"{pb.EngineConfig.FromString(state['engine_config'])}")
+            try:
+                blocks = layout_from_manifest(manifest)
+            except ManifestError as e:
+                raise ValueError(f"bad manifest in checkpoint: {e}") from None
+            owned = assign_blocks([b.nbytes for b in blocks], 1)[0]
+            store = BlockStore(blocks, owned, momentum=self.settings.momentum,
+                               weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
+            store.load_state(state)
+            frozen, version, since = (int(x) for x in state["freeze"])
+            if not 0 <= frozen < len(blocks):
+                raise ValueError(f"checkpoint freezes {frozen} of {len(blocks)} blocks")
+            self.engine.load_state_dict(state["engine"])
+            self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
+            self._store.freeze(range(0, frozen))
+            self._freeze = pb.FreezeState(frozen_blocks=frozen, version=version, since_step=since)
+            self._step, self._total_steps = int(state["step"]), int(state["total_steps"])
+            self._steps_per_epoch, self._last_freeze_step = int(state["steps_per_epoch"]), int(state["last_freeze_step"])
+            self._initialized = True
+            self._waiting_since = time.monotonic()
+            log.info("[PS] restored step %d: %d blocks, %d frozen", self._step, len(blocks), frozen)
 
     def wait_done(self, timeout: float) -> bool:
         with self._cond:
@@ -392,6 +508,7 @@ class ParameterServer:
                     "blocks": [{"name": b.name, "bytes": b.nbytes} for b in self._blocks],
                     "num_workers": self.settings.num_workers, "steps": self._step,
                     "frozen_blocks": self._freeze.frozen_blocks, "freeze_since_step": self._freeze.since_step,
+                    "workers_dropped": self._dropped, "abandoned": self._abandoned,
                     "optimizer_state_bytes": self._store.optimizer_state_bytes() if self._store else 0}
 
 

@@ -152,5 +152,27 @@ class BlockStore:
             self._grads[b] = []
             self.acc[b] = torch.empty(0)
 
+    def state(self) -> dict:
+        """Copies of the values and the momentum, for a checkpoint."""
+        return {"values": {b: v.clone() for b, v in self.values.items()},
+                "momentum": {b: [m.clone() for m in bufs] for b, bufs in self._momentum.items()}}
+
+    def load_state(self, state: dict) -> None:
+        """Restore values and momentum; ValueError (nothing changed) when they do not fit the blocks."""
+        values, momentum = state["values"], state["momentum"]
+        if set(values) != set(self.owned):
+            raise ValueError(f"values for blocks {sorted(values)}, expected {list(self.owned)}")
+        for b, v in values.items():
+            if v.dtype != torch.float32 or v.shape != self.values[b].shape:
+                raise ValueError(f"block {self.blocks[b].name!r}: values {v.dtype} {tuple(v.shape)}, "
+                                 f"expected float32 {tuple(self.values[b].shape)}")
+        for b, bufs in momentum.items():
+            shapes = [p.shape for p in self._params.get(b, [])]
+            if [m.shape for m in bufs] != shapes:
+                raise ValueError(f"momentum of block {b} does not fit its parameters")
+        for b, v in values.items():
+            self.values[b].copy_(v)
+        self._momentum = {b: [m.clone() for m in bufs] for b, bufs in momentum.items()}
+
     def optimizer_state_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for bufs in self._momentum.values() for m in bufs)

@@ -36,9 +36,19 @@ def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_pat
 
     server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), policy or FreezePolicy(), on_record)
     grpc_server, port = start_server(server, meter, "127.0.0.1:0")
+    stop = threading.Event()
+
+    def enforce_deadlines():  # what serve_ps's loop does
+        while not stop.wait(0.05):
+            server.enforce_deadlines()
+
+    deadlines = threading.Thread(target=enforce_deadlines, daemon=True)
+    deadlines.start()
     try:
         yield RunningPS(server, grpc_server, port, log_path)
     finally:
+        stop.set()
+        deadlines.join(5)
         grpc_server.stop(grace=None).wait(5)
         runlog.close()
 

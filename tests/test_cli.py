@@ -44,7 +44,7 @@ def test_worker_command_exits_nonzero_with_a_message():
                                      "--dataset", "synthetic", "--weights", "random", "--connect-retries", "2",
                                      "--image-size", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3
-    assert "cannot reach the parameter server" in out.stderr
+    assert "cannot join the parameter server" in out.stderr
 
 
 def test_bad_flag_value_is_a_clear_error():

@@ -14,8 +14,10 @@ from worker.flat import FlatModel, manifest_for
 from worker.models import build_model
 
 
-def _reference(weights_file, num_workers, steps, batch_size, lr, momentum, wd, freeze_blocks=0, freeze_step=0):
-    """Serial SGD on the concatenated batches, freezing as the PS does."""
+def serial_reference(weights_file, num_workers, steps, batch_size, lr, momentum, wd, freeze_blocks=0, freeze_step=0,
+               ranks_per_step=None):
+    """Serial SGD on the concatenated batches, freezing as the PS does; with ranks_per_step,
+    step t uses the batches of ranks_per_step[t] only (the pushes the PS accepted)."""
     train = load_dataset("synthetic", None, True)
     model = build_model("mlp", train.num_classes, str(weights_file))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
@@ -23,8 +25,9 @@ def _reference(weights_file, num_workers, steps, batch_size, lr, momentum, wd, f
     steps_per_epoch = len(train) // (num_workers * batch_size)
     for step in range(steps):
         epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch_size
-        idx = np.concatenate([np.take(batch_order(s, epoch, r, 0), np.arange(pos, pos + batch_size), mode="wrap")
-                              for r, s in enumerate(shards)])
+        ranks = range(num_workers) if ranks_per_step is None else ranks_per_step[step]
+        idx = np.concatenate([np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch_size),
+                                      mode="wrap") for r in ranks])
         x, y = make_batch(train, idx, 8, 3, augment=False)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -53,7 +56,7 @@ def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
         # Momentum is kept only for blocks that still train: frozen blocks' state is freed.
         trained = [t for b in FlatModel(build_model("mlp", 4)).layout[freeze[0] if freeze else 0:] for t in b.tensors]
         assert ps.server.describe()["optimizer_state_bytes"] == sum(t.nbytes for t in trained)
-    want = _reference(weights, num_workers, steps, 16, lr, momentum, wd,
+    want = serial_reference(weights, num_workers, steps, 16, lr, momentum, wd,
                       *(freeze if freeze else (0, 0)))
     assert got.keys() == want.keys()
     for name in want:

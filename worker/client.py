@@ -65,14 +65,16 @@ class PSClient:
                 self.worker_id, self.chunk_bytes = reply.worker_id, reply.chunk_bytes
                 return reply
             except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # RESOURCE_EXHAUSTED: every slot is taken until the PS drops the worker we replace.
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
-                log.warning("[Worker.Join] PS at %s unreachable (try %d/%d): %s; retrying in %.1f s",
-                            self.address, attempt, self._retries, e.details(), delay)
+                log.warning("[Worker.Join] PS at %s: %s (try %d/%d): %s; retrying in %.1f s",
+                            self.address, e.code().name, attempt, self._retries, e.details(), delay)
                 if attempt < self._retries:
                     time.sleep(delay)
                     delay = min(delay * 2, self._backoff_max)
-        raise ConnectError(f"cannot reach the parameter server at {self.address}: "
+        raise ConnectError(f"cannot join the parameter server at {self.address}: "
                            f"{self._retries} tries over {time.monotonic() - started:.1f} s")
 
     def _push_stream(self, header: pb.PushHeader, flat: FlatModel, blocks: range, values: bool) -> Iterator:

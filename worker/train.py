@@ -2,6 +2,10 @@
 
 The frozen prefix comes from the PS with every pull; blocks before it run under no_grad
 in eval mode and their gradients are neither computed nor sent.
+
+When the PS no longer knows this worker (it was dropped past its deadline, or the PS
+restarted from a checkpoint) or cannot be reached, the worker joins again, up to
+max_rejoins times, and goes on from the PS's step with everything pulled afresh.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,37 @@ class WorkerSettings:
     log_dir: Path | None
     connect_retries: int
     rpc_timeout_s: float
+    max_rejoins: int = 20
+
+
+REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What one Join decided: this worker's place in the run and where it starts."""
+    rank: int
+    world: int
+    step: int
+    shard: np.ndarray
+    label_balance: float
+    voter: object  # this worker's freeze engine in votes mode, else None
+
+
+def join_run(client: PSClient, flat: FlatModel, name: str, train, settings: WorkerSettings,
+             total_steps, steps_per_epoch) -> Membership:
+    """Join (and Init, when the PS asks for the first values); total_steps and steps_per_epoch
+    are functions of the number of workers, which Join tells."""
+    joined = client.join(flat.manifest, name)
+    world = joined.num_workers
+    if joined.needs_init:
+        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps(world), steps_per_epoch(world))
+    shard = shard_indices(train.labels.numpy(), joined.rank, world, settings.sharding, settings.dirichlet_alpha,
+                          settings.seed)
+    # In votes mode this worker runs the run's engine on its own gradients and sends its proposal.
+    voter = make_engine(EngineSpec(**json.loads(joined.engine.spec_json))) if joined.engine.votes else None
+    return Membership(joined.rank, world, joined.step, shard,
+                      label_balance(train.labels.numpy()[shard], train.num_classes), voter)
 
 
 def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int) -> tuple[float, float]:
@@ -92,17 +128,17 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # Join. Every worker plans the same steps, from the global sample count.
-    joined = client.join(flat.manifest, name)
-    rank, world = joined.rank, joined.num_workers
-    steps_per_epoch = max(len(train) // (world * settings.batch_size), 1)
-    total_steps = settings.steps or settings.epochs * steps_per_epoch
-    if joined.needs_init:
-        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps, steps_per_epoch)
-    shard = shard_indices(train.labels.numpy(), rank, world, settings.sharding, settings.dirichlet_alpha, settings.seed)
-    # In votes mode this worker runs the run's engine on its own gradients and sends its proposal.
-    voter = make_engine(EngineSpec(**json.loads(joined.engine.spec_json))) if joined.engine.votes else None
-    balance = label_balance(train.labels.numpy()[shard], train.num_classes)
-    log.info("[Worker] rank %d/%d: %d samples, %d steps from step %d", rank, world, len(shard), total_steps, joined.step)
+    def steps_per_epoch_for(world: int) -> int:
+        return max(len(train) // (world * settings.batch_size), 1)
+
+    def total_steps_for(world: int) -> int:
+        return settings.steps or settings.epochs * steps_per_epoch_for(world)
+
+    member = join_run(client, flat, name, train, settings, total_steps_for, steps_per_epoch_for)
+    rank, first_step = member.rank, member.step
+    steps_per_epoch, total_steps = steps_per_epoch_for(member.world), total_steps_for(member.world)
+    log.info("[Worker] rank %d/%d: %d samples, %d steps from step %d", rank, member.world, len(member.shard),
+             total_steps, member.step)
     runlog = JsonlLog(settings.log_dir / f"worker-{rank}.jsonl" if settings.log_dir else None)
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
 
@@ -111,12 +147,24 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
     evals = []
     order, epoch = None, -1
-    step = joined.step
+    step, steps_done, rejoins = member.step, 0, 0
     started = time.perf_counter()
     try:
         while step < total_steps:
-            # Pull: the new values of every block not frozen here, and the freeze state.
-            header, wait_s, pull_s = client.pull(step, frozen, flat)
+            try:
+                # Pull: the new values of every block not frozen here, and the freeze state.
+                header, wait_s, pull_s = client.pull(step, frozen, flat)
+            except grpc.RpcError as e:
+                if e.code() not in REJOIN_CODES or rejoins >= settings.max_rejoins:
+                    raise
+                rejoins += 1
+                log.warning("[Worker] rank %d: the PS answered %s (%s) at step %d; joining again (%d/%d)",
+                            rank, e.code().name, e.details(), step, rejoins, settings.max_rejoins)
+                member = join_run(client, flat, name, train, settings, total_steps_for, steps_per_epoch_for)
+                rank, step, frozen, order, epoch = member.rank, member.step, 0, None, -1
+                model.set_frozen(0)
+                runlog.write({"event": "rejoin", "step": step, "rank": rank, "code": e.code().name})
+                continue
             if header.freeze.frozen_blocks != frozen:
                 frozen = header.freeze.frozen_blocks
                 model.set_frozen(frozen)
@@ -129,7 +177,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             # The batch: this worker's shard, in an order fixed by (seed, epoch, rank).
             if step // steps_per_epoch != epoch:
                 epoch = step // steps_per_epoch
-                order = batch_order(shard, epoch, rank, settings.seed)
+                order = batch_order(member.shard, epoch, rank, settings.seed)
             pos = (step % steps_per_epoch) * settings.batch_size
             idx = np.take(order, np.arange(pos, pos + settings.batch_size), mode="wrap")
             x, y = make_batch(train, idx, settings.image_size, channels, settings.augment, gen)
@@ -144,15 +192,22 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
 
             # Push the active blocks' gradients (and running statistics), with a vote at test rounds.
             push_header = pb.PushHeader(step=step, batch_size=len(y), loss=loss.item(), phases=phases)
-            if voter is not None:
+            if member.voter is not None:
                 stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=frozen,
                                    total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                    grads={b: flat.param_grads(b) for b in range(frozen, len(flat.layout))})
-                decision = voter.decide(stats)
+                decision = member.voter.decide(stats)
                 if decision.tested:
                     push_header.vote.CopyFrom(pb.Vote(frozen_blocks=decision.frozen_blocks, eta=decision.eta,
-                                                      shard_size=len(shard), label_balance=balance))
-            client.push(push_header, flat, range(frozen, len(flat.layout)))
+                                                      shard_size=len(member.shard),
+                                                      label_balance=member.label_balance))
+            try:
+                client.push(push_header, flat, range(frozen, len(flat.layout)))
+            except grpc.RpcError as e:
+                if e.code() not in REJOIN_CODES:
+                    raise
+                continue  # the next pull finds out why, and joins again
+
             t3 = time.perf_counter()
             phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
             for k in totals:
@@ -160,13 +215,18 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             runlog.write({"event": "step", "step": step, "loss": loss.item(), "frozen_blocks": frozen,
                           "phases": {k: getattr(phases, k) for k in totals}})
             step += 1
+            steps_done += 1
         if settings.evaluate and rank == 0 and total_steps > 0:
             header, _, _ = client.pull(step, frozen, flat)
             evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
     finally:
-        client.leave()
+        try:
+            client.leave()
+        except grpc.RpcError as e:  # the PS is gone or dropped us: nothing to leave
+            log.warning("[Worker] rank %d: Leave answered %s", rank, e.code().name)
         client.close()
-    summary = {"event": "worker_summary", "rank": rank, "steps": step - joined.step,
+    summary = {"event": "worker_summary", "rank": rank, "steps": steps_done, "first_step": first_step,
+               "rejoins": rejoins,
                "wall_s": time.perf_counter() - started, "phases_s": totals, "evals": evals,
                "bytes": client.meter.totals()}
     runlog.write(summary)

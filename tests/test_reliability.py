@@ -1,0 +1,325 @@
+"""Faults: late workers are dropped and rejoin, the PS resumes from checkpoints after kill -9,
+corrupted checkpoints are refused, and no acknowledged round is lost or applied twice."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
+from proto import freezeps_pb2 as pb
+from proto.codec import encode_header
+from proto.transport import iter_chunks
+from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
+from ps.policy import FreezePolicy
+from ps.server import ParameterServer, ServerSettings
+from tests.conftest import run_workers, worker_settings
+from tests.test_training_matches_reference import serial_reference
+from worker.client import PSClient
+from worker.flat import FlatModel
+from worker.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- checkpoint files ------------------------------------------------------------------------
+def test_checkpoint_round_trip_keeps_the_newest(tmp_path):
+    state = {"values": {0: torch.arange(6.0)}, "manifest": b"\x01\x02", "step": 3, "freeze": [1, 1, 2]}
+    for step in (2, 4, 6):
+        write_checkpoint(tmp_path, step, {**state, "step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000006.fzck", "ckpt-000000004.fzck"]
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]  # nothing half-written is left
+    got = read_checkpoint(tmp_path / "ckpt-000000006.fzck")
+    assert got["step"] == 6 and got["manifest"] == b"\x01\x02" and torch.equal(got["values"][0], torch.arange(6.0))
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda b: b[:-10], "truncated"),
+    (lambda b: b[:20], "truncated header"),
+    (lambda b: b[:-5] + bytes([b[-5] ^ 0x40]) + b[-4:], "checksum mismatch"),
+    (lambda b: b"NOT-A-CHECKPOINT" + b[16:], "bad magic"),
+])
+def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, damage, why):
+    write_checkpoint(tmp_path, 2, {"step": 2, "values": {0: torch.ones(4)}})
+    newest = write_checkpoint(tmp_path, 4, {"step": 4, "values": {0: torch.zeros(4)}})
+    newest.write_bytes(damage(newest.read_bytes()))
+    with pytest.raises(CheckpointError, match=why):
+        read_checkpoint(newest)
+    path, state, refused = read_latest(tmp_path)
+    assert state["step"] == 2 and path.name == "ckpt-000000002.fzck"
+    assert len(refused) == 1 and why in refused[0]
+
+
+def test_no_good_checkpoint_is_an_error_naming_each_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        read_latest(tmp_path)
+    path = write_checkpoint(tmp_path, 1, {"step": 1})
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="no good checkpoint.*ckpt-000000001.fzck: truncated"):
+        read_latest(tmp_path)
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    """Even with a valid checksum, the payload is read with weights_only: no pickled objects."""
+    path = write_checkpoint(tmp_path, 1, {"step": 1})
+    import hashlib
+    import io
+    import pickle
+    import struct
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    payload = io.BytesIO()
+    torch.save({"x": Evil()}, payload, pickle_module=pickle)
+    data = payload.getvalue()
+    path.write_bytes(b"FREEZEPS-CKPT-1\n" + struct.pack("<Q32s", len(data), hashlib.sha256(data).digest()) + data)
+    with pytest.raises(CheckpointError, match="unreadable payload"):
+        read_checkpoint(path)
+
+
+# -- engine state ----------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: GradNormFreeze(interval=2), lambda: ThresholdFreeze(interval=2, tau=1.2)])
+def test_engine_state_survives_a_checkpoint(tmp_path, make):
+    gen = torch.Generator().manual_seed(0)
+    rounds = [{b: [torch.randn(5, generator=gen) * (b + 1) / (t + 1)] for b in range(4)} for t in range(12)]
+    straight, resumed = make(), make()
+    decisions = []
+    for t, grads in enumerate(rounds):
+        if t == 5:  # mid-interval: the accumulators hold one round
+            write_checkpoint(tmp_path, t, {"engine": straight.state_dict()})
+            resumed.load_state_dict(read_latest(tmp_path)[1]["engine"])
+        stats = RoundStats(step=t, num_blocks=4, frozen_blocks=0, grads=grads)
+        want = straight.decide(stats)
+        if t >= 5:
+            got = resumed.decide(stats)
+            assert got.frozen_blocks == want.frozen_blocks
+            np.testing.assert_array_equal(got.eta, want.eta)
+        decisions.append(want)
+    assert sum(d.tested for d in decisions) == 6
+
+
+def test_stateless_engine_refuses_foreign_state():
+    assert NoFreeze().state_dict() == {}
+    with pytest.raises(ValueError, match="keeps no state"):
+        NoFreeze().load_state_dict({"rounds": 3})
+
+
+# -- deadlines -------------------------------------------------------------------------------
+def _joined_server(num_workers: int, joins: int, **settings) -> tuple[ParameterServer, list[str], FlatModel]:
+    """A server with `joins` workers joined and the first one's Init done."""
+    records: list = []
+    server = ParameterServer(ServerSettings(num_workers=num_workers, chunk_bytes=1 << 20, **settings),
+                             FreezePolicy(), records.append)
+    server.records = records
+    flat = FlatModel(build_model("mlp", 4))
+    ids = [server.join(pb.JoinRequest(worker_name=f"w{i}", manifest=flat.manifest)).worker_id for i in range(joins)]
+    frames = [encode_header(pb.PushHeader(worker_id=ids[0], total_steps=5))]
+    frames += [f for b in flat.layout for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
+    server.init(iter(frames))
+    return server, ids, flat
+
+
+def test_run_starts_short_handed_after_the_deadline():
+    server, _, _ = _joined_server(3, 2, worker_timeout_s=5.0)
+    assert not server.status().done and server.enforce_deadlines(time.monotonic() + 1) == []
+    assert server.records == []  # still waiting for the third worker
+    server.enforce_deadlines(time.monotonic() + 6)
+    assert server.records == [{"event": "start_short", "step": 0, "ranks": [0, 1], "num_workers": 3}]
+
+
+def test_run_without_workers_is_abandoned_not_hung():
+    server, ids, _ = _joined_server(1, 1, worker_timeout_s=5.0)
+    server.leave(pb.LeaveRequest(worker_id=ids[0]))  # at step 0 of 5: not finished
+    assert not server.wait_done(0.01)
+    now = time.monotonic()
+    server.enforce_deadlines(now)
+    assert not server.wait_done(0.01)
+    server.enforce_deadlines(now + 6)
+    assert server.wait_done(0.01) and server.records[-1] == {"event": "abandoned", "step": 0}
+
+
+class _StallingClient(PSClient):
+    """Stalls before pushing `step`, once, for `seconds` (a worker that hangs, then wakes)."""
+
+    def __init__(self, address, step, seconds, **kw):
+        super().__init__(address, **kw)
+        self.stall_step, self.seconds = step, seconds
+
+    def push(self, header, flat, blocks):
+        if header.step == self.stall_step:
+            self.stall_step = -1
+            time.sleep(self.seconds)
+        return super().push(header, flat, blocks)
+
+
+def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
+    torch.manual_seed(3)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    steps, lr = 10, 0.05
+    log_path = tmp_path / "ps.jsonl"
+    with ps_factory(3, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, worker_timeout_s=0.5,
+                    round_timeout_s=10.0) as ps:
+        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(3)]
+        staller = _StallingClient(ps.address, step=3, seconds=2.0, connect_retries=3, rpc_timeout_s=30.0)
+        from worker.train import run_worker
+        stalled: dict = {}
+        thread = threading.Thread(target=lambda: stalled.update(run_worker(settings[2], client=staller)))
+        thread.start()
+        summaries = run_workers(settings[:2])
+        thread.join(60)
+        assert not thread.is_alive()
+        got = ps.server.values_by_name()
+        assert ps.server.step == steps and ps.server.describe()["workers_dropped"] == 1
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    drops = [r for r in records if r["event"] == "drop"]
+    assert len(drops) == 1 and drops[0]["step"] == 3
+    rounds = [r for r in records if r["event"] == "round"]
+    ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds]
+    assert ranks_per_step[3] == sorted({0, 1, 2} - {drops[0]["rank"]})  # the round went on without it
+    assert [r["samples"] for r in rounds][3] == 32
+    assert stalled["rejoins"] == 1 and stalled["steps"] < steps  # it missed the rounds it was away
+    assert all(s["rejoins"] == 0 for s in summaries)
+    # Exactly the accepted pushes were applied, weighted by their batch sizes.
+    want = serial_reference(weights, 3, steps, 16, lr, 0.9, 0.0, ranks_per_step=ranks_per_step)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# -- PS crash and resume -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _HoldingClient(PSClient):
+    """Holds before pushing `step` until `release` is set (the PS dies meanwhile)."""
+
+    def __init__(self, address, step, reached, release, **kw):
+        super().__init__(address, **kw)
+        self.hold_step, self.reached, self.release = step, reached, release
+
+    def push(self, header, flat, blocks):
+        if header.step == self.hold_step:
+            self.hold_step = -1
+            self.reached.set()
+            assert self.release.wait(60)
+        return super().push(header, flat, blocks)
+
+
+def _ps_command(port, tmp_path, *extra):
+    return [sys.executable, "-m", "freezeps", "ps", "--listen", f"127.0.0.1:{port}", "--num-workers", "2",
+            "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0", "--freeze", "none",
+            "--run-log", str(tmp_path / "ps.jsonl"), "--params-out", str(tmp_path / "params.pt"),
+            "--worker-timeout-s", "20", "--log-level", "warning", *extra]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("corrupt_newest", [False, True])
+def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_path, corrupt_newest):
+    torch.manual_seed(5)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    steps = 10
+    with ps_factory(2, lr=0.05, momentum=0.9, weight_decay=0.0) as ps:  # the uninterrupted run
+        run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(2)])
+        want = ps.server.values_by_name()
+        want_bytes = ps.server.describe()
+
+    port, ckpt = _free_port(), tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(_ps_command(port, tmp_path, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"),
+                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        reached, release = threading.Event(), threading.Event()
+        address = f"127.0.0.1:{port}"
+        holder = _HoldingClient(address, 7, reached, release, connect_retries=12, rpc_timeout_s=60.0)
+        settings = worker_settings(address, weights=str(weights), steps=steps, connect_retries=12, rpc_timeout_s=60.0)
+        from worker.train import run_worker
+        results: dict = {}
+
+        def work(name, client):
+            try:
+                results[name] = run_worker(settings, client=client)
+            except BaseException as e:  # reported below, as data
+                results[name] = e
+
+        threads = [threading.Thread(target=work, args=("holder", holder), daemon=True),
+                   threading.Thread(target=work, args=("other", None), daemon=True)]
+        for t in threads:
+            t.start()
+        assert reached.wait(60), "the run did not reach step 7"
+        _wait_for(lambda: len(list_checkpoints(ckpt)) == 2, 10, "the checkpoint of step 6")
+        first.send_signal(signal.SIGKILL)  # no chance to save anything
+        first.wait(10)
+        assert [p.name for p in list_checkpoints(ckpt)] == ["ckpt-000000006.fzck", "ckpt-000000004.fzck"]
+        if corrupt_newest:
+            newest = list_checkpoints(ckpt)[0]
+            data = bytearray(newest.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            newest.write_bytes(bytes(data))
+        second = subprocess.Popen(_ps_command(port, tmp_path, "--resume", str(ckpt)), cwd=ROOT, env=env,
+                                  stderr=subprocess.PIPE, text=True)
+        release.set()
+        for t in threads:
+            t.join(90)
+        assert not any(t.is_alive() for t in threads), "a worker hung"
+        errors = [r for r in results.values() if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        assert second.wait(30) == 0, second.stderr.read()
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    records = [json.loads(line) for line in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    resume = next(r for r in records if r["event"] == "resume")
+    assert resume["step"] == (4 if corrupt_newest else 6)
+    assert resume["rounds_lost"] == 7 - resume["step"]  # rounds 0..6 had completed before the kill
+    assert len(resume["refused"]) == int(corrupt_newest)
+    assert all(r["rejoins"] == 1 for r in results.values())
+    got = torch.load(tmp_path / "params.pt", weights_only=True)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)  # same bits: nothing applied twice
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["steps"] == steps
+    assert summary["push_payload"] == steps * 2 * sum(b["bytes"] for b in want_bytes["blocks"])
+
+
+def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "ckpt").mkdir()
+    out = subprocess.run(_ps_command(port, tmp_path, "--resume", str(tmp_path / "ckpt")), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 5 and "cannot resume: no checkpoint in" in out.stderr
+    assert not (tmp_path / "ps.jsonl").exists()
+    # A checkpoint of a run with another freeze engine does not fit.
+    server, _, _ = _joined_server(1, 1)
+    write_checkpoint(tmp_path / "ckpt", 0, {"format": 1, "server": server.snapshot(), "bytes": {}, "pushes": 0,
+                                            "wire_rounds": {}})
+    out = subprocess.run(_ps_command(port, tmp_path, "--resume", str(tmp_path / "ckpt"), "--freeze", "static",
+                                     "--freeze-blocks", "1"), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 5 and "does not fit this run" in out.stderr and "freeze engine" in out.stderr
