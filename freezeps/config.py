@@ -73,6 +73,8 @@ class Config:
     worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began is dropped "
                                  "and the round completes without it; a (resumed) run waiting this long for "
                                  "workers starts with those present", (PS, RUN))
+    max_model_bytes: int = _f(4 << 30, "largest model (tensor bytes) the PS accepts from the first Join; it "
+                              "allocates about 3x this", (PS, RUN))
     checkpoint_dir: str = _f("", "folder for the PS's checkpoints; empty: none (run: RUN_DIR/checkpoints when "
                              "checkpoint_every > 0)", (PS,))
     checkpoint_every: int = _f(0, "checkpoint every this many rounds (also at SIGTERM and at the end); 0: only "
@@ -131,7 +133,7 @@ class Config:
             if choices and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
         positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "connect_retries",
-                "checkpoint_keep")
+                "checkpoint_keep", "max_model_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -24,7 +24,8 @@ def server_settings(cfg: Config) -> ServerSettings:
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
-                          round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s)
+                          round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
+                          max_model_bytes=cfg.max_model_bytes)
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:

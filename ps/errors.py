@@ -18,6 +18,11 @@ class FailedPrecondition(PSError):
 
 class RunFull(PSError):
     """Every worker slot is taken; one frees when a worker leaves or is dropped: retry later."""
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class TooLarge(PSError):
+    """The request would make the PS allocate more than it is allowed to."""
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

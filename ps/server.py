@@ -31,6 +31,7 @@ from ps.errors import (
     InvalidArgument,
     PSError,
     RunFull,
+    TooLarge,
     Timeout,
     UnknownWorker,
 )
@@ -58,6 +59,9 @@ class ServerSettings:
     # dropped, and the round completes without it. The same bound starts a run (or a
     # resumed one) with the workers present, and ends one that every worker has abandoned.
     worker_timeout_s: float = 120.0
+    # The PS allocates values, an accumulator and momentum per tensor the first manifest
+    # declares: a bound, so that a Join cannot make it allocate without limit.
+    max_model_bytes: int = 4 << 30
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0:
@@ -137,6 +141,9 @@ class ParameterServer:
                     blocks = layout_from_manifest(req.manifest)
                 except ManifestError as e:
                     raise InvalidArgument(f"bad manifest: {e}") from None
+                if model_bytes(blocks) > self.settings.max_model_bytes:
+                    raise TooLarge(f"the manifest declares {model_bytes(blocks):,} bytes of tensors; this PS "
+                                   f"holds at most {self.settings.max_model_bytes:,} (max_model_bytes)")
                 try:
                     frozen = self.engine.initial(len(blocks))
                 except ValueError as e:

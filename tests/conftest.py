@@ -5,14 +5,19 @@ import contextlib
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
+from proto import freezeps_pb2 as pb
+from proto import freezeps_pb2_grpc as pb_grpc
 from proto.runlog import JsonlLog
-from proto.transport import ByteMeter
+from proto.transport import ByteMeter, iter_chunks
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
+from worker.flat import FlatModel
+from worker.models import build_model
 from worker.train import WorkerSettings
 
 
@@ -56,6 +61,38 @@ def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_pat
 @pytest.fixture
 def ps_factory():
     return running_ps
+
+
+def as_pb_chunk(frame) -> pb.Chunk:
+    c = frame.chunk
+    return pb.Chunk(block=c.block, tensor=c.tensor, offset=c.offset, data=bytes(c.data))
+
+
+def good_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
+    """A whole push of the model's current gradients, as protobuf chunks (small, so several per block)."""
+    return [as_pb_chunk(f) for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
+
+
+@contextlib.contextmanager
+def one_worker(**settings):
+    """A started run with one worker joined and initialised, through protobuf's generated stub:
+    (ps, stub, worker_id, flat)."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    with running_ps(num_workers=1, **settings) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
+        init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
+        init += [pb.PushMessage(chunk=as_pb_chunk(f)) for b in flat.layout
+                 for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
+        stub.Init(iter(init), timeout=10)
+        yield ps, stub, joined.worker_id, flat
+
+
+@pytest.fixture
+def one_worker_run():
+    with one_worker() as run:
+        yield run
 
 
 def worker_settings(address: str, **overrides) -> WorkerSettings:

@@ -10,30 +10,12 @@ import math
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
-from proto.transport import iter_chunks
+from tests.conftest import good_chunks as _good_chunks
 from worker.flat import FlatModel
 from worker.models import build_model
-
-
-@pytest.fixture
-def one_worker_run(ps_factory):
-    """A started run with one worker joined and initialised: (ps, stub, worker_id, flat)."""
-    torch.manual_seed(0)
-    flat = FlatModel(build_model("mlp", 4))
-    with ps_factory(num_workers=1) as ps:
-        channel = grpc.insecure_channel(ps.address)
-        stub = pb_grpc.ParameterServerStub(channel)
-        joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
-        init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
-        init += [pb.PushMessage(chunk=_as_pb(f)) for b in flat.layout
-                 for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
-        stub.Init(iter(init), timeout=10)
-        yield ps, stub, joined.worker_id, flat
-        channel.close()
 
 
 def _push(stub, worker_id, step, chunks, batch_size=8):
@@ -42,14 +24,6 @@ def _push(stub, worker_id, step, chunks, batch_size=8):
     return stub.Push(iter(msgs), timeout=10)
 
 
-def _as_pb(frame) -> pb.Chunk:
-    c = frame.chunk
-    return pb.Chunk(block=c.block, tensor=c.tensor, offset=c.offset, data=bytes(c.data))
-
-
-def _good_chunks(flat, chunk_bytes=64):
-    # Sent through protobuf's generated stub: the PS's own codec must understand it.
-    return [_as_pb(f) for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
 
 
 def _mutations(flat):

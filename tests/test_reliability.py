@@ -323,3 +323,21 @@ def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
                                      "--freeze-blocks", "1"), cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 5 and "does not fit this run" in out.stderr and "freeze engine" in out.stderr
+
+
+# -- soak ------------------------------------------------------------------------------------
+def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
+    """16 worker processes, 100 rounds, 3 workers killed (SIGKILL) at random and replaced."""
+    from bench.soak import params_match, soak
+    torch.manual_seed(0)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    result = soak(16, 100, 3, tmp_path / "run", weights, seed=1, worker_timeout_s=2.0, timeout_s=240.0)
+    assert not result.hung, "a process was still running at the time limit"
+    assert result.failed_processes == 0, (tmp_path / "run" / "processes.log").read_text()[-3000:]
+    assert result.rounds_lost == 0 and result.applied_steps == list(range(100))
+    assert result.drops == 3  # each killed worker was dropped, and nobody else
+    sizes = [len(ranks) for ranks in result.ranks_per_step]
+    first_short = next(i for i, n in enumerate(sizes) if n < 16)  # rounds went on without the dead
+    assert 16 in sizes[first_short:] or result.late_replacements == 3  # and replacements rejoined
+    assert params_match(result, weights)  # exactly the accepted pushes were applied

@@ -65,9 +65,9 @@ class PSClient:
                 self.worker_id, self.chunk_bytes = reply.worker_id, reply.chunk_bytes
                 return reply
             except grpc.RpcError as e:
-                # RESOURCE_EXHAUSTED: every slot is taken until the PS drops the worker we replace.
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    grpc.StatusCode.RESOURCE_EXHAUSTED):
+                # UNAVAILABLE is also "the run is full": a slot frees when the PS drops the
+                # worker this one replaces.
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 log.warning("[Worker.Join] PS at %s: %s (try %d/%d): %s; retrying in %.1f s",
                             self.address, e.code().name, attempt, self._retries, e.details(), delay)

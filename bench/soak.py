@@ -1,0 +1,221 @@
+"""Soak: many worker processes, a fixed number of rounds, random worker kills and restarts.
+
+    python -m bench.soak --workers 4,8,16,32 --rounds 40 --kills 4 --out docs/results/soak
+
+For each worker count: one run without faults (its median round time), then one with
+`--kills` workers killed with SIGKILL at random moments, each replaced at once by a fresh
+process (which waits for the PS to drop the dead one, then takes its rank). Every run is
+bounded: a run still going after --timeout seconds counts as a hang and is killed.
+Checks after each faulty run: every round 0..R-1 applied exactly once, every process
+ended, and (with --verify) the PS's final parameters equal serial SGD on the pushes it
+accepted, as the run log lists them.
+
+The workload is the tests' MLP on the synthetic set: small, so the round time measures
+the PS's per-worker overhead rather than compute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = dict(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=16, image_size=8)
+
+
+@dataclass
+class SoakResult:
+    workers: int
+    rounds: int
+    kills: int
+    wall_s: float = 0.0
+    median_round_s: float = 0.0
+    hung: bool = False
+    failed_processes: int = 0
+    late_replacements: int = 0  # started after the run had (nearly) ended: still joining at its end
+    drops: int = 0
+    applied_steps: list[int] = field(default_factory=list)
+    ranks_per_step: list[list[int]] = field(default_factory=list)
+    params: Path | None = None
+
+    @property
+    def rounds_lost(self) -> int:
+        """Rounds missing from, or applied twice in, the run log."""
+        return len(set(range(self.rounds)) ^ set(self.applied_steps)) + len(self.applied_steps) - len(
+            set(self.applied_steps))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *, seed: int = 0,
+         worker_timeout_s: float = 2.0, timeout_s: float = 300.0,
+         kill_window: tuple[float, float] = (0.1, 0.5)) -> SoakResult:
+    """One bounded run: a PS, `workers` worker processes, `kills` of them killed and replaced, at
+    random rounds within kill_window (fractions of the run: early enough for a replacement,
+    which needs seconds to start, to join before the end)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FREEZEPS_LOG_LEVEL": "warning"}
+    base = [sys.executable, "-m", "freezeps"]
+    ps_cmd = base + ["ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",
+                     "--lr", str(WORKLOAD["lr"]), "--momentum", str(WORKLOAD["momentum"]),
+                     "--weight-decay", str(WORKLOAD["weight_decay"]), "--worker-timeout-s", str(worker_timeout_s),
+                     "--round-timeout-s", "60", "--run-log", str(run_dir / "ps.jsonl"),
+                     "--params-out", str(run_dir / "params.pt")]
+    worker_cmd = base + ["worker", "--ps-address", f"127.0.0.1:{port}", "--model", "mlp", "--weights", str(weights),
+                         "--dataset", "synthetic", "--train-samples", "0", "--image-size", str(WORKLOAD["image_size"]),
+                         "--batch-size", str(WORKLOAD["batch_size"]), "--steps", str(rounds), "--seed", "0",
+                         "--threads", "1", "--no-evaluate",
+                         "--connect-retries", "12", "--rpc-timeout-s", "60"]
+    result = SoakResult(workers, rounds, kills)
+    logs = open(run_dir / "processes.log", "w")
+    started = time.monotonic()
+    ps = subprocess.Popen(ps_cmd, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
+    live = [subprocess.Popen(worker_cmd, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
+            for _ in range(workers)]
+    replacements: list[subprocess.Popen] = []
+    kill_at = sorted(rng.uniform(*kill_window) for _ in range(kills))  # fractions of the rounds
+    try:
+        while ps.poll() is None:
+            if time.monotonic() - started > timeout_s:
+                result.hung = True
+                break
+            step = _progress(run_dir / "ps.jsonl")
+            if kill_at and step >= kill_at[0] * rounds:
+                kill_at.pop(0)
+                # An original worker: it has joined, so its death must show as a drop.
+                victim = rng.choice([p for p in live if p.poll() is None and p not in replacements])
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(10)
+                live.remove(victim)
+                replacements.append(subprocess.Popen(worker_cmd, cwd=ROOT, env=env, stdout=logs,
+                                                     stderr=subprocess.STDOUT))
+                live.append(replacements[-1])
+            time.sleep(0.1)
+        # Workers that were in the run have left when the PS ends; a replacement that was still
+        # waiting for a free slot retries Join until its budget runs out: stop it after a grace.
+        grace_end = time.monotonic() + 10.0
+        for p in live:
+            try:
+                p.wait(max(0.1, grace_end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                if p not in replacements or ps.returncode != 0:
+                    result.hung = True
+                p.terminate()
+                p.wait(10)
+    finally:
+        for p in [ps, *live]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        logs.close()
+    result.wall_s = time.monotonic() - started
+    late = {id(p) for p in replacements if p.returncode in (3, -signal.SIGTERM)}  # could not join: run over
+    result.late_replacements = len(late)
+    result.failed_processes = sum(p.returncode != 0 and id(p) not in late for p in live) + (ps.returncode != 0)
+    records = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines() if line.strip()]
+    rounds_logged = [r for r in records if r["event"] == "round"]
+    result.applied_steps = [r["step"] for r in rounds_logged]
+    result.ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds_logged]
+    result.drops = sum(r["event"] == "drop" for r in records)
+    times = [r["round_s"] for r in rounds_logged[1:]]
+    result.median_round_s = statistics.median(times) if times else 0.0
+    result.params = run_dir / "params.pt"
+    return result
+
+
+def _progress(run_log: Path) -> int:
+    """Rounds completed so far, from the PS's run log (0 before it exists)."""
+    if not run_log.is_file():
+        return 0
+    with open(run_log, encoding="utf-8") as f:
+        return sum('"event": "round"' in line for line in f)
+
+
+def reference_params(weights: Path, workers: int, ranks_per_step: list[list[int]]) -> dict:
+    """Serial SGD on the batches the PS accepted, step by step (what the final values must be)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from worker.data import batch_order, load_dataset, make_batch, shard_indices
+    from worker.flat import manifest_for
+    from worker.models import build_model
+
+    train = load_dataset("synthetic", None, True)
+    model = build_model("mlp", train.num_classes, str(weights))
+    opt = torch.optim.SGD(model.parameters(), lr=WORKLOAD["lr"], momentum=WORKLOAD["momentum"],
+                          weight_decay=WORKLOAD["weight_decay"])
+    shards = [shard_indices(train.labels.numpy(), r, workers) for r in range(workers)]
+    batch = WORKLOAD["batch_size"]
+    steps_per_epoch = max(len(train) // (workers * batch), 1)
+    for step, ranks in enumerate(ranks_per_step):
+        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch
+        idx = np.concatenate([np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch), mode="wrap")
+                              for r in ranks])
+        x, y = make_batch(train, idx, WORKLOAD["image_size"], 3, augment=False)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    names = [t.name for b in manifest_for(model).blocks for t in b.tensors]
+    return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
+
+
+def params_match(result: SoakResult, weights: Path) -> bool:
+    import numpy as np
+    import torch
+    got = torch.load(result.params, weights_only=True)
+    want = reference_params(weights, result.workers, result.ranks_per_step)
+    return all(np.allclose(got[k].numpy(), v, rtol=1e-4, atol=1e-5) for k, v in want.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="4,8,16,32", help="comma-separated worker counts")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--kills", type=int, default=4, help="worker kills per faulty run")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT/results.json and OUT/README.md")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as hung")
+    args = parser.parse_args()
+    import torch
+
+    from worker.models import build_model
+    runs_dir = ROOT / "runs" / f"soak-{int(time.time())}"
+    runs_dir.mkdir(parents=True)
+    weights = runs_dir / "init.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    rows = []
+    for n in [int(x) for x in args.workers.split(",")]:
+        clean = soak(n, args.rounds, 0, runs_dir / f"w{n}-clean", weights, timeout_s=args.timeout)
+        faulty = soak(n, args.rounds, args.kills, runs_dir / f"w{n}-kills", weights, timeout_s=args.timeout)
+        row = {"workers": n, "median_round_ms": round(clean.median_round_s * 1000, 1),
+               "kills": args.kills, "drops": faulty.drops, "hangs": int(clean.hung) + int(faulty.hung),
+               "failed_processes": clean.failed_processes + faulty.failed_processes,
+               "rounds_lost": clean.rounds_lost + faulty.rounds_lost,
+               "short_rounds": sum(len(r) < n for r in faulty.ranks_per_step),
+               "params_match_reference": params_match(faulty, weights) and params_match(clean, weights),
+               "faulty_wall_s": round(faulty.wall_s, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
