@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freezeps.report import applied_rounds
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = dict(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=16, image_size=8)
 
@@ -41,6 +43,9 @@ class SoakResult:
     hung: bool = False
     failed_processes: int = 0
     late_replacements: int = 0  # started after the run had (nearly) ended: still joining at its end
+    ps_kills: int = 0
+    redone_rounds: int = 0  # rounds after the PS's last checkpoint, lost with it and done again
+    recovery_s: float = 0.0  # PS restarted -> first round completed after the resume
     drops: int = 0
     applied_steps: list[int] = field(default_factory=list)
     ranks_per_step: list[list[int]] = field(default_factory=list)
@@ -62,10 +67,11 @@ def _free_port() -> int:
 
 def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *, seed: int = 0,
          worker_timeout_s: float = 2.0, timeout_s: float = 300.0,
-         kill_window: tuple[float, float] = (0.1, 0.5)) -> SoakResult:
+         kill_window: tuple[float, float] = (0.1, 0.5), ps_kill_at: float | None = None) -> SoakResult:
     """One bounded run: a PS, `workers` worker processes, `kills` of them killed and replaced, at
     random rounds within kill_window (fractions of the run: early enough for a replacement,
-    which needs seconds to start, to join before the end)."""
+    which needs seconds to start, to join before the end). With ps_kill_at, the PS is killed
+    (SIGKILL) at that fraction of the rounds and started again with --resume."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     port = _free_port()
@@ -74,14 +80,17 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     ps_cmd = base + ["ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",
                      "--lr", str(WORKLOAD["lr"]), "--momentum", str(WORKLOAD["momentum"]),
                      "--weight-decay", str(WORKLOAD["weight_decay"]), "--worker-timeout-s", str(worker_timeout_s),
+                     "--start-timeout-s", "30",
                      "--round-timeout-s", "60", "--run-log", str(run_dir / "ps.jsonl"),
-                     "--params-out", str(run_dir / "params.pt")]
+                     "--params-out", str(run_dir / "params.pt"), "--checkpoint-dir", str(run_dir / "ckpt"),
+                     "--checkpoint-every", "10"]
     worker_cmd = base + ["worker", "--ps-address", f"127.0.0.1:{port}", "--model", "mlp", "--weights", str(weights),
                          "--dataset", "synthetic", "--train-samples", "0", "--image-size", str(WORKLOAD["image_size"]),
                          "--batch-size", str(WORKLOAD["batch_size"]), "--steps", str(rounds), "--seed", "0",
                          "--threads", "1", "--no-evaluate",
                          "--connect-retries", "12", "--rpc-timeout-s", "60"]
-    result = SoakResult(workers, rounds, kills)
+    result = SoakResult(workers, rounds, kills, ps_kills=int(ps_kill_at is not None))
+    restarted_at = 0.0
     logs = open(run_dir / "processes.log", "w")
     started = time.monotonic()
     ps = subprocess.Popen(ps_cmd, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
@@ -95,6 +104,13 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
                 result.hung = True
                 break
             step = _progress(run_dir / "ps.jsonl")
+            if ps_kill_at is not None and step >= ps_kill_at * rounds:
+                ps_kill_at = None
+                ps.send_signal(signal.SIGKILL)
+                ps.wait(10)
+                restarted_at = time.time()
+                ps = subprocess.Popen(ps_cmd + ["--resume", str(run_dir / "ckpt")], cwd=ROOT, env=env, stdout=logs,
+                                      stderr=subprocess.STDOUT)
             if kill_at and step >= kill_at[0] * rounds:
                 kill_at.pop(0)
                 # An original worker: it has joined, so its death must show as a drop.
@@ -128,7 +144,12 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     result.late_replacements = len(late)
     result.failed_processes = sum(p.returncode != 0 and id(p) not in late for p in live) + (ps.returncode != 0)
     records = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines() if line.strip()]
-    rounds_logged = [r for r in records if r["event"] == "round"]
+    rounds_logged = applied_rounds(records)
+    resume = next((r for r in records if r["event"] == "resume"), None)
+    if resume is not None:
+        result.redone_rounds = resume["rounds_lost"]
+        after = [r for r in records[records.index(resume):] if r["event"] == "round"]
+        result.recovery_s = after[0]["time"] - restarted_at if after else float("inf")
     result.applied_steps = [r["step"] for r in rounds_logged]
     result.ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds_logged]
     result.drops = sum(r["event"] == "drop" for r in records)
@@ -202,12 +223,15 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.workers.split(",")]:
         clean = soak(n, args.rounds, 0, runs_dir / f"w{n}-clean", weights, timeout_s=args.timeout)
-        faulty = soak(n, args.rounds, args.kills, runs_dir / f"w{n}-kills", weights, timeout_s=args.timeout)
+        faulty = soak(n, args.rounds, args.kills, runs_dir / f"w{n}-kills", weights, timeout_s=args.timeout,
+                      ps_kill_at=0.6)
         row = {"workers": n, "median_round_ms": round(clean.median_round_s * 1000, 1),
                "kills": args.kills, "drops": faulty.drops, "hangs": int(clean.hung) + int(faulty.hung),
                "failed_processes": clean.failed_processes + faulty.failed_processes,
                "rounds_lost": clean.rounds_lost + faulty.rounds_lost,
                "short_rounds": sum(len(r) < n for r in faulty.ranks_per_step),
+               "ps_kills": faulty.ps_kills, "redone_rounds": faulty.redone_rounds,
+               "ps_recovery_s": round(faulty.recovery_s, 2), "late_replacements": faulty.late_replacements,
                "params_match_reference": params_match(faulty, weights) and params_match(clean, weights),
                "faulty_wall_s": round(faulty.wall_s, 1)}
         rows.append(row)

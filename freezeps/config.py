@@ -71,8 +71,9 @@ class Config:
     round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds (more than worker_timeout_s)",
                                 (PS, RUN))
     worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began is dropped "
-                                 "and the round completes without it; a (resumed) run waiting this long for "
-                                 "workers starts with those present", (PS, RUN))
+                                 "and the round completes without it", (PS, RUN))
+    start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
+                                "initial values arrived starts with those present", (PS, RUN))
     max_model_bytes: int = _f(4 << 30, "largest model (tensor bytes) the PS accepts from the first Join; it "
                               "allocates about 3x this", (PS, RUN))
     checkpoint_dir: str = _f("", "folder for the PS's checkpoints; empty: none (run: RUN_DIR/checkpoints when "
@@ -144,7 +145,7 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes % 4 or self.chunk_bytes > MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
-        if self.round_timeout_s <= 0 or self.rpc_timeout_s <= 0 or self.worker_timeout_s <= 0:
+        if min(self.round_timeout_s, self.rpc_timeout_s, self.worker_timeout_s, self.start_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
         if self.round_timeout_s <= self.worker_timeout_s:
             raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "

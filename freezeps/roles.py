@@ -25,6 +25,7 @@ def server_settings(cfg: Config) -> ServerSettings:
                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
+                          start_timeout_s=cfg.start_timeout_s,
                           max_model_bytes=cfg.max_model_bytes)
 
 

@@ -56,15 +56,18 @@ class ServerSettings:
     lr_gamma: float = 0.1
     round_timeout_s: float = 300.0  # longest a pull waits for its round
     # A worker that has not pushed the current step this long after the round began is
-    # dropped, and the round completes without it. The same bound starts a run (or a
-    # resumed one) with the workers present, and ends one that every worker has abandoned.
+    # dropped, and the round completes without it. The same bound ends a run that every
+    # worker has left before its last step.
     worker_timeout_s: float = 120.0
+    # A run (or a resumed one) still waiting for workers this long after its initial values
+    # arrived starts with the workers present.
+    start_timeout_s: float = 120.0
     # The PS allocates values, an accumulator and momentum per tensor the first manifest
     # declares: a bound, so that a Join cannot make it allocate without limit.
     max_model_bytes: int = 4 << 30
 
     def __post_init__(self):
-        if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0:
+        if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
 
 
@@ -388,12 +391,13 @@ class ParameterServer:
 
     # -- deadlines -------------------------------------------------------------------------
     def enforce_deadlines(self, now: float | None = None) -> list[str]:
-        """Apply worker_timeout_s; call it every fraction of that. Returns the dropped workers' ids.
+        """Apply worker_timeout_s and start_timeout_s; call it every fraction of them. Returns the
+        dropped workers' ids.
 
         - A worker that has not pushed the current step worker_timeout_s after the round
           began is dropped (it may Join again); the round completes with the pushes that
           arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
-        - A run (or a resumed run) waiting for its workers starts with those present.
+        - A run (or a resumed run) waiting start_timeout_s for its workers starts with those present.
         - A run whose workers are all gone that long before its last step is abandoned.
         """
         now = time.monotonic() if now is None else now
@@ -402,10 +406,11 @@ class ParameterServer:
             if not self._initialized:
                 return []
             if not self._started:
-                if self._workers and now - self._waiting_since > limit:
+                if self._workers and now - self._waiting_since > self.settings.start_timeout_s:
                     ranks = sorted(w.rank for w in self._workers.values())
                     log.warning("[PS] starting step %d with %d of %d workers (ranks %s) after %.0f s",
-                                self._step, len(ranks), self.settings.num_workers, ranks, limit)
+                                self._step, len(ranks), self.settings.num_workers, ranks,
+                                self.settings.start_timeout_s)
                     self._on_record({"event": "start_short", "step": self._step, "ranks": ranks,
                                      "num_workers": self.settings.num_workers})
                     self._maybe_start(short=True)

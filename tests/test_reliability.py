@@ -132,7 +132,7 @@ def _joined_server(num_workers: int, joins: int, **settings) -> tuple[ParameterS
 
 
 def test_run_starts_short_handed_after_the_deadline():
-    server, _, _ = _joined_server(3, 2, worker_timeout_s=5.0)
+    server, _, _ = _joined_server(3, 2, start_timeout_s=5.0)
     assert not server.status().done and server.enforce_deadlines(time.monotonic() + 1) == []
     assert server.records == []  # still waiting for the third worker
     server.enforce_deadlines(time.monotonic() + 6)
