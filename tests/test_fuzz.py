@@ -54,11 +54,13 @@ any_op = st.one_of(header_ops, chunk_ops, raw_ops, good_ops, cut_ops, poison_ops
 
 @st.composite
 def push_streams(draw, chunks: int):
-    """Random streams, or a whole valid push (`chunks` chunks) with up to two edits: drop,
-    duplicate, swap or replace a message."""
-    if draw(st.booleans()):
+    """Random streams, or a whole valid push (`chunks` chunks, its header valid or random) with
+    up to two edits: drop, duplicate, swap or replace a message."""
+    shape = draw(st.sampled_from(["random", "valid", "valid with a random header"]))
+    if shape == "random":
         return draw(st.lists(any_op, max_size=10))
-    ops = [("header", "me", "now", 16)] + [("good", i) for i in range(chunks)]
+    header = ("header", "me", "now", 16) if shape == "valid" else draw(header_ops)
+    ops = [header] + [("good", i) for i in range(chunks)]
     for _ in range(draw(st.integers(0, 2))):
         i = draw(st.integers(0, len(ops) - 1))
         edit = draw(st.sampled_from(["drop", "dup", "swap", "replace", "none"]))
@@ -131,6 +133,7 @@ def test_fuzzed_pushes_are_answered_and_change_nothing_unless_valid():
 
         check()
         assert stub.Status(pb.StatusRequest(), timeout=5).live_workers == 1  # still serving, still joined
+    print(f"push outcomes: {dict(sorted(outcomes.items()))}")  # shown with pytest -s
     # The generator reached both sides: refusals of each kind and accepted pushes.
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"} <= set(outcomes), outcomes
 
