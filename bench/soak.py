@@ -58,7 +58,7 @@ class SoakResult:
             set(self.applied_steps))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +74,7 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     (SIGKILL) at that fraction of the rounds and started again with --resume."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FREEZEPS_LOG_LEVEL": "warning"}
     base = [sys.executable, "-m", "freezeps"]
     ps_cmd = base + ["ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.soak import free_port
 from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
@@ -199,12 +199,6 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
 
 
 # -- PS crash and resume -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _HoldingClient(PSClient):
     """Holds before pushing `step` until `release` is set (the PS dies meanwhile)."""
 
@@ -245,7 +239,7 @@ def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_pa
         want = ps.server.values_by_name()
         want_bytes = ps.server.describe()
 
-    port, ckpt = _free_port(), tmp_path / "ckpt"
+    port, ckpt = free_port(), tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(_ps_command(port, tmp_path, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"),
                              cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -308,7 +302,7 @@ def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_pa
 
 
 def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (tmp_path / "ckpt").mkdir()
     out = subprocess.run(_ps_command(port, tmp_path, "--resume", str(tmp_path / "ckpt")), cwd=ROOT, env=env,
@@ -341,3 +335,28 @@ def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     first_short = next(i for i, n in enumerate(sizes) if n < 16)  # rounds went on without the dead
     assert 16 in sizes[first_short:] or result.late_replacements == 3  # and replacements rejoined
     assert params_match(result, weights)  # exactly the accepted pushes were applied
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+    """A PS stopped with SIGTERM mid-run saves itself; --resume then starts from that step."""
+    port, ckpt = free_port(), tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ps = subprocess.Popen(_ps_command(port, tmp_path, "--checkpoint-dir", str(ckpt)), cwd=ROOT, env=env)
+    try:
+        torch.manual_seed(0)
+        flat = FlatModel(build_model("mlp", 4))
+        client = PSClient(f"127.0.0.1:{port}", connect_retries=12)
+        joined = client.join(flat.manifest, "solo")
+        client.init(flat, range(joined.owned.first, joined.owned.end), total_steps=5)
+        assert list_checkpoints(ckpt) == []  # --checkpoint-every 0: none until the end
+        ps.send_signal(signal.SIGTERM)
+        assert ps.wait(30) == 0
+        client.close()
+    finally:
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait(10)
+    [path] = list_checkpoints(ckpt)
+    state = read_checkpoint(path)
+    assert state["server"]["step"] == 0 and state["server"]["total_steps"] == 5
+    np.testing.assert_array_equal(state["server"]["values"][0].numpy().view(np.uint8), flat.value_bytes(0))
