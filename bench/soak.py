@@ -167,8 +167,12 @@ def _progress(run_log: Path) -> int:
         return sum('"event": "round"' in line for line in f)
 
 
-def reference_params(weights: Path, workers: int, ranks_per_step: list[list[int]]) -> dict:
-    """Serial SGD on the batches the PS accepted, step by step (what the final values must be)."""
+def serial_sgd(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
+               momentum: float, weight_decay: float, image_size: int = 8, freeze_blocks: int = 0,
+               freeze_step: int = 0) -> dict:
+    """The MLP on the synthetic set trained serially, step t on the concatenated batches of
+    ranks_per_step[t] (the pushes the PS accepted), freezing as the PS does: what a freezeps
+    run's final values must be. {tensor name: array}."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -179,18 +183,20 @@ def reference_params(weights: Path, workers: int, ranks_per_step: list[list[int]
 
     train = load_dataset("synthetic", None, True)
     model = build_model("mlp", train.num_classes, str(weights))
-    opt = torch.optim.SGD(model.parameters(), lr=WORKLOAD["lr"], momentum=WORKLOAD["momentum"],
-                          weight_decay=WORKLOAD["weight_decay"])
-    shards = [shard_indices(train.labels.numpy(), r, workers) for r in range(workers)]
-    batch = WORKLOAD["batch_size"]
-    steps_per_epoch = max(len(train) // (workers * batch), 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    shards = [shard_indices(train.labels.numpy(), r, num_workers) for r in range(num_workers)]
+    steps_per_epoch = max(len(train) // (num_workers * batch_size), 1)
     for step, ranks in enumerate(ranks_per_step):
-        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch
-        idx = np.concatenate([np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch), mode="wrap")
-                              for r in ranks])
-        x, y = make_batch(train, idx, WORKLOAD["image_size"], 3, augment=False)
+        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch_size
+        idx = np.concatenate([np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch_size),
+                                      mode="wrap") for r in ranks])
+        x, y = make_batch(train, idx, image_size, 3, augment=False)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        if freeze_blocks and step >= freeze_step:
+            for block in model.blocks[:freeze_blocks]:
+                for p in block.parameters():
+                    p.grad = None  # torch's SGD skips a parameter without a gradient
         opt.step()
     names = [t.name for b in manifest_for(model).blocks for t in b.tensors]
     return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
@@ -200,7 +206,7 @@ def params_match(result: SoakResult, weights: Path) -> bool:
     import numpy as np
     import torch
     got = torch.load(result.params, weights_only=True)
-    want = reference_params(weights, result.workers, result.ranks_per_step)
+    want = serial_sgd(weights, result.workers, result.ranks_per_step, **WORKLOAD)
     return all(np.allclose(got[k].numpy(), v, rtol=1e-4, atol=1e-5) for k, v in want.items())
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.soak import free_port
+from bench.soak import free_port, serial_sgd
 from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
@@ -24,7 +24,6 @@ from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, re
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from tests.conftest import run_workers, worker_settings
-from tests.test_training_matches_reference import serial_reference
 from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -193,7 +192,7 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
     assert stalled["rejoins"] == 1 and stalled["steps"] < steps  # it missed the rounds it was away
     assert all(s["rejoins"] == 0 for s in summaries)
     # Exactly the accepted pushes were applied, weighted by their batch sizes.
-    want = serial_reference(weights, 3, steps, 16, lr, 0.9, 0.0, ranks_per_step=ranks_per_step)
+    want = serial_sgd(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 

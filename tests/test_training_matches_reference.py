@@ -1,44 +1,17 @@
-"""Distributed rounds over real gRPC equal serial SGD on the union of the workers' batches."""
+"""Distributed rounds over real gRPC equal serial SGD on the union of the workers' batches
+(bench.soak.serial_sgd, which the fault tests use too)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from bench.soak import serial_sgd
 from freeze.engines import EngineSpec
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
-from worker.data import batch_order, load_dataset, make_batch, shard_indices
-from worker.flat import FlatModel, manifest_for
+from worker.flat import FlatModel
 from worker.models import build_model
-
-
-def serial_reference(weights_file, num_workers, steps, batch_size, lr, momentum, wd, freeze_blocks=0, freeze_step=0,
-               ranks_per_step=None):
-    """Serial SGD on the concatenated batches, freezing as the PS does; with ranks_per_step,
-    step t uses the batches of ranks_per_step[t] only (the pushes the PS accepted)."""
-    train = load_dataset("synthetic", None, True)
-    model = build_model("mlp", train.num_classes, str(weights_file))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    shards = [shard_indices(train.labels.numpy(), r, num_workers) for r in range(num_workers)]
-    steps_per_epoch = len(train) // (num_workers * batch_size)
-    for step in range(steps):
-        epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * batch_size
-        ranks = range(num_workers) if ranks_per_step is None else ranks_per_step[step]
-        idx = np.concatenate([np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch_size),
-                                      mode="wrap") for r in ranks])
-        x, y = make_batch(train, idx, 8, 3, augment=False)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if freeze_blocks and step >= freeze_step:
-            for block in model.blocks[:freeze_blocks]:
-                for p in block.parameters():
-                    p.grad = None  # torch's SGD skips a parameter without a gradient
-        opt.step()
-    manifest = manifest_for(model)
-    names = [t.name for b in manifest.blocks for t in b.tensors]
-    return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
 
 
 @pytest.mark.parametrize("num_workers,freeze", [(2, None), (3, (1, 3)), (4, None)])
@@ -56,8 +29,9 @@ def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
         # Momentum is kept only for blocks that still train: frozen blocks' state is freed.
         trained = [t for b in FlatModel(build_model("mlp", 4)).layout[freeze[0] if freeze else 0:] for t in b.tensors]
         assert ps.server.describe()["optimizer_state_bytes"] == sum(t.nbytes for t in trained)
-    want = serial_reference(weights, num_workers, steps, 16, lr, momentum, wd,
-                      *(freeze if freeze else (0, 0)))
+    freeze_blocks, freeze_step = freeze or (0, 0)
+    want = serial_sgd(weights, num_workers, [list(range(num_workers))] * steps, batch_size=16, lr=lr,
+                      momentum=momentum, weight_decay=wd, freeze_blocks=freeze_blocks, freeze_step=freeze_step)
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
