@@ -20,8 +20,11 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
         torch==2.14.1 torchvision==0.29.1 \
  && pip install --no-cache-dir .
 
+# Mount points owned by the service user: a named volume takes over their owner, so the
+# unprivileged processes can write run logs, checkpoints and the generated certificates.
+RUN install -d -o freezeps -g freezeps /runs /secrets
 USER freezeps
-VOLUME ["/runs"]
+VOLUME ["/runs", "/secrets"]
 EXPOSE 50051
 ENTRYPOINT ["freezeps"]
 CMD ["--help"]

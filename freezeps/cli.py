@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from freezeps.config import PS, RUN, WORKER, Config, fields_for, load_config
+from freezeps.config import PS, RUN, STATUS, WORKER, Config, fields_for, load_config
 
 ROLE_HELP = {
     PS: "start a parameter server and serve until its workers are done",
@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "used by health checks")
     status.add_argument("address", nargs="?", default="127.0.0.1:50051", help="PS address, host:port")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    _add_flags(status, STATUS)  # the security settings: a PS with TLS or a token checks this call too
+    certs = sub.add_parser("certs", help="make a CA, a PS certificate, client certificates and a token",
+                           description="Write a CA (ca.pem, ca.key), a PS certificate (ps.pem, ps.key) for the "
+                                       "given hosts, a client certificate per --client, and a random token into "
+                                       "OUT; keys and token 0600. An existing CA in OUT signs the new "
+                                       "certificates; existing files are kept.")
+    certs.add_argument("out", metavar="OUT", help="folder to write into")
+    certs.add_argument("--ps-host", action="append", default=[], metavar="HOST",
+                       help="a name or IP address workers use to reach the PS (repeat for several); "
+                            "localhost and 127.0.0.1 are always included")
+    certs.add_argument("--client", action="append", default=None, metavar="NAME",
+                       help="a client certificate NAME.pem for mutual TLS (repeat; default: one named worker)")
+    certs.add_argument("--days", type=int, default=365, help="validity of the certificates, days")
     return parser
 
 
@@ -80,18 +93,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from freezeps.certs import make_secrets
+    try:
+        written, kept = make_secrets(Path(args.out), args.ps_host, args.client or ["worker"], args.days)
+    except (ValueError, OSError) as e:
+        print(f"freezeps certs: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    for path in kept:
+        print(f"kept  {path} (exists)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         return _report(args)
-    if args.command == "status":
-        from freezeps.launch import print_status
-        return print_status(args.address, args.timeout)
+    if args.command == "certs":
+        return _certs(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as e:
         print(f"freezeps {args.command}: bad configuration: {e}", file=sys.stderr)
         return 2
+    if args.command == STATUS:
+        from freezeps.launch import print_status
+        return print_status(args.address, args.timeout, cfg)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(message)s")
     if args.command == PS:

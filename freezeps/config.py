@@ -13,13 +13,14 @@ from typing import Any
 
 from freeze.engines import ENGINES, EngineSpec
 from freezeps.netns import LinkShape
+from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from worker.data import DATASETS
 from worker.models import MODELS
 
-PS, WORKER, RUN = "ps", "worker", "run"
+PS, WORKER, RUN, STATUS = "ps", "worker", "run", "status"
 
 
 def _f(default, help: str, roles: tuple[str, ...], choices: tuple | None = None):
@@ -29,7 +30,8 @@ def _f(default, help: str, roles: tuple[str, ...], choices: tuple | None = None)
 @dataclass(frozen=True)
 class Config:
     # -- parameter server ------------------------------------------------------------------
-    listen: str = _f("0.0.0.0:50051", "address the PS binds, host:port", (PS,))
+    listen: str = _f("127.0.0.1:50051", "address the PS binds, host:port; one that is not loopback needs tls or "
+                     "token_file, or insecure", (PS,))
     num_workers: int = _f(4, "workers in the run; round 0 starts when this many have joined", (PS, RUN))
     chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
     lr: float = _f(0.1, "SGD learning rate", (PS, RUN))
@@ -83,6 +85,8 @@ class Config:
     checkpoint_keep: int = _f(2, "checkpoints kept; a corrupted newest one falls back to the one before", (PS,))
     resume: str = _f("", "restore the newest good checkpoint in this folder before serving (and checkpoint "
                      "there unless checkpoint_dir is set)", (PS,))
+    auto_resume: bool = _f(False, "restore the newest good checkpoint in checkpoint_dir when it holds one, else "
+                           "start fresh: for a PS that systemd or Docker restarts", (PS,))
     run_log: str = _f("", "PS run log (JSONL) path; empty: none (run: RUN_DIR/ps.jsonl)", (PS,))
     params_out: str = _f("", "save the final parameters here ({tensor name: tensor}, torch.save); empty: "
                          "not saved (run: RUN_DIR/params.pt)", (PS,))
@@ -112,6 +116,21 @@ class Config:
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
     max_rejoins: int = _f(20, "times a worker joins again after the PS dropped it or restarted, before it gives up",
                           (WORKER, RUN))
+    # -- security (see proto/security.py); secrets live in files, never in flags or logs ----
+    tls: bool = _f(False, "TLS on every call: the PS serves with tls_cert and tls_key, a worker checks the PS's "
+                   "certificate against tls_ca (run: makes a CA and certificates in RUN_DIR/secrets)",
+                   (PS, WORKER, RUN, STATUS))
+    tls_cert: str = _f("", "PEM certificate file: the PS's own, or a worker's client certificate for mutual TLS",
+                       (PS, WORKER, STATUS))
+    tls_key: str = _f("", "PEM private key file of tls_cert", (PS, WORKER, STATUS))
+    tls_ca: str = _f("", "PEM CA certificate file: a worker checks the PS's certificate against it (empty: the "
+                     "system's roots); with tls_client_auth the PS checks the workers' against it",
+                     (PS, WORKER, STATUS))
+    tls_client_auth: bool = _f(False, "mutual TLS: the PS refuses callers without a certificate signed by tls_ca",
+                               (PS, RUN))
+    token_file: str = _f("", "file holding the shared-secret token that every call carries and the PS checks; "
+                         "empty: none (run: a fresh one in RUN_DIR/secrets)", (PS, WORKER, RUN, STATUS))
+    insecure: bool = _f(False, "let the PS listen on a non-loopback address without TLS or a token", (PS,))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
     mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo); single: one "
@@ -150,8 +169,12 @@ class Config:
         if self.round_timeout_s <= self.worker_timeout_s:
             raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
+        if self.auto_resume and (self.resume or not self.checkpoint_dir):
+            raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:
             raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
+        if not self.tls and (self.tls_cert or self.tls_key or self.tls_ca or self.tls_client_auth):
+            raise ValueError("tls_cert, tls_key, tls_ca and tls_client_auth only apply with tls on")
         freeze_policy(self)  # validates the engine and the guards
         link_shape(self)
         return self
@@ -168,6 +191,13 @@ def freeze_policy(cfg: Config) -> FreezePolicy:
     return FreezePolicy(spec=engine_spec(cfg), votes=cfg.freeze_decision == "votes", vote_weights=cfg.vote_weights,
                         quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
                         freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
+
+
+def auth_for(cfg: Config, role: str) -> Auth:
+    """What a role presents and trusts, read from the files the settings name (AuthError if unusable).
+    Only the PS demands client certificates: tls_client_auth is its setting."""
+    return read_auth(tls=cfg.tls, cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca,
+                     client_auth=cfg.tls_client_auth and role == PS, token_file=cfg.token_file)
 
 
 def link_shape(cfg: Config) -> LinkShape:

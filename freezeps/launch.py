@@ -20,9 +20,11 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from freezeps import netns
-from freezeps.config import Config, link_shape
+from freezeps.certs import make_secrets
+from freezeps.config import STATUS, Config, auth_for, link_shape
 from freezeps.report import format_report, summarize_run
 from proto import freezeps_pb2 as pb
+from proto.security import Auth, AuthError, open_channel, read_auth
 from proto.service import ParameterServerClient
 
 
@@ -51,13 +53,21 @@ def _status(stub, timeout: float = 2.0) -> pb.StatusReply | None:
         return None
 
 
-def print_status(address: str, timeout: float) -> int:
-    """`freezeps status`: one line of JSON with the PS's state; exit 1 when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
-        status = _status(ParameterServerClient(channel), timeout)
-    if status is None:
-        print(f"freezeps status: no answer from {address} within {timeout:g} s", file=sys.stderr)
-        return 1
+def print_status(address: str, timeout: float, cfg: Config) -> int:
+    """`freezeps status`: one line of JSON with the PS's state; exit 1 when it does not answer
+    (or refuses this caller's credentials), 2 when they cannot be read."""
+    try:
+        auth = auth_for(cfg, STATUS)
+    except AuthError as e:
+        print(f"freezeps status: {e}", file=sys.stderr)
+        return 2
+    with open_channel(address, auth) as channel:
+        try:
+            status = ParameterServerClient(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            print(f"freezeps status: no answer from {address} within {timeout:g} s: {e.code().name}: {e.details()}",
+                  file=sys.stderr)
+            return 1
     print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True)))
     return 0
 
@@ -88,6 +98,38 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
         print(f"freezeps run: {e}", file=sys.stderr)
         return 2
     return code
+
+
+@dataclass(frozen=True)
+class RunSecrets:
+    """The security flags of the PS and the workers of one run, and what the launcher presents
+    when it asks for the status. Every run carries a token (`token_file`, or a fresh one);
+    with --tls, a fresh CA signs the PS's certificate (and the workers' with --tls-client-auth)."""
+    ps_flags: list[str]
+    worker_flags: list[str]
+    launcher: Auth
+
+    @classmethod
+    def make(cls, cfg: Config, run_dir: Path, ps_host: str) -> "RunSecrets":
+        folder = run_dir / "secrets"
+        token = cfg.token_file or str(folder / "token")
+        ca, ps_cert, ps_key, client_cert, client_key = (
+            str(folder / name) for name in ("ca.pem", "ps.pem", "ps.key", "worker.pem", "worker.key"))
+        if cfg.tls or not cfg.token_file:
+            make_secrets(folder, [ps_host], ["worker"] if cfg.tls_client_auth else [], token=not cfg.token_file)
+        ps, worker = ["--token-file", token], ["--token-file", token]
+        if cfg.tls:
+            ps += ["--tls", "--tls-cert", ps_cert, "--tls-key", ps_key]
+            worker += ["--tls", "--tls-ca", ca]
+        if not cfg.tls_client_auth:
+            client_cert = client_key = ""
+        else:
+            ps += ["--tls-client-auth", "--tls-ca", ca]
+            worker += ["--tls-cert", client_cert, "--tls-key", client_key]
+        # The launcher asks for the status as a worker would.
+        launcher = read_auth(tls=cfg.tls, ca=ca if cfg.tls else "", cert=client_cert, key=client_key,
+                             token_file=token)
+        return cls(ps, worker, launcher)
 
 
 @dataclass(frozen=True)
@@ -189,9 +231,15 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
     common = ["--config", str(run_dir / "config.toml")]
     print(f"freezeps run: {cfg.num_workers} workers x {threads} threads, {cfg.model} on {cfg.dataset}, "
           f"freeze {cfg.freeze}, {cfg.network}; logs in {run_dir}", flush=True)
+    host = where.listen.rsplit(":", 1)[0]
+    try:
+        secrets = RunSecrets.make(cfg, run_dir, host)
+    except (AuthError, OSError) as e:
+        print(f"freezeps run: cannot set up the run's credentials: {e}", file=sys.stderr)
+        return 2
     ps_log = open(run_dir / "ps.log", "w")
     wire = ["--count-wire-bytes"] if cfg.network == "netns" else []
-    ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire +
+    ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire + secrets.ps_flags +
                           ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl"),
                            "--params-out", str(run_dir / "params.pt")] +
                           (["--checkpoint-dir", str(run_dir / "checkpoints")] if cfg.checkpoint_every else []),
@@ -201,10 +249,10 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
         log = open(run_dir / f"worker-{i}.log", "w")
         logs.append(log)
         workers.append(subprocess.Popen(
-            where.worker_prefix[i] + base + ["worker"] + common +
+            where.worker_prefix[i] + base + ["worker"] + common + secrets.worker_flags +
             ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)],
             stdout=log, stderr=subprocess.STDOUT))
-    channel = grpc.insecure_channel(where.listen)
+    channel = open_channel(where.listen, secrets.launcher)
     stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None
     try:

@@ -4,13 +4,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
-from freezeps.config import Config, freeze_policy
+from freezeps.config import PS, WORKER, Config, auth_for, freeze_policy
+from proto.security import AuthError
 from proto.transport import InterfaceCounter
-from ps.checkpoint import CheckpointError
+from ps.checkpoint import CheckpointError, list_checkpoints
 from ps.main import CheckpointPlan, serve_ps
 from ps.server import ServerSettings
 from worker.client import ConnectError
@@ -46,13 +48,27 @@ def checkpoint_plan(cfg: Config) -> CheckpointPlan | None:
     return CheckpointPlan(Path(folder), cfg.checkpoint_every, cfg.checkpoint_keep) if folder else None
 
 
+def resume_from(cfg: Config) -> Path | None:
+    """The folder to restore from: --resume, or with --auto-resume the checkpoint folder when
+    it holds a checkpoint (all of them corrupted is still an error, not a fresh start)."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    if cfg.auto_resume and list_checkpoints(Path(cfg.checkpoint_dir)):
+        return Path(cfg.checkpoint_dir)
+    return None
+
+
 def run_ps(cfg: Config) -> int:
-    """Serve one run; exit status 0, or 5 when --resume finds no checkpoint that fits."""
+    """Serve one run; exit status 0, 2 when the security settings cannot be used (or would
+    serve strangers), or 5 when --resume finds no checkpoint that fits."""
     try:
         serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
-                 wire=InterfaceCounter() if cfg.count_wire_bytes else None,
+                 auth=auth_for(cfg, PS), insecure=cfg.insecure, wire=InterfaceCounter() if cfg.count_wire_bytes else None,
                  params_out=Path(cfg.params_out) if cfg.params_out else None,
-                 checkpoints=checkpoint_plan(cfg), resume=Path(cfg.resume) if cfg.resume else None)
+                 checkpoints=checkpoint_plan(cfg), resume=resume_from(cfg))
+    except AuthError as e:
+        print(f"freezeps ps: {e}", file=sys.stderr)
+        return 2
     except CheckpointError as e:
         print(f"freezeps ps: cannot resume: {e}", file=sys.stderr)
         return 5
@@ -60,9 +76,15 @@ def run_ps(cfg: Config) -> int:
 
 
 def run_worker_role(cfg: Config) -> int:
-    """Run one worker; exit status 0 when done, 3 when the PS cannot be reached, 4 on an RPC error."""
+    """Run one worker; exit status 0 when done, 2 when its security settings cannot be used,
+    3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
     try:
-        run_worker(worker_settings(cfg))
+        settings = replace(worker_settings(cfg), auth=auth_for(cfg, WORKER))
+    except AuthError as e:
+        print(f"freezeps worker: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_worker(settings)
     except ConnectError as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 3

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 
 from proto.runlog import JsonlLog
+from proto.security import Auth, check_listen
 from proto.transport import ByteMeter, InterfaceCounter
 from ps.checkpoint import CheckpointError, read_latest, write_checkpoint
 from ps.policy import FreezePolicy
@@ -52,7 +52,7 @@ class _Counterfactual:
 
 
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
-             credentials: grpc.ServerCredentials | None = None, max_wait_s: float = 0.0,
+             auth: Auth = Auth(), insecure: bool = False, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None,
              wire: InterfaceCounter | None = None, params_out: Path | None = None,
              checkpoints: CheckpointPlan | None = None, resume: Path | None = None) -> dict:
@@ -61,7 +61,9 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     With `wire`, each round record also gets the interface bytes of that round; with
     `params_out`, the final values are saved there ({manifest name: tensor}, torch.save).
     With `resume`, the newest good checkpoint in that folder is restored first (a
-    CheckpointError when there is none that fits, before serving anything)."""
+    CheckpointError when there is none that fits, before serving anything). A non-loopback
+    `address` needs TLS or a token in `auth`, or `insecure` (an AuthError otherwise)."""
+    check_listen(address, auth, insecure)
     meter = ByteMeter()
     wire_total: dict[str, int] = {}
     counter = _Counterfactual()
@@ -111,7 +113,7 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     runlog = JsonlLog(run_log)
     if resumed:
         runlog.write(resumed)
-    grpc_server, port = start_server(server, meter, address, credentials)
+    grpc_server, port = start_server(server, meter, address, auth)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)
     stop = threading.Event()

@@ -10,6 +10,7 @@ from concurrent import futures
 
 import grpc
 
+from proto.security import Auth
 from proto.service import WORKER_METADATA, server_handler
 from proto.transport import CHANNEL_OPTIONS, ByteMeter, metered
 from ps.errors import PSError
@@ -75,11 +76,17 @@ class ParameterServerServicer:
         return self._unary("Leave", self._ps.leave, request, context)
 
 
+def _log_refused(method: str, code: grpc.StatusCode) -> None:
+    log.warning("[PS.auth] refused a call to %s: %s", method, code.name)
+
+
 def start_server(server: ParameterServer, meter: ByteMeter, address: str,
-                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
-    """Start serving on `address` ("host:port", port 0 picks one); returns (server, port)."""
+                 auth: Auth = Auth()) -> tuple[grpc.Server, int]:
+    """Start serving on `address` ("host:port", port 0 picks one) with `auth`'s TLS and token
+    checks on every method; returns (server, port)."""
+    credentials = auth.server_credentials()
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * server.settings.num_workers + 8),
-                              options=CHANNEL_OPTIONS)
+                              options=CHANNEL_OPTIONS, interceptors=auth.interceptors(_log_refused))
     grpc_server.add_generic_rpc_handlers((server_handler(ParameterServerServicer(server, meter)),))
     port = (grpc_server.add_secure_port(address, credentials) if credentials
             else grpc_server.add_insecure_port(address))

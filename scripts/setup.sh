@@ -3,7 +3,8 @@
 #   - a virtual environment in .venv with the pinned packages (torch 2.14.1 and
 #     torchvision 0.29.1 install from local files where the machine has them);
 #   - the Fashion-MNIST files from Debian's dataset-fashion-mnist package, when apt can
-#     install it (otherwise a clear message: tests do not need it, `freezeps run` does).
+#     install it (otherwise a clear message: tests do not need it, `freezeps run` does);
+#   - with --test, Debian's docker-compose (the compose file check), likewise when apt can.
 # Usage: scripts/setup.sh [--test]   (extra: test-only packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,20 +34,32 @@ if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" ]]; then
     touch "$STAMP"
 fi
 
+# apt_install PACKAGE: install a Debian package when apt (as root, or with password-less sudo)
+# can; quietly do nothing otherwise. Returns whether it is installed afterwards.
+apt_install() {
+    dpkg -s "$1" >/dev/null 2>&1 && return 0
+    local sudo=""
+    if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null; then sudo="sudo -n"; fi
+    command -v apt-get >/dev/null && { [[ "$(id -u)" == 0 ]] || [[ -n "$sudo" ]]; } || return 1
+    echo "setup: installing Debian's $1"
+    $sudo apt-get install -y -qq "$1" >/dev/null 2>&1 || {
+        $sudo apt-get update -qq >/dev/null 2>&1 || true
+        $sudo apt-get install -y -qq "$1" >/dev/null 2>&1
+    }
+}
+
 FMNIST=/usr/share/datasets/fashion-mnist
 if [[ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]]; then
-    SUDO=""
-    if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
-    if command -v apt-get >/dev/null && { [[ "$(id -u)" == 0 ]] || [[ -n "$SUDO" ]]; }; then
-        echo "setup: installing Debian's dataset-fashion-mnist"
-        $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || {
-            $SUDO apt-get update -qq >/dev/null 2>&1 || true
-            $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || true
-        }
-    fi
+    apt_install dataset-fashion-mnist || true
     if [[ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]]; then
         echo "setup: Fashion-MNIST is not installed and could not be installed here."
         echo "       Install it with 'sudo apt-get install dataset-fashion-mnist', put the IDX files in"
         echo "       data/FashionMNIST/raw/, or run with --download where there is internet."
     fi
+fi
+
+# The tests validate docker-compose.yml with `docker-compose config` (Debian's docker-compose
+# checks a file against the compose specification without a Docker engine).
+if [[ " ${NAMES[*]-} " == *" test "* ]] && ! command -v docker-compose >/dev/null; then
+    apt_install docker-compose || echo "setup: docker-compose is not installed; the compose file check will be skipped"
 fi

@@ -5,13 +5,13 @@ import contextlib
 import threading
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
 from proto.runlog import JsonlLog
+from proto.security import Auth, open_channel
 from proto.transport import ByteMeter, iter_chunks
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
@@ -29,8 +29,9 @@ class RunningPS:
 
 @contextlib.contextmanager
 def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_path: Path | None = None,
-               observer=lambda server, record: None, **settings):
-    """A PS on 127.0.0.1; `observer(server, record)` sees every run-log record as it is made."""
+               observer=lambda server, record: None, auth: Auth = Auth(), **settings):
+    """A PS on 127.0.0.1 that checks `auth`; `observer(server, record)` sees every run-log
+    record as it is made."""
     meter = ByteMeter()
     runlog = JsonlLog(log_path)
     settings.setdefault("chunk_bytes", 1 << 20)
@@ -40,7 +41,7 @@ def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_pat
         runlog.write({**record, "bytes": meter.take_window()} if record["event"] == "round" else record)
 
     server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), policy or FreezePolicy(), on_record)
-    grpc_server, port = start_server(server, meter, "127.0.0.1:0")
+    grpc_server, port = start_server(server, meter, "127.0.0.1:0", auth)
     stop = threading.Event()
 
     def enforce_deadlines():  # what serve_ps's loop does
@@ -74,12 +75,13 @@ def good_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
 
 
 @contextlib.contextmanager
-def one_worker(**settings):
+def one_worker(auth: Auth = Auth(), client: Auth | None = None, **settings):
     """A started run with one worker joined and initialised, through protobuf's generated stub:
-    (ps, stub, worker_id, flat)."""
+    (ps, stub, worker_id, flat). The PS serves with `auth`; the stub's channel presents `client`
+    (default: `auth`, which is right for a token)."""
     torch.manual_seed(0)
     flat = FlatModel(build_model("mlp", 4))
-    with running_ps(num_workers=1, **settings) as ps, grpc.insecure_channel(ps.address) as channel:
+    with running_ps(num_workers=1, auth=auth, **settings) as ps, open_channel(ps.address, client or auth) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
         init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]

@@ -5,13 +5,18 @@ Needs root and iproute2; skipped, with the reason, where they are missing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from freezeps import netns
+from freezeps.certs import make_secrets
 from freezeps.netns import LinkShape, NetnsError, Topology
+from tests.test_deploy_files import ROOT, read_env_file
 
 REASON = netns.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")
@@ -115,3 +120,59 @@ def test_a_run_across_namespaces(tmp_path):
     rounds = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert len(rounds) == 6 and all(r["wire"]["rx_bytes"] > 0 for r in rounds)
+
+
+def _unit_env(template: str, paths: dict[str, str], **overrides: str) -> dict[str, str]:
+    """A deploy/*.env file as a node would have it: its paths moved under this test's folders and
+    the workload made small; plus PATH, as systemd sets it."""
+    env = read_env_file(ROOT / "deploy" / template)
+    for key, value in env.items():
+        for old, new in paths.items():
+            value = value.replace(old, new)
+        env[key] = value
+    env.update({f"FREEZEPS_{k.upper()}": v for k, v in overrides.items()})
+    return {**env, "PATH": os.environ["PATH"]}
+
+
+def test_hosts_configured_like_the_systemd_units(tmp_path):
+    """The multi-node stand-in: a PS and two workers in their own namespaces and addresses,
+    each started as its unit starts it (`freezeps ps` / `freezeps worker`, no flags) with its
+    settings from deploy/ps.env or deploy/worker.env, with mutual TLS and a token as deployed."""
+    program = str(Path(sys.executable).parent / "freezeps")
+    state = tmp_path / "var"
+    procs = []
+    with Topology(2, tag="fzt6") as t:
+        make_secrets(tmp_path / "etc", [t.ps_ip], ["worker"])
+        paths = {"/etc/freezeps": str(tmp_path / "etc"), "/var/lib/freezeps": str(state)}
+        address = f"{t.ps_ip}:50051"
+        ps_env = _unit_env("ps.env", paths, listen=address, num_workers="2", freeze_blocks="1", freeze_step="3")
+        work = dict(ps_address=address, model="mlp", dataset="synthetic", weights="random", image_size="8",
+                    steps="6", batch_size="16", evaluate="false", threads="1")
+        try:
+            state.mkdir()
+            procs.append(subprocess.Popen(t.exec_prefix(t.ps) + [program, "ps"], env=ps_env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            # What compose's health check and a waiting worker do: ask for the status until it answers.
+            status_env = _unit_env("worker.env", paths, **work)
+            for _ in range(60):
+                status = subprocess.run(t.exec_prefix(t.worker_ns[0]) + [program, "status", address], env=status_env,
+                                        capture_output=True, text=True, timeout=60)
+                if status.returncode == 0 or procs[0].poll() is not None:
+                    break
+                time.sleep(0.5)
+            assert status.returncode == 0, status.stderr + (procs[0].stdout.read() if procs[0].poll() else "")
+            for i, ns in enumerate(t.worker_ns):
+                env = {**_unit_env("worker.env", paths, **work), "FREEZEPS_LOG_DIR": str(state / f"worker-{i}")}
+                procs.append(subprocess.Popen(t.exec_prefix(ns) + [program, "worker"], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            outputs = [p.communicate(timeout=180)[0] for p in procs[1:]] + [procs[0].communicate(timeout=60)[0]]
+        finally:
+            for p in procs:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    records = [json.loads(line) for line in (state / "ps.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "round" for r in records) == 6
+    assert any(r["event"] == "freeze" for r in records)
+    assert any(r["event"] == "checkpoint" for r in records)  # at the end, into the deployed checkpoint folder
+    assert (state / "params.pt").is_file() and list((state / "checkpoints").iterdir())
+    assert all((state / f"worker-{i}").is_dir() for i in range(2))

@@ -359,3 +359,25 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     state = read_checkpoint(path)
     assert state["server"]["step"] == 0 and state["server"]["total_steps"] == 5
     np.testing.assert_array_equal(state["server"]["values"][0].numpy().view(np.uint8), flat.value_bytes(0))
+    # Restarted as systemd or Docker restart it, --auto-resume goes on from that checkpoint.
+    again = subprocess.Popen(_ps_command(port, tmp_path, "--checkpoint-dir", str(ckpt), "--auto-resume"), cwd=ROOT,
+                             env=env)
+    try:
+        def resumed():  # whole lines only: the PS may be writing the last one
+            lines = (tmp_path / "ps.jsonl").read_text().split("\n")[:-1]
+            return any(json.loads(line)["event"] == "resume" for line in lines)
+        _wait_for(resumed, 60, "the resume record")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(30) == 0
+
+
+def test_auto_resume_starts_fresh_without_a_checkpoint(tmp_path):
+    from freezeps.config import load_config
+    from freezeps.roles import resume_from
+    cfg = load_config({"checkpoint_dir": str(tmp_path / "none-yet"), "auto_resume": True})
+    assert resume_from(cfg) is None  # the first start of a run
+    write_checkpoint(tmp_path / "none-yet", 3, {"format": 1})
+    assert resume_from(cfg) == tmp_path / "none-yet"
+    with pytest.raises(ValueError, match="auto_resume needs checkpoint_dir"):
+        load_config({"auto_resume": True})

@@ -12,9 +12,9 @@ import grpc
 
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
+from proto.security import Auth, open_channel
 from proto.service import WORKER_METADATA, ParameterServerClient
 from proto.transport import (
-    CHANNEL_OPTIONS,
     ByteMeter,
     ChunkReceiver,
     WireError,
@@ -32,13 +32,12 @@ class ConnectError(RuntimeError):
 
 
 class PSClient:
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
+    def __init__(self, address: str, *, auth: Auth = Auth(),
                  connect_retries: int = 8, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                  rpc_timeout_s: float = 600.0):
         self.address = address
         self.meter = ByteMeter()
-        self._channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
-                         else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self._channel = open_channel(address, auth)
         self._stub = ParameterServerClient(self._channel)
         self._retries = connect_retries
         self._backoff = backoff_s

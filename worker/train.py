@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
+from proto.security import Auth
 from worker.client import PSClient
 from worker.data import (
     batch_order,
@@ -65,6 +66,7 @@ class WorkerSettings:
     connect_retries: int
     rpc_timeout_s: float
     max_rejoins: int = 20
+    auth: Auth = Auth()  # TLS and token this worker presents to the PS
 
 
 REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
@@ -124,7 +126,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     channels = input_channels(model)
     flat = FlatModel(model)
     client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
-                                rpc_timeout_s=settings.rpc_timeout_s)
+                                rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # Join. Every worker plans the same steps, from the global sample count.
