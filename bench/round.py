@@ -10,6 +10,7 @@ Compares, in one run on one machine:
             down over plain sockets, the floor any transport pays on this machine.
 
     python -m bench.round --model resnet18 --workers 4 --rounds 5
+    python -m bench.round --security none,token,tls,mtls   # what authentication costs a round
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import multiprocessing as mp
 import platform
 import socket
 import statistics
+import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
 
-def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
+def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int, auth):
     from ps.main import serve_ps
     from ps.policy import FreezePolicy
     from ps.server import ServerSettings
@@ -39,11 +42,12 @@ def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int):
         if record["step"] == rounds:
             cpu["end"] = time.process_time()
 
-    serve_ps(settings, FreezePolicy(), "127.0.0.1:0", None, max_wait_s=600, on_ready=port_q.put, on_round=on_round)
+    serve_ps(settings, FreezePolicy(), "127.0.0.1:0", None, auth=auth, max_wait_s=600, on_ready=port_q.put,
+             on_round=on_round)
     port_q.put((cpu["end"] - cpu["start"]) / rounds)
 
 
-def _worker_process(address: str, model: str, rounds: int, out_q, start):
+def _worker_process(address: str, model: str, rounds: int, out_q, auth):
     from proto import freezeps_pb2 as pb
     from worker.client import PSClient
     from worker.flat import FlatModel
@@ -52,7 +56,7 @@ def _worker_process(address: str, model: str, rounds: int, out_q, start):
     flat = FlatModel(build_model(model, 10, "random"))
     for g in flat.grads:
         g.fill_(1e-6)
-    client = PSClient(address)
+    client = PSClient(address, auth=auth)
     joined = client.join(flat.manifest, f"bench-{mp.current_process().pid}")
     if joined.needs_init:
         client.init(flat, range(joined.owned.first, joined.owned.end), rounds)
@@ -71,14 +75,36 @@ def _worker_process(address: str, model: str, rounds: int, out_q, start):
     out_q.put((times[1:], cpu))
 
 
-def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int) -> tuple[list[float], float, float]:
-    """(round times, PS CPU seconds per round, workers' CPU seconds per round, summed)."""
+def security_modes(folder: Path) -> dict:
+    """{mode: (the PS's Auth, a worker's Auth)} with certificates and a token made in `folder`."""
+    from freezeps.certs import make_secrets
+    from proto.security import Auth, read_auth
+    make_secrets(folder, [], ["worker"])
+    f = {name: str(folder / name) for name in ("ca.pem", "ps.pem", "ps.key", "worker.pem", "worker.key", "token")}
+    ps_tls = dict(tls=True, cert=f["ps.pem"], key=f["ps.key"])
+    return {
+        "none": (Auth(), Auth()),
+        "token": (read_auth(token_file=f["token"]), read_auth(token_file=f["token"])),
+        "tls": (read_auth(**ps_tls), read_auth(tls=True, ca=f["ca.pem"])),
+        "mtls": (read_auth(**ps_tls, ca=f["ca.pem"], client_auth=True, token_file=f["token"]),
+                 read_auth(tls=True, ca=f["ca.pem"], cert=f["worker.pem"], key=f["worker.key"],
+                           token_file=f["token"])),
+    }
+
+
+def bench_freezeps(model: str, workers: int, rounds: int, chunk_bytes: int, auth: tuple | None = None
+                   ) -> tuple[list[float], float, float]:
+    """(round times, PS CPU seconds per round, workers' CPU seconds per round, summed).
+    `auth`: (the PS's, the workers' Auth), from security_modes(); none by default."""
+    from proto.security import Auth
+    ps_auth, worker_auth = auth or (Auth(), Auth())
     ctx = mp.get_context("spawn")
     port_q, out_q = ctx.Queue(), ctx.Queue()
-    ps = ctx.Process(target=_ps_process, args=(port_q, workers, chunk_bytes, rounds))
+    ps = ctx.Process(target=_ps_process, args=(port_q, workers, chunk_bytes, rounds, ps_auth))
     ps.start()
     address = f"127.0.0.1:{port_q.get(timeout=60)}"
-    procs = [ctx.Process(target=_worker_process, args=(address, model, rounds, out_q, None)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker_process, args=(address, model, rounds, out_q, worker_auth))
+             for _ in range(workers)]
     for p in procs:
         p.start()
     results = [out_q.get(timeout=600) for _ in procs]
@@ -232,12 +258,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--security", default="none", help="comma-separated: time the freezeps round with each of "
+                        "none, token, tls, mtls (mutual TLS and a token)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        modes = security_modes(Path(folder))
+    wanted = args.security.split(",")
+    if not set(wanted) <= set(modes):
+        parser.error(f"--security: {set(wanted) - set(modes)} not in {sorted(modes)}")
     from worker.flat import FlatModel
     from worker.models import build_model
     nbytes = sum(b.nbytes for b in FlatModel(build_model(args.model, 10, "random")).layout)
-    ours, ps_cpu, workers_cpu = bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes)
+    by_mode = {mode: bench_freezeps(args.model, args.workers, args.rounds, args.chunk_bytes, modes[mode])
+               for mode in wanted}
+    ours, ps_cpu, workers_cpu = by_mode[wanted[0]]
     bare, bare_cpu = bench_bare_grpc(nbytes, args.workers, args.rounds, args.chunk_bytes)
     tcp = bench_tcp(nbytes, args.workers, args.rounds)
     result = {
@@ -246,7 +281,9 @@ def main() -> None:
         "chunk_bytes": args.chunk_bytes,
         "freezeps_round_s": statistics.median(ours), "raw_tcp_round_s": statistics.median(tcp),
         "bare_grpc_round_s": statistics.median(bare), "bare_grpc_server_cpu_s_per_round": bare_cpu,
-        "ps_cpu_s_per_round": ps_cpu, "workers_cpu_s_per_round": workers_cpu,
+        "ps_cpu_s_per_round": ps_cpu, "workers_cpu_s_per_round": workers_cpu, "security": wanted[0],
+        "by_security": {mode: {"round_s": statistics.median(times), "ps_cpu_s_per_round": ps,
+                               "workers_cpu_s_per_round": w} for mode, (times, ps, w) in by_mode.items()},
     }
     result["ratio"] = result["freezeps_round_s"] / result["raw_tcp_round_s"]
     if args.json:
@@ -254,7 +291,9 @@ def main() -> None:
         return
     print(f"{args.workers} workers push and pull {nbytes / 1e6:.1f} MB each ({args.model}), "
           f"median of {args.rounds} rounds, chunks of {args.chunk_bytes} bytes")
-    print(f"  freezeps round   {result['freezeps_round_s'] * 1000:8.1f} ms")
+    for mode, r in result["by_security"].items():
+        print(f"  freezeps round   {r['round_s'] * 1000:8.1f} ms  security {mode:5s} (PS CPU "
+              f"{r['ps_cpu_s_per_round'] * 1000:.0f} ms, workers' {r['workers_cpu_s_per_round'] * 1000:.0f} ms per round)")
     print(f"  bare gRPC        {result['bare_grpc_round_s'] * 1000:8.1f} ms "
           f"(server CPU {bare_cpu * 1000:.0f} ms per round)")
     print(f"  raw TCP          {result['raw_tcp_round_s'] * 1000:8.1f} ms")
