@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from proto.runlog import JsonlLog
 from proto.security import Auth, check_listen
 from proto.transport import ByteMeter, InterfaceCounter

@@ -215,6 +215,9 @@ def test_certs_helper_files_and_reuse(tmp_path):
                                               client_auth=True)) as ps:
         assert _status_code(ps.address, _auth(tmp_path, tls=True, ca="ca.pem", cert="w2.pem", key="w2.key")) \
             == grpc.StatusCode.OK
+        # The PS's own certificate is a client one too: compose's health check runs with it.
+        assert _status_code(ps.address, _auth(tmp_path, tls=True, ca="ca.pem", cert="ps.pem", key="ps.key")) \
+            == grpc.StatusCode.OK
 
 
 def _argv_of_processes_under(folder: Path) -> list[str]:
