@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freezeps.launch import free_port
 from freezeps.report import applied_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +57,6 @@ class SoakResult:
         """Rounds missing from, or applied twice in, the run log."""
         return len(set(range(self.rounds)) ^ set(self.applied_steps)) + len(self.applied_steps) - len(
             set(self.applied_steps))
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *, seed: int = 0,

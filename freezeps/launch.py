@@ -28,7 +28,8 @@ from proto.security import Auth, AuthError, open_channel, read_auth
 from proto.service import ParameterServerClient
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +82,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(_toml(cfg))
     if cfg.network == "loopback":
-        return _run_processes(cfg, run_dir, Placement.loopback(_free_port(), cfg.num_workers))
+        return _run_processes(cfg, run_dir, Placement.loopback(free_port(), cfg.num_workers))
     if cfg.mode == "single":
         print("freezeps run: --mode single has no network; use --network loopback", file=sys.stderr)
         return 2
@@ -145,7 +146,7 @@ class Placement:
     @classmethod
     def loopback(cls, port: int, workers: int) -> "Placement":
         address = f"127.0.0.1:{port}"
-        return cls(address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{_free_port()}", "lo")
+        return cls(address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{free_port()}", "lo")
 
     @classmethod
     def in_namespaces(cls, topology: netns.Topology, port: int) -> "Placement":

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from freezeps.launch import free_port
 from proto.transport import ByteMeter  # noqa: F401  (the package imports cleanly)
 from worker.client import ConnectError, PSClient
 from worker.flat import FlatModel
@@ -25,14 +25,8 @@ def test_help(command):
         assert "--config" in out.stdout and "FREEZEPS_" in out.stdout
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_ps_backs_off_then_fails():
-    client = PSClient(f"127.0.0.1:{_closed_port()}", connect_retries=3, backoff_s=0.1)
+    client = PSClient(f"127.0.0.1:{free_port()}", connect_retries=3, backoff_s=0.1)
     started = time.monotonic()
     with pytest.raises(ConnectError, match="3 tries"):
         client.join(FlatModel(build_model("mlp", 4)).manifest, "w")
@@ -40,7 +34,7 @@ def test_unreachable_ps_backs_off_then_fails():
 
 
 def test_worker_command_exits_nonzero_with_a_message():
-    out = subprocess.run(FREEZEPS + ["worker", "--ps-address", f"127.0.0.1:{_closed_port()}", "--model", "mlp",
+    out = subprocess.run(FREEZEPS + ["worker", "--ps-address", f"127.0.0.1:{free_port()}", "--model", "mlp",
                                      "--dataset", "synthetic", "--weights", "random", "--connect-retries", "2",
                                      "--image-size", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3
@@ -72,7 +66,7 @@ def test_run_end_to_end(tmp_path):
 
 def test_ps_and_workers_started_by_hand(tmp_path):
     """What a user does on several hosts: a `freezeps ps` and separate `freezeps worker`s."""
-    port = _closed_port()
+    port = free_port()
     env_file = tmp_path / "job.toml"  # the shared settings, as a deployment would hand them out
     env_file.write_text('model = "mlp"\ndataset = "synthetic"\nweights = "random"\nimage_size = 8\n'
                         'num_workers = 2\nsteps = 5\nbatch_size = 16\nfreeze = "none"\nevaluate = false\n')

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.soak import free_port, serial_sgd
+from bench.soak import serial_sgd
+from freezeps.launch import free_port
 from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header

@@ -56,6 +56,10 @@ def _raw(t: torch.Tensor) -> bytes:
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -170,7 +174,7 @@ class ActivationCache:
 
     # -- tiers ------------------------------------------------------------------------------
     def _keep_in_memory(self, key, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        size = _nbytes(tensor)
         if size > self.memory_bytes:
             if self.disk_bytes and key not in self._disk:
                 self._write_disk(key, tensor)
@@ -179,14 +183,14 @@ class ActivationCache:
         self.stats.memory_bytes += size
         while self.stats.memory_bytes > self.memory_bytes:
             old_key, old = self._memory.popitem(last=False)
-            self.stats.memory_bytes -= old.numel() * old.element_size()
+            self.stats.memory_bytes -= _nbytes(old)
             self.stats.memory_evictions += 1
             if self.disk_bytes and old_key not in self._disk:
                 self._write_disk(old_key, old)  # demoted, not lost
 
     def _drop_memory(self, key) -> None:
         old = self._memory.pop(key)
-        self.stats.memory_bytes -= old.numel() * old.element_size()
+        self.stats.memory_bytes -= _nbytes(old)
 
     def _path(self, key) -> Path:
         return self.disk_dir / key[0] / f"{key[1]}.act"
