@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ from freezeps.launch import free_port
 from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
+from proto.service import ParameterServerClient
 from proto.transport import iter_chunks
 from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
 from ps.policy import FreezePolicy
@@ -368,6 +370,9 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
             lines = (tmp_path / "ps.jsonl").read_text().split("\n")[:-1]
             return any(json.loads(line)["event"] == "resume" for line in lines)
         _wait_for(resumed, 60, "the resume record")
+        # The record is written before the PS serves (and handles SIGTERM): wait until it answers.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            ParameterServerClient(channel).Status(pb.StatusRequest(), timeout=60, wait_for_ready=True)
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(30) == 0
