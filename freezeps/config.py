@@ -17,6 +17,7 @@ from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
+from worker.cached_prefix import AUGMENT_REFUSED
 from worker.data import DATASETS
 from worker.models import MODELS
 
@@ -116,6 +117,15 @@ class Config:
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
     max_rejoins: int = _f(20, "times a worker joins again after the PS dropped it or restarted, before it gives up",
                           (WORKER, RUN))
+    # -- activation cache (see worker/cached_prefix.py) --------------------------------------
+    cache_memory_bytes: int = _f(0, "activation cache: memory budget per worker, bytes; with cache_disk_bytes 0 "
+                                 "too, no cache (caching needs augment off)", (WORKER, RUN))
+    cache_disk_bytes: int = _f(0, "activation cache: disk budget per worker, bytes, in cache_dir", (WORKER, RUN))
+    cache_dir: str = _f("", "activation cache: folder of the disk tier; runs on one host with the same base model "
+                        "and data may share it (run: RUN_DIR/cache)", (WORKER, RUN))
+    cache_from_depth: int = _f(0, "activation cache: cache once this many blocks are frozen; 0: once the first "
+                               "batch at a depth measures that reading is faster than computing", (WORKER, RUN))
+    cache_prefetch: int = _f(2, "activation cache: batches read ahead from the disk tier", (WORKER, RUN))
     # -- security (see proto/security.py); secrets live in files, never in flags or logs ----
     tls: bool = _f(False, "TLS on every call: the PS serves with tls_cert and tls_key, a worker checks the PS's "
                    "certificate against tls_ca (run: makes a CA and certificates in RUN_DIR/secrets)",
@@ -158,7 +168,8 @@ class Config:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("eval_every", "lr", "momentum", "weight_decay", "warmup_steps", "lr_step_size", "freeze_blocks",
-                  "freeze_step", "train_samples", "test_samples", "steps", "threads", "checkpoint_every", "max_rejoins")
+                  "freeze_step", "train_samples", "test_samples", "steps", "threads", "checkpoint_every", "max_rejoins",
+                  "cache_memory_bytes", "cache_disk_bytes", "cache_from_depth", "cache_prefetch")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -169,6 +180,8 @@ class Config:
         if self.round_timeout_s <= self.worker_timeout_s:
             raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
+        if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
+            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
         if self.auto_resume and (self.resume or not self.checkpoint_dir):
             raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

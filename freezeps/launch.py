@@ -251,7 +251,8 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
         logs.append(log)
         workers.append(subprocess.Popen(
             where.worker_prefix[i] + base + ["worker"] + common + secrets.worker_flags +
-            ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)],
+            ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)] +
+            (["--cache-dir", str(run_dir / "cache")] if cfg.cache_disk_bytes and not cfg.cache_dir else []),
             stdout=log, stderr=subprocess.STDOUT))
     channel = open_channel(where.listen, secrets.launcher)
     stub = ParameterServerClient(channel)

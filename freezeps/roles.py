@@ -15,6 +15,7 @@ from proto.transport import InterfaceCounter
 from ps.checkpoint import CheckpointError, list_checkpoints
 from ps.main import CheckpointPlan, serve_ps
 from ps.server import ServerSettings
+from worker.cached_prefix import CacheSettings
 from worker.client import ConnectError
 from worker.train import WorkerSettings, run_worker
 
@@ -40,7 +41,14 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
                           evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
-                          max_rejoins=cfg.max_rejoins)
+                          max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg))
+
+
+def cache_settings(cfg: Config) -> CacheSettings | None:
+    if not (cfg.cache_memory_bytes or cfg.cache_disk_bytes):
+        return None
+    return CacheSettings(cfg.cache_memory_bytes, cfg.cache_disk_bytes, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                         cfg.cache_from_depth, cfg.cache_prefetch)
 
 
 def checkpoint_plan(cfg: Config) -> CheckpointPlan | None:
@@ -76,11 +84,11 @@ def run_ps(cfg: Config) -> int:
 
 
 def run_worker_role(cfg: Config) -> int:
-    """Run one worker; exit status 0 when done, 2 when its security settings cannot be used,
-    3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
+    """Run one worker; exit status 0 when done, 2 when its security or cache settings cannot be
+    used, 3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
     try:
         settings = replace(worker_settings(cfg), auth=auth_for(cfg, WORKER))
-    except AuthError as e:
+    except (AuthError, ValueError) as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 2
     try:

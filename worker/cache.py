@@ -14,8 +14,11 @@ several runs on one host share the disk tier.
   a torn entry under a real name; an entry whose checksum or size does not match is deleted
   and reported as a miss, never used.
 
-Counters (hits and misses per tier, bytes held, evictions, corrupt entries) are a plain dict
-for the run log.
+Counters (hits and misses per tier, bytes held, evictions, corrupt entries, entries read
+ahead) are a plain dict for the run log.
+
+Thread-safe: a prefetch thread may `load` entries from disk into memory while the training
+loop reads; file reads happen outside the lock.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import struct
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,11 +41,15 @@ _LEN = struct.Struct("<I")
 
 def prefix_key(model_name: str, input_spec: str, blocks: list[torch.nn.Module]) -> str:
     """SHA-256 over the model's name, a description of the input pipeline and every parameter
-    and buffer (names, dtypes, shapes, bytes) of `blocks`: the frozen prefix."""
+    and floating-point buffer (names, dtypes, shapes, bytes) of `blocks`: the frozen prefix.
+    Integer buffers (BatchNorm's batch counter) differ between workers and do not change an
+    eval-mode output, so they are left out."""
     h = hashlib.sha256()
     h.update(json.dumps([model_name, input_spec, len(blocks)]).encode())
     for i, block in enumerate(blocks):
         for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
             t = tensor.detach().contiguous().cpu()
             h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(_raw(t))
@@ -101,6 +109,7 @@ class CacheStats:
     memory_hits: int = 0
     disk_hits: int = 0
     misses: int = 0
+    prefetched: int = 0  # disk entries read into memory ahead of use, off the training loop
     puts: int = 0
     memory_evictions: int = 0
     disk_evictions: int = 0
@@ -128,49 +137,95 @@ class ActivationCache:
             raise ValueError("a disk budget needs a cache folder")
         self._memory: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._disk: OrderedDict[tuple[str, int], int] = OrderedDict()  # key -> file size, oldest first
+        self._lock = threading.Lock()
         if self.disk_bytes:
             self._scan_disk()
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, prefix: str, sample: int) -> torch.Tensor | None:
         key = (prefix, sample)
-        hit = self._memory.get(key)
-        if hit is not None:
-            self._memory.move_to_end(key)
-            self.stats.memory_hits += 1
-            return hit
-        if key in self._disk:
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None:
+                self._memory.move_to_end(key)
+                self.stats.memory_hits += 1
+                return hit
+            if key in self._disk:
+                tensor = self._read_disk(key)
+                if tensor is not None:
+                    self.stats.disk_hits += 1
+                    self._keep_in_memory(key, tensor)
+                    return tensor
+            self.stats.misses += 1
+            return None
+
+    def load(self, prefix: str, sample: int) -> None:
+        """Bring a disk entry into the memory tier ahead of its use (the prefetch thread's call):
+        the file is read and checked outside the lock, so the training loop is not held up."""
+        key = (prefix, sample)
+        with self._lock:
+            if key in self._memory or key not in self._disk or not self.memory_bytes:
+                return
+        try:
+            raw = self._path(key).read_bytes()
+        except OSError:
+            return  # gone (evicted meanwhile): the training loop will find out and count it
+        with self._lock:
+            if key in self._memory or key not in self._disk:
+                return
             try:
-                tensor = decode_entry(self._path(key).read_bytes())
-            except (OSError, CorruptEntry):
+                tensor = decode_entry(raw)
+            except CorruptEntry:
                 self.stats.corrupt += 1
                 self._forget_disk(key)
-            else:
-                self._disk.move_to_end(key)
-                self.stats.disk_hits += 1
-                self._keep_in_memory(key, tensor)
-                return tensor
-        self.stats.misses += 1
-        return None
+                return
+            self._disk.move_to_end(key)
+            self.stats.prefetched += 1
+            self._keep_in_memory(key, tensor)
+
+    def _read_disk(self, key) -> torch.Tensor | None:
+        try:
+            tensor = decode_entry(self._path(key).read_bytes())
+        except FileNotFoundError:  # another process sharing the folder evicted it
+            self._forget_disk(key)
+            return None
+        except (OSError, CorruptEntry):
+            self.stats.corrupt += 1
+            self._forget_disk(key)
+            return None
+        self._disk.move_to_end(key)
+        return tensor
 
     # -- writing ----------------------------------------------------------------------------
     def put(self, prefix: str, sample: int, tensor: torch.Tensor) -> None:
+        """Keep a copy of `tensor` (so a row of a batch does not keep the whole batch alive)."""
         key = (prefix, sample)
-        tensor = tensor.detach().contiguous().cpu()
-        self.stats.puts += 1
-        if key in self._memory:
-            self._drop_memory(key)
-        if self.memory_bytes:
-            self._keep_in_memory(key, tensor)
-        elif self.disk_bytes:
-            self._write_disk(key, tensor)
+        tensor = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+        with self._lock:
+            self.stats.puts += 1
+            if key in self._memory:
+                self._drop_memory(key)
+            if self.memory_bytes:
+                self._keep_in_memory(key, tensor)
+            elif self.disk_bytes:
+                self._write_disk(key, tensor)
+
+    def discard(self, prefix: str, sample: int) -> None:
+        """Forget one entry (it was extended to a deeper prefix and will not be read again)."""
+        key = (prefix, sample)
+        with self._lock:
+            if key in self._memory:
+                self._drop_memory(key)
+            if key in self._disk:
+                self._forget_disk(key)
 
     def drop_prefix(self, prefix: str) -> None:
         """Forget every entry made by `prefix` (a depth that can no longer be used)."""
-        for key in [k for k in self._memory if k[0] == prefix]:
-            self._drop_memory(key)
-        for key in [k for k in self._disk if k[0] == prefix]:
-            self._forget_disk(key)
+        with self._lock:
+            for key in [k for k in self._memory if k[0] == prefix]:
+                self._drop_memory(key)
+            for key in [k for k in self._disk if k[0] == prefix]:
+                self._forget_disk(key)
 
     # -- tiers ------------------------------------------------------------------------------
     def _keep_in_memory(self, key, tensor: torch.Tensor) -> None:

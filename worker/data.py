@@ -28,6 +28,13 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    source: str = ""  # what the images are: a dataset, its split (and the synthetic set's seed)
+    ids: torch.Tensor | None = None  # each sample's index in the whole split (None: 0..N-1)
+
+    def sample_ids(self, idx: np.ndarray) -> np.ndarray:
+        """The split-wide ids of positions `idx`: the same image has the same id in every run,
+        whatever subset `limit` kept (what the activation cache keys entries by)."""
+        return idx if self.ids is None else self.ids.numpy()[idx]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,14 +64,15 @@ def fashion_mnist(root: Path, train: bool, download: bool) -> Dataset:
         if img and lbl:
             images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
             labels = torch.from_numpy(_read_idx(lbl).astype(np.int64))
-            return Dataset(images, labels, 10, (_FMNIST_MEAN,), (_FMNIST_STD,))
+            return Dataset(images, labels, 10, (_FMNIST_MEAN,), (_FMNIST_STD,), _split("fashion_mnist", train))
     if not download:
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {root / 'FashionMNIST' / 'raw'} or {DEBIAN_FASHION_MNIST}; "
             "install it with `apt-get install dataset-fashion-mnist`, or pass --download where there is internet")
     import torchvision
     ds = torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
-    return Dataset(ds.data.unsqueeze(1).clone(), ds.targets.clone(), 10, (_FMNIST_MEAN,), (_FMNIST_STD,))
+    return Dataset(ds.data.unsqueeze(1).clone(), ds.targets.clone(), 10, (_FMNIST_MEAN,), (_FMNIST_STD,),
+                   _split("fashion_mnist", train))
 
 
 def cifar10(root: Path, train: bool, download: bool) -> Dataset:
@@ -74,7 +82,8 @@ def cifar10(root: Path, train: bool, download: bool) -> Dataset:
     except RuntimeError as e:
         raise FileNotFoundError(f"CIFAR-10 not found under {root} ({e}); pass --download where there is internet") from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return Dataset(images, torch.tensor(ds.targets, dtype=torch.int64), 10, _CIFAR_MEAN, _CIFAR_STD)
+    return Dataset(images, torch.tensor(ds.targets, dtype=torch.int64), 10, _CIFAR_MEAN, _CIFAR_STD,
+                   _split("cifar10", train))
 
 
 def synthetic(train: bool, samples: int = 2048, seed: int = 0, num_classes: int = 4) -> Dataset:
@@ -83,7 +92,17 @@ def synthetic(train: bool, samples: int = 2048, seed: int = 0, num_classes: int 
     teacher = torch.randn(3 * 8 * 8, num_classes, generator=torch.Generator().manual_seed(seed + 1000))
     images = torch.randn(samples, 3, 8, 8, generator=gen)
     labels = (images.flatten(1) @ teacher).argmax(1)
-    return Dataset(images, labels, num_classes, (0.0,) * 3, (1.0,) * 3)
+    return Dataset(images, labels, num_classes, (0.0,) * 3, (1.0,) * 3,
+                   f"{_split('synthetic', train)}:seed{seed}:n{samples}:c{num_classes}")
+
+
+def _split(name: str, train: bool) -> str:
+    return f"{name}:{'train' if train else 'test'}"
+
+
+def pipeline_spec(ds: Dataset, image_size: int, channels: int, augment: bool) -> str:
+    """What make_batch turns a sample id into: with the id, it names a model input exactly."""
+    return f"{ds.source}|size{image_size}|ch{channels}|mean{ds.mean}|std{ds.std}|augment{int(augment)}"
 
 
 def load_dataset(name: str, root: Path, train: bool, download: bool = False,
@@ -99,7 +118,7 @@ def load_dataset(name: str, root: Path, train: bool, download: bool = False,
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if 0 < limit < len(ds):
         keep = torch.from_numpy(np.random.default_rng(seed + (0 if train else 1)).permutation(len(ds))[:limit])
-        ds = Dataset(ds.images[keep], ds.labels[keep], ds.num_classes, ds.mean, ds.std)
+        ds = Dataset(ds.images[keep], ds.labels[keep], ds.num_classes, ds.mean, ds.std, ds.source, keep)
     return ds
 
 

@@ -25,10 +25,17 @@ class BlockModel(nn.Module):
         self.frozen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                for block in self.blocks[:self.frozen]:
-                    x = block(x)
+        return self.suffix(self.prefix(x))
+
+    def prefix(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Blocks start..frozen-1 (the frozen prefix, or what is left of it after `start`), without autograd."""
+        with torch.no_grad():
+            for block in self.blocks[start:self.frozen]:
+                x = block(x)
+        return x
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The active blocks, from the frozen prefix's output."""
         for block in self.blocks[self.frozen:]:
             x = block(x)
         return x

@@ -1,7 +1,9 @@
 """The worker's training loop, top to bottom: join, then per step pull, forward, backward, push.
 
 The frozen prefix comes from the PS with every pull; blocks before it run under no_grad
-in eval mode and their gradients are neither computed nor sent.
+in eval mode and their gradients are neither computed nor sent. With an activation cache
+(worker/cached_prefix.py) the prefix's output is read from it instead of computed, where
+it can be.
 
 When the PS no longer knows this worker (it was dropped past its deadline, or the PS
 restarted from a checkpoint) or cannot be reached, the worker joins again, up to
@@ -27,12 +29,14 @@ from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from proto.security import Auth
+from worker.cached_prefix import AUGMENT_REFUSED, CachedPrefix, CacheSettings
 from worker.client import PSClient
 from worker.data import (
     batch_order,
     label_balance,
     load_dataset,
     make_batch,
+    pipeline_spec,
     shard_indices,
 )
 from worker.flat import FlatModel
@@ -67,6 +71,11 @@ class WorkerSettings:
     rpc_timeout_s: float
     max_rejoins: int = 20
     auth: Auth = Auth()  # TLS and token this worker presents to the PS
+    cache: CacheSettings | None = None  # the activation cache; None: none
+
+    def __post_init__(self):
+        if self.cache is not None and self.augment:
+            raise ValueError(AUGMENT_REFUSED)
 
 
 REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
@@ -143,12 +152,21 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
              total_steps, member.step)
     runlog = JsonlLog(settings.log_dir / f"worker-{rank}.jsonl" if settings.log_dir else None)
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
+    cached = CachedPrefix.open(settings.cache, model, pipeline_spec(train, settings.image_size, channels, False),
+                               settings.batch_size) if settings.cache else None
+
+    def batch_at(step: int) -> np.ndarray:
+        """Positions in `train` of this worker's batch at `step`: its shard, in an order fixed by
+        (seed, epoch, rank), so the coming batches are known ahead (the cache reads them ahead)."""
+        order = batch_order(member.shard, step // steps_per_epoch, rank, settings.seed)
+        pos = (step % steps_per_epoch) * settings.batch_size
+        return np.take(order, np.arange(pos, pos + settings.batch_size), mode="wrap")
 
     frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
     phases = pb.PhaseTimes()
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
     evals = []
-    order, epoch = None, -1
+    epoch = -1
     step, steps_done, rejoins = member.step, 0, 0
     started = time.perf_counter()
     try:
@@ -163,8 +181,10 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 log.warning("[Worker] rank %d: the PS answered %s (%s) at step %d; joining again (%d/%d)",
                             rank, e.code().name, e.details(), step, rejoins, settings.max_rejoins)
                 member = join_run(client, flat, name, train, settings, total_steps_for, steps_per_epoch_for)
-                rank, step, frozen, order, epoch = member.rank, member.step, 0, None, -1
+                rank, step, frozen, epoch = member.rank, member.step, 0, -1
                 model.set_frozen(0)
+                if cached:  # the PS may have restarted elsewhere: key the prefix afresh from what is pulled
+                    cached.follow(0, len(member.shard))
                 runlog.write({"event": "rejoin", "step": step, "rank": rank, "code": e.code().name})
                 continue
             if header.freeze.frozen_blocks != frozen:
@@ -172,22 +192,32 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 model.set_frozen(frozen)
                 model.train()
                 log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
+            if cached:
+                cached.follow(frozen, len(member.shard))
             due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
             if settings.evaluate and rank == 0 and step > 0 and due:
                 evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
 
-            # The batch: this worker's shard, in an order fixed by (seed, epoch, rank).
             if step // steps_per_epoch != epoch:
                 epoch = step // steps_per_epoch
-                order = batch_order(member.shard, epoch, rank, settings.seed)
-            pos = (step % steps_per_epoch) * settings.batch_size
-            idx = np.take(order, np.arange(pos, pos + settings.batch_size), mode="wrap")
-            x, y = make_batch(train, idx, settings.image_size, channels, settings.augment, gen)
+                if cached:
+                    cached.end_epoch()
+            idx = batch_at(step)
+            y = train.labels[torch.from_numpy(idx)]
 
-            # Forward and backward through the active blocks only.
+            def inputs(rows: np.ndarray) -> torch.Tensor:
+                return make_batch(train, idx[rows], settings.image_size, channels, settings.augment, gen)[0]
+
+            # Forward (the frozen prefix's output from the cache, where it can be) and backward
+            # through the active blocks only.
             flat.zero_grads(frozen)
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
+            if cached:
+                upcoming = [train.sample_ids(batch_at(s)) for s in range(step + 1, step + 1 + cached.prefetch_batches)]
+                h = cached.outputs(train.sample_ids(idx), inputs, upcoming)
+            else:
+                h = model.prefix(inputs(np.arange(len(idx))))
+            loss = F.cross_entropy(model.suffix(h), y)
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
@@ -214,8 +244,11 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
             for k in totals:
                 totals[k] += getattr(phases, k)
-            runlog.write({"event": "step", "step": step, "loss": loss.item(), "frozen_blocks": frozen,
-                          "phases": {k: getattr(phases, k) for k in totals}})
+            record = {"event": "step", "step": step, "loss": loss.item(), "frozen_blocks": frozen,
+                      "phases": {k: getattr(phases, k) for k in totals}}
+            if cached:
+                record["cache"] = cached.last_batch
+            runlog.write(record)
             step += 1
             steps_done += 1
         if settings.evaluate and rank == 0 and total_steps > 0:
@@ -227,10 +260,14 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
         except grpc.RpcError as e:  # the PS is gone or dropped us: nothing to leave
             log.warning("[Worker] rank %d: Leave answered %s", rank, e.code().name)
         client.close()
+        if cached:
+            cached.close()
     summary = {"event": "worker_summary", "rank": rank, "steps": steps_done, "first_step": first_step,
                "rejoins": rejoins,
                "wall_s": time.perf_counter() - started, "phases_s": totals, "evals": evals,
                "bytes": client.meter.totals()}
+    if cached:
+        summary["cache"] = cached.report()
     runlog.write(summary)
     runlog.close()
     return summary

@@ -1,0 +1,268 @@
+"""The frozen prefix's output for a batch, from the activation cache where it can be.
+
+The training loop asks `CachedPrefix.outputs` for the output of blocks 0..depth-1 on a
+batch and runs only the active blocks on it. Each sample's row comes from, in order:
+1. the cache, at the current prefix key (a hit);
+2. an entry of an earlier, shallower prefix of this run, run through the blocks frozen
+   since (the entry is *extended* to the new depth, cached there, and its old one dropped);
+3. the whole prefix, run on the sample's input (a miss), and cached.
+
+Cached rows equal recomputed rows bit for bit because the prefix is deterministic in eval
+mode and a row of a batched forward does not depend on the other rows, *provided* the batch
+is not tiny: CPU kernels take other paths for 1 row (convolutions) or up to 8 (matrix
+products) and round differently. So misses and extensions run on at least MIN_ROWS rows,
+padded with copies of the first.
+
+When caching starts: from a configured depth, or (from_depth 0) when the first batch at a
+depth measures that reading its rows back from the cache is faster than computing them and
+that the worker's shard fits the budgets.
+
+Old prefixes: an entry is dropped when extended; whatever is left of a prefix two epoch
+ends after it stopped being the current one (every sample of the shard has been asked for
+since) is dropped with it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worker.cache import ActivationCache, prefix_key
+from worker.models import BlockModel
+
+log = logging.getLogger("freezeps.worker")
+
+MIN_ROWS = 16
+UNDECIDED = None
+AUGMENT_REFUSED = ("the activation cache needs a sample's input to the frozen prefix to be the same every epoch, "
+                   "and augment makes it random: turn one of them off")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A worker's activation cache: budgets per worker process (0: no such tier)."""
+    memory_bytes: int
+    disk_bytes: int = 0
+    folder: Path | None = None  # the disk tier; runs on one host may share it
+    from_depth: int = 0  # cache once this many blocks are frozen; 0: once measured to pay
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        if min(self.memory_bytes, self.disk_bytes, self.from_depth, self.prefetch_batches) < 0:
+            raise ValueError("cache budgets, from_depth and prefetch_batches must be >= 0")
+        if not self.memory_bytes and not self.disk_bytes:
+            raise ValueError("an activation cache needs a memory or a disk budget")
+        if self.disk_bytes and self.folder is None:
+            raise ValueError("cache_disk_bytes needs cache_dir, the folder of the disk tier")
+
+
+@dataclass
+class PrefixCounters:
+    cached: int = 0  # rows read from the cache at the current depth
+    extended: int = 0  # rows read at a shallower depth and run through the blocks frozen since
+    computed: int = 0  # rows run through the whole prefix while caching
+    uncached: int = 0  # rows run through the whole prefix with caching off at that depth
+    read_s: float = 0.0
+    extend_s: float = 0.0
+    compute_s: float = 0.0  # computing and caching the misses
+    saved_s: float = 0.0  # estimate: rows served x the measured per-row cost of the prefix, less the reads
+
+
+@dataclass
+class _Source:
+    depth: int
+    key: str
+    epoch_ends: int = 0  # epoch ends since it stopped being current
+
+
+class CachedPrefix:
+    def __init__(self, model: BlockModel, store: ActivationCache, input_spec: str, from_depth: int = 0,
+                 min_rows: int = MIN_ROWS, prefetch_batches: int = 2):
+        """`min_rows`: at most the batch size, so that a miss runs on as many rows as an uncached batch."""
+        if from_depth < 0 or min_rows < 1 or prefetch_batches < 0:
+            raise ValueError("from_depth and prefetch_batches must be >= 0, min_rows >= 1")
+        self.model, self.store, self.input_spec = model, store, input_spec
+        self.from_depth, self.min_rows, self.prefetch_batches = from_depth, min_rows, prefetch_batches
+        self.counters = PrefixCounters()
+        self.depth, self.key = 0, None
+        self.active: bool | None = False  # UNDECIDED until measured when from_depth is 0
+        self.decisions: list[dict] = []
+        self._sources: list[_Source] = []  # deepest first
+        self._row_cost: dict[int, float] = {}  # depth -> seconds per row of the whole prefix
+        self._pool = ThreadPoolExecutor(1, "cache-prefetch") if prefetch_batches else None
+        self._submitted: set[int] = set()
+        self._shard_size = 0
+        self.last_batch: dict[str, int] = {}  # where the last batch's rows came from
+
+    @classmethod
+    def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int) -> "CachedPrefix":
+        store = ActivationCache(settings.memory_bytes, settings.disk_bytes, settings.folder)
+        return cls(model, store, input_spec, settings.from_depth, min(MIN_ROWS, batch_size), settings.prefetch_batches)
+
+    # -- the boundary -----------------------------------------------------------------------
+    def follow(self, depth: int, shard_size: int) -> None:
+        """The model's frozen prefix is now `depth` blocks (after model.set_frozen(depth))."""
+        self._shard_size = shard_size
+        if depth == self.depth:
+            return
+        if self.key is not None and self.active:
+            self._sources.insert(0, _Source(self.depth, self.key))
+        self.depth = depth
+        self.key = prefix_key(self.model.model_name, self.input_spec, list(self.model.blocks[:depth])) if depth else None
+        self._sources = sorted((s for s in self._sources if s.key != self.key), key=lambda s: -s.depth)
+        self._submitted.clear()
+        if depth == 0:
+            self.active = False
+        elif self.from_depth:
+            self.active = depth >= self.from_depth
+            self._decided(f"from_depth {self.from_depth}")
+        else:
+            self.active = UNDECIDED
+
+    def end_epoch(self) -> None:
+        """Drop what is left of prefixes that stopped being current two epoch ends ago."""
+        self._submitted.clear()
+        for source in self._sources:
+            source.epoch_ends += 1
+        for source in [s for s in self._sources if s.epoch_ends >= 2]:
+            self.store.drop_prefix(source.key)
+        self._sources = [s for s in self._sources if s.epoch_ends < 2]
+
+    # -- a batch ----------------------------------------------------------------------------
+    def outputs(self, samples: np.ndarray, inputs: Callable[[np.ndarray], torch.Tensor],
+                upcoming: list[np.ndarray] = ()) -> torch.Tensor:
+        """The prefix's output for `samples` (split-wide ids); `inputs(rows)` makes the model
+        input of the batch's rows `rows`; `upcoming` are the next batches' samples, read ahead."""
+        before = (self.counters.cached, self.counters.extended, self.counters.computed)
+        out = self._outputs(samples, inputs, upcoming)
+        self.last_batch = {k: getattr(self.counters, k) - b for k, b in zip(("cached", "extended", "computed"), before)}
+        return out
+
+    def _outputs(self, samples, inputs, upcoming) -> torch.Tensor:
+        if self.depth == 0:
+            return inputs(np.arange(len(samples)))
+        if self.active is UNDECIDED:
+            return self._measure(samples, inputs)
+        if not self.active:
+            self.counters.uncached += len(samples)
+            return self.model.prefix(inputs(np.arange(len(samples))))
+        t0 = time.perf_counter()
+        rows = [self.store.get(self.key, int(s)) for s in samples]
+        t1 = time.perf_counter()
+        cached = sum(r is not None for r in rows)
+        self.counters.cached += cached
+        self.counters.read_s += t1 - t0
+        self._extend(samples, rows)
+        missing = np.array([i for i, r in enumerate(rows) if r is None], dtype=np.int64)
+        if len(missing):
+            t2 = time.perf_counter()
+            out = self._run(inputs(missing), 0)
+            self._cache_rows(samples[missing], out)
+            for j, i in enumerate(missing):
+                rows[i] = out[j]
+            self.counters.computed += len(missing)
+            spent = time.perf_counter() - t2
+            self.counters.compute_s += spent
+            self._row_cost[self.depth] = spent / len(missing)
+        if self.depth in self._row_cost:
+            self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
+        self._prefetch(upcoming)
+        return torch.stack(rows)
+
+    def _extend(self, samples: np.ndarray, rows: list) -> None:
+        """Fill what it can of the missing rows from entries of shallower prefixes."""
+        for source in (s for s in self._sources if s.depth < self.depth):
+            missing = [i for i, r in enumerate(rows) if r is None]
+            if not missing:
+                return
+            t0 = time.perf_counter()
+            found = [(i, self.store.get(source.key, int(samples[i]))) for i in missing]
+            found = [(i, t) for i, t in found if t is not None]
+            if not found:
+                continue
+            out = self._run(torch.stack([t for _, t in found]), source.depth)
+            ids = samples[[i for i, _ in found]]
+            self._cache_rows(ids, out)
+            for s in ids:
+                self.store.discard(source.key, int(s))
+            for j, (i, _) in enumerate(found):
+                rows[i] = out[j]
+            self.counters.extended += len(found)
+            self.counters.extend_s += time.perf_counter() - t0
+
+    def _run(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks start..depth-1 on x, on at least min_rows rows (see the module docstring)."""
+        n = len(x)
+        if n < self.min_rows:
+            x = torch.cat([x, x[:1].expand(self.min_rows - n, *x.shape[1:])])
+        return self.model.prefix(x, start)[:n]
+
+    def _cache_rows(self, samples: np.ndarray, out: torch.Tensor) -> None:
+        for s, row in zip(samples, out):
+            self.store.put(self.key, int(s), row)
+
+    def _measure(self, samples: np.ndarray, inputs) -> torch.Tensor:
+        """The first batch at this depth: compute it, cache it, read it back, and decide."""
+        t0 = time.perf_counter()
+        out = self.model.prefix(inputs(np.arange(len(samples))))
+        compute_s = time.perf_counter() - t0
+        self._cache_rows(samples, out)
+        t1 = time.perf_counter()
+        back = [self.store.get(self.key, int(s)) for s in samples]
+        read_s = time.perf_counter() - t1
+        self.counters.computed += len(samples)
+        self.counters.compute_s += compute_s
+        self._row_cost[self.depth] = compute_s / len(samples)
+        entry_bytes = out[0].numel() * out.element_size()
+        needed, budget = entry_bytes * self._shard_size, self.store.memory_bytes + self.store.disk_bytes
+        if any(b is None for b in back) or needed > budget:
+            self.active = False
+            reason = f"the shard's entries need {needed} bytes; the budgets hold {budget}"
+        else:
+            self.active = read_s < compute_s
+            reason = f"reading a batch back took {read_s * 1e3:.2f} ms, computing it {compute_s * 1e3:.2f} ms"
+        if not self.active:
+            self.store.drop_prefix(self.key)
+        self._decided(reason)
+        return out
+
+    def _decided(self, reason: str) -> None:
+        record = {"depth": self.depth, "caching": bool(self.active), "why": reason}
+        self.decisions.append(record)
+        log.info("[Worker] activation cache at depth %d: %s (%s)", self.depth, "on" if self.active else "off", reason)
+
+    # -- reading ahead ----------------------------------------------------------------------
+    def _prefetch(self, upcoming: list[np.ndarray]) -> None:
+        if self._pool is None or not self.store.disk_bytes:
+            return
+        for batch in upcoming[:self.prefetch_batches]:
+            todo = [int(s) for s in batch if int(s) not in self._submitted]
+            if todo:
+                self._submitted.update(todo)
+                self._pool.submit(self._load, self.key, todo)
+
+    def _load(self, key: str, samples: list[int]) -> None:
+        for s in samples:
+            if key != self.key:
+                return  # the boundary moved: these entries are no longer the ones wanted
+            self.store.load(key, s)
+
+    def report(self) -> dict:
+        """Counters for the run log: this worker's rows, times and decisions, and the store's."""
+        return {**self.counters.__dict__, "hit_rate": self._hit_rate(), "decisions": self.decisions,
+                "store": self.store.stats.as_dict()}
+
+    def _hit_rate(self) -> float:
+        c = self.counters
+        served = c.cached + c.extended + c.computed
+        return (c.cached + c.extended) / served if served else 0.0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
