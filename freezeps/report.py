@@ -108,7 +108,31 @@ def summarize_run(run_dir: Path) -> dict:
         "frozen_over_time": [(r["time"] - t0, r["frozen_blocks"]) for r in rounds],
         "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
                     for f in ps if f.get("event") == "freeze" and not f.get("initial")],
+        "cache": cache_facts([w["cache"] for w in worker_sums if "cache" in w]),
     }
+
+
+_CACHE_SUMS = ("cached", "extended", "computed", "uncached", "read_s", "extend_s", "compute_s", "saved_s")
+
+
+def cache_facts(reports: list[dict]) -> dict | None:
+    """The workers' activation-cache reports added up (None: no worker cached)."""
+    if not reports:
+        return None
+    facts = {k: sum(r[k] for r in reports) for k in _CACHE_SUMS}
+    facts["store"] = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]}
+    served = facts["cached"] + facts["extended"] + facts["computed"]
+    facts["hit_rate"] = (facts["cached"] + facts["extended"]) / served if served else 0.0
+    return facts
+
+
+def format_cache(cache: dict) -> str:
+    store = cache["store"]
+    return (f"activation cache: hit rate {cache['hit_rate']:.1%} ({cache['cached']} rows read, {cache['extended']} "
+            f"extended, {cache['computed']} computed, {cache['uncached']} not cached), about {cache['saved_s']:.1f} s "
+            f"of prefix compute saved; held {_mb(store['memory_bytes'])} in memory, {_mb(store['disk_bytes'])} on "
+            f"disk; {store['disk_hits']} disk reads in the loop, {store['prefetched']} ahead; "
+            f"{store['memory_evictions'] + store['disk_evictions']} evictions, {store['corrupt']} corrupt entries")
 
 
 def format_report(facts: dict) -> str:
@@ -121,6 +145,8 @@ def format_report(facts: dict) -> str:
         lines.append(f"last round's training loss {facts['final_loss']:.4f}")
     lines.append("time per step and worker: " + ", ".join(
         f"{k.removesuffix('_s')} {v:.1f} ms" for k, v in facts["phase_ms_per_step"].items()))
+    if facts.get("cache"):
+        lines.append(format_cache(facts["cache"]))
     lines.append("")
     lines.append(f"{'tensor payload':<16}{'this run':>16}{'no freezing':>16}{'saved':>9}")
     for name in ("push", "pull"):

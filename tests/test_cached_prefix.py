@@ -1,0 +1,214 @@
+"""The activation cache in the worker: cached rows equal recomputed ones, the cache follows the
+freeze boundary, decides when it pays, reads ahead, is shared, refuses augmentation, and an
+adaptive run with it ends where the same run without it ends."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from freeze.engines import EngineSpec
+from freezeps.config import load_config
+from ps.policy import FreezePolicy
+from tests.conftest import run_workers, worker_settings
+from worker.cache import ActivationCache
+from worker.cached_prefix import CachedPrefix, CacheSettings
+from worker.models import build_model
+
+IMAGES = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    model.train()
+    return model
+
+
+def _batches(epoch: int, batch: int = 24) -> list[np.ndarray]:
+    """Every sample once per epoch, in another order each epoch (so rows meet other rows)."""
+    order = np.random.default_rng(epoch).permutation(len(IMAGES))
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+def _freeze(model, cached: CachedPrefix, depth: int) -> None:
+    model.set_frozen(depth)
+    model.train()
+    cached.follow(depth, len(IMAGES))
+
+
+def _check_epoch(model, cached: CachedPrefix, epoch: int, upcoming: bool = False) -> None:
+    batches = _batches(epoch)
+    for n, ids in enumerate(batches):
+        got = cached.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]],
+                             batches[n + 1:n + 3] if upcoming else [])
+        want = model.prefix(IMAGES[ids])
+        assert torch.equal(got, want), (epoch, n, cached.last_batch)
+
+
+@pytest.mark.parametrize("name,depths", [("tiny_cnn", [1, 2]), ("resnet18", [2, 4, 5]),
+                                         ("efficientnet_lite0", [3, 8, 15])])
+def test_cached_rows_equal_recomputed_ones_as_the_boundary_moves(tmp_path, name, depths):
+    model = _model(name)
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+    for epoch, depth in enumerate(depths):
+        _freeze(model, cached, depth)
+        before = dict(cached.counters.__dict__)
+        _check_epoch(model, cached, 2 * epoch)  # misses, or entries of the last depth extended
+        if epoch:
+            assert cached.counters.extended - before["extended"] == len(IMAGES)
+        else:
+            assert cached.counters.computed == len(IMAGES)
+        _check_epoch(model, cached, 2 * epoch + 1)  # all hits
+        assert cached.last_batch == {"cached": 24, "extended": 0, "computed": 0}
+    # Entries at depths that can no longer be used are gone: extended ones at once.
+    assert cached.store.stats.memory_bytes == len(IMAGES) * model.prefix(IMAGES[:1]).numel() * 4
+
+
+def test_partly_cached_batches_and_duplicates_are_exact(tmp_path):
+    """Misses among hits run on a padded batch, so a lone miss equals its row of a full batch
+    (what the run without a cache computes; a batch of one row rounds otherwise); a batch may
+    hold a sample twice."""
+    model = _model("efficientnet_lite0")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+    _freeze(model, cached, 6)
+    full = model.prefix(IMAGES)
+    assert not torch.equal(model.prefix(IMAGES[[3]]), full[[3]])  # why the padding is there
+    for ids in ([3], [3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [9, 9, 30]):
+        ids = np.array(ids)
+        assert torch.equal(cached.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]]), full[ids])
+    assert cached.counters.cached == 1 + 3 + 2 and cached.counters.computed == 1 + 2 + 17 + 1
+
+
+def test_old_prefixes_are_dropped_two_epoch_ends_later():
+    model = _model("tiny_cnn")
+    store = ActivationCache(64 << 20)
+    cached = CachedPrefix(model, store, "images", from_depth=1)
+    _freeze(model, cached, 1)
+    half = np.arange(48)
+    cached.outputs(np.arange(96), lambda rows: IMAGES[rows])  # everything cached at depth 1
+    old_key = cached.key
+    _freeze(model, cached, 2)
+    cached.outputs(half, lambda rows: IMAGES[rows])  # half extended, their old entries dropped
+    assert sum(k[0] == old_key for k in store._memory) == 48
+    cached.end_epoch()
+    assert sum(k[0] == old_key for k in store._memory) == 48  # the rest may still be extended
+    cached.end_epoch()
+    assert not any(k[0] == old_key for k in store._memory)
+    assert all(k[0] == cached.key for k in store._memory)
+
+
+def test_measured_decision_and_a_shard_that_does_not_fit():
+    model = _model("resnet18")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=0)
+    _freeze(model, cached, 5)  # layer1-3: costly to compute, 4 KiB per row to read
+    ids = np.arange(24)
+    cached.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    assert cached.active is True and cached.decisions[-1]["caching"] is True
+    assert cached.outputs(ids, lambda rows: IMAGES[ids[rows]]).shape[0] == 24
+    assert cached.last_batch["cached"] == 24
+
+    small = CachedPrefix(model, ActivationCache(10_000), "images", from_depth=0)
+    small.follow(5, shard_size=1000)  # 1000 x 4 KiB does not fit 10 kB
+    small.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    assert small.active is False and "budgets hold 10000" in small.decisions[-1]["why"]
+    assert small.store.stats.memory_bytes == 0  # what the measurement cached is dropped
+    out = small.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    assert torch.equal(out, model.prefix(IMAGES[ids])) and small.counters.uncached == 24
+
+
+def test_read_ahead_from_disk_keeps_the_loop_off_the_disk(tmp_path):
+    model = _model("tiny_cnn")
+    first = CachedPrefix(model, ActivationCache(0, 64 << 20, tmp_path), "images", from_depth=1)
+    _freeze(model, first, 2)
+    _check_epoch(model, first, 0)  # written to disk
+    first.close()
+    # Another worker (or job) on this host, same model and data: it reads the shared folder.
+    second = CachedPrefix(model, ActivationCache(64 << 20, 64 << 20, tmp_path), "images", from_depth=1)
+    _freeze(model, second, 2)
+    batches = _batches(1)
+    for n, ids in enumerate(batches):
+        got = second.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]], batches[n + 1:n + 3])
+        assert torch.equal(got, model.prefix(IMAGES[ids]))
+        second._pool.submit(lambda: None).result()  # let the read-ahead finish (one thread: in order)
+    stats = second.store.stats
+    assert stats.disk_hits == len(batches[0])  # only the first batch was not read ahead
+    assert stats.prefetched == len(IMAGES) - len(batches[0])
+    assert second.counters.cached == len(IMAGES) and second.counters.computed == 0
+    second.close()
+
+
+def test_a_job_with_other_weights_never_hits_the_shared_folder(tmp_path):
+    model = _model("tiny_cnn")
+    first = CachedPrefix(model, ActivationCache(0, 64 << 20, tmp_path), "images", from_depth=1)
+    _freeze(model, first, 2)
+    _check_epoch(model, first, 0)
+    other = _model("tiny_cnn")
+    with torch.no_grad():
+        other.blocks[1][0].weight[0, 0, 0, 0] += 1e-3
+    second = CachedPrefix(other, ActivationCache(64 << 20, 64 << 20, tmp_path), "images", from_depth=1)
+    _freeze(other, second, 2)
+    _check_epoch(other, second, 1)
+    assert second.counters.cached == 0 and second.counters.computed == len(IMAGES)
+    # The input pipeline is part of the key too.
+    third = CachedPrefix(model, ActivationCache(64 << 20, 64 << 20, tmp_path), "other images", from_depth=1)
+    _freeze(model, third, 2)
+    _check_epoch(model, third, 1)
+    assert third.counters.cached == 0
+
+
+def test_the_batch_counter_of_batchnorm_is_not_part_of_the_key():
+    """Workers pull float tensors only: their BatchNorm batch counters differ, their prefixes do not."""
+    a, b = _model("tiny_cnn"), _model("tiny_cnn")
+    b.blocks[0][1].num_batches_tracked += 7
+    keys = []
+    for model in (a, b):
+        cached = CachedPrefix(model, ActivationCache(1 << 20), "images", from_depth=1)
+        _freeze(model, cached, 2)
+        keys.append(cached.key)
+    assert keys[0] == keys[1]
+
+
+def test_augmentation_refuses_caching(tmp_path):
+    with pytest.raises(ValueError, match="augment makes it random"):
+        worker_settings("127.0.0.1:1", augment=True, cache=CacheSettings(1 << 20))
+    with pytest.raises(ValueError, match="augment makes it random"):
+        load_config({"augment": True, "cache_memory_bytes": 1 << 20}, environ={})
+    with pytest.raises(ValueError, match="needs cache_dir"):
+        CacheSettings(0, 1 << 20)
+    with pytest.raises(ValueError, match="memory or a disk budget"):
+        CacheSettings(0, 0)
+
+
+def _adaptive_run(ps_factory, tmp_path, weights, cache):
+    # Blocks freeze one at a time (the rate guard and min_gap): conv1 at step 8, conv2 at 16.
+    policy = FreezePolicy(EngineSpec("threshold", interval=4, tau=100.0, rate=0.5), min_gap=8)
+    with ps_factory(2, policy=policy, log_path=tmp_path / "ps.jsonl", momentum=0.9) as ps:
+        summaries = run_workers([worker_settings(ps.address, model="tiny_cnn", weights=str(weights), train_samples=512,
+                                                 steps=0, epochs=5, cache=cache, log_dir=tmp_path) for _ in range(2)])
+        return ps.server.values_by_name(), summaries
+
+
+def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(ps_factory, tmp_path):
+    weights = tmp_path / "init.pt"  # worker threads share torch's RNG: give them one initial model
+    torch.save(build_model("tiny_cnn", 4).state_dict(), weights)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "cached").mkdir()
+    plain, _ = _adaptive_run(ps_factory, tmp_path / "plain", weights, None)
+    cache = CacheSettings(1 << 16, 16 << 20, tmp_path / "cache")  # memory for a third of the shard
+    with_cache, summaries = _adaptive_run(ps_factory, tmp_path / "cached", weights, cache)
+    freezes = [json.loads(line) for line in (tmp_path / "cached" / "ps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["to"]) for r in freezes if r["event"] == "freeze"] == [(8, 1), (16, 2)]
+    assert plain.keys() == with_cache.keys()
+    for name in plain:
+        assert np.array_equal(plain[name], with_cache[name]), name
+    for summary in summaries:
+        cache_report = summary["cache"]
+        assert cache_report["cached"] > 0 and cache_report["extended"] > 0
+        assert cache_report["store"]["memory_evictions"] > 0 and cache_report["store"]["prefetched"] > 0
+        assert cache_report["store"]["memory_bytes"] <= 1 << 16
+        assert [d["depth"] for d in cache_report["decisions"]] == [1, 2]
+    steps = [json.loads(line) for line in (tmp_path / "cached" / "worker-0.jsonl").read_text().splitlines()]
+    assert any(r.get("cache", {}).get("cached") == 16 for r in steps if r["event"] == "step")
