@@ -1,5 +1,5 @@
 # The two commands of the README, and a few helpers. Each target sets up what it needs.
-.PHONY: run test setup proto readme bench sweep clean
+.PHONY: run test setup proto readme bench sweep cache-bench clean
 
 run:            ## set up, then run the main job: a PS and 4 workers on this machine
 	scripts/setup.sh
@@ -25,6 +25,10 @@ bench:          ## time one synchronous round against bare gRPC and raw TCP (ben
 sweep:          ## run every freeze engine on the default workload (about 45 minutes); writes docs/results
 	scripts/setup.sh
 	.venv/bin/python -m bench.freeze_sweep $(ARGS)
+
+cache-bench:    ## step time per frozen depth with and without the activation cache, and a whole run (about 30 minutes)
+	scripts/setup.sh
+	.venv/bin/python -m bench.cache $(ARGS)
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -130,4 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         from freezeps.roles import run_worker_role
         return run_worker_role(cfg)
     from freezeps.launch import run_job
+    # SIGTERM (kill, systemd, docker stop) unwinds like Ctrl-C: the launcher's cleanup stops the
+    # PS and the workers and removes the network namespaces, instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return run_job(cfg, args.config)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,17 +53,56 @@ def test_run_end_to_end(tmp_path):
     out = subprocess.run(FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random",
                                      "--image-size", "8", "--num-workers", "2", "--batch-size", "32", "--epochs", "2",
                                      "--train-samples", "0", "--test-samples", "0", "--freeze", "static",
-                                     "--freeze-blocks", "1", "--freeze-step", "48",
+                                     "--freeze-blocks", "1", "--freeze-step", "16",
+                                     "--cache-memory-bytes", "4096", "--cache-disk-bytes", "1000000",
                                      "--run-dir", str(run_dir)],
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "test accuracy" in out.stdout and "saved" in out.stdout
+    assert "test accuracy" in out.stdout and "saved" in out.stdout and "activation cache: hit rate" in out.stdout
     facts = json.loads(subprocess.run(FREEZEPS + ["report", str(run_dir), "--json"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout)
     assert facts["steps"] == 64 and facts["frozen_blocks"] == 1
     assert facts["accuracy"] > 0.4  # 4 classes: well above chance after 2 epochs
     assert facts["push_payload"] < facts["push_payload_no_freeze"]
-    assert facts["push_by_block"]["fc1"] == 48 * 2 * next(b["bytes"] for b in facts["blocks"] if b["name"] == "fc1")
+    assert facts["push_by_block"]["fc1"] == 16 * 2 * next(b["bytes"] for b in facts["blocks"] if b["name"] == "fc1")
+    # The activation cache: on from the freeze (measured to pay), its disk tier in the run folder.
+    cache = facts["cache"]
+    assert cache["cached"] > 0 and cache["computed"] > 0 and cache["store"]["memory_evictions"] > 0
+    assert cache["cached"] + cache["extended"] + cache["computed"] + cache["uncached"] == 48 * 2 * 32
+    assert list((run_dir / "cache").glob("*/*.act"))
+
+
+def test_sigterm_stops_the_whole_run(tmp_path):
+    """`kill`, systemd or docker stop the launcher: its PS and workers stop with it."""
+    run = subprocess.Popen(FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random",
+                                       "--image-size", "8", "--num-workers", "2", "--epochs", "1000",
+                                       "--run-dir", str(tmp_path / "run")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(children) < 3:  # the PS and two workers
+            time.sleep(0.5)
+            children = [int(p) for p in open(f"/proc/{run.pid}/task/{run.pid}/children").read().split()]
+        assert len(children) == 3
+        time.sleep(3)  # into the run
+        run.terminate()
+        out, _ = run.communicate(timeout=60)
+        assert run.returncode == 143, out
+        for pid in children:
+            assert not _alive(pid), f"process {pid} outlived the launcher"
+    finally:
+        for pid in [run.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_ps_and_workers_started_by_hand(tmp_path):

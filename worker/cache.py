@@ -143,21 +143,29 @@ class ActivationCache:
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, prefix: str, sample: int) -> torch.Tensor | None:
-        key = (prefix, sample)
+        return self.get_many(prefix, [sample])[0]
+
+    def get_many(self, prefix: str, samples: list[int]) -> list[torch.Tensor | None]:
+        """The entries of `samples` (None for a miss), under one hold of the lock: a batch costs
+        a dictionary lookup per row, not a call."""
         with self._lock:
-            hit = self._memory.get(key)
-            if hit is not None:
-                self._memory.move_to_end(key)
-                self.stats.memory_hits += 1
-                return hit
-            if key in self._disk:
-                tensor = self._read_disk(key)
-                if tensor is not None:
-                    self.stats.disk_hits += 1
-                    self._keep_in_memory(key, tensor)
-                    return tensor
-            self.stats.misses += 1
-            return None
+            return [self._get(prefix, s) for s in samples]
+
+    def _get(self, prefix: str, sample: int) -> torch.Tensor | None:
+        key = (prefix, sample)
+        hit = self._memory.get(key)
+        if hit is not None:
+            self._memory.move_to_end(key)
+            self.stats.memory_hits += 1
+            return hit
+        if key in self._disk:
+            tensor = self._read_disk(key)
+            if tensor is not None:
+                self.stats.disk_hits += 1
+                self._keep_in_memory(key, tensor)
+                return tensor
+        self.stats.misses += 1
+        return None
 
     def load(self, prefix: str, sample: int) -> None:
         """Bring a disk entry into the memory tier ahead of its use (the prefetch thread's call):

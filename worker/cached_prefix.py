@@ -99,6 +99,7 @@ class CachedPrefix:
         self._submitted: set[int] = set()
         self._shard_size = 0
         self.last_batch: dict[str, int] = {}  # where the last batch's rows came from
+        self._batch: torch.Tensor | None = None
 
     @classmethod
     def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int) -> "CachedPrefix":
@@ -138,7 +139,8 @@ class CachedPrefix:
     def outputs(self, samples: np.ndarray, inputs: Callable[[np.ndarray], torch.Tensor],
                 upcoming: list[np.ndarray] = ()) -> torch.Tensor:
         """The prefix's output for `samples` (split-wide ids); `inputs(rows)` makes the model
-        input of the batch's rows `rows`; `upcoming` are the next batches' samples, read ahead."""
+        input of the batch's rows `rows`; `upcoming` are the next batches' samples, read ahead.
+        The tensor returned may be overwritten by the next call."""
         before = (self.counters.cached, self.counters.extended, self.counters.computed)
         out = self._outputs(samples, inputs, upcoming)
         self.last_batch = {k: getattr(self.counters, k) - b for k, b in zip(("cached", "extended", "computed"), before)}
@@ -153,7 +155,7 @@ class CachedPrefix:
             self.counters.uncached += len(samples)
             return self.model.prefix(inputs(np.arange(len(samples))))
         t0 = time.perf_counter()
-        rows = [self.store.get(self.key, int(s)) for s in samples]
+        rows = self.store.get_many(self.key, samples.tolist())
         t1 = time.perf_counter()
         cached = sum(r is not None for r in rows)
         self.counters.cached += cached
@@ -173,7 +175,16 @@ class CachedPrefix:
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
-        return torch.stack(rows)
+        return self._stack(rows)
+
+    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """The rows as one batch, in a buffer reused from step to step: when little is left to
+        compute, allocating (and page-faulting) a fresh batch each step costs more than
+        reading the rows. Valid until the next call, which is all a training step needs."""
+        shape = (len(rows), *rows[0].shape)
+        if self._batch is None or self._batch.shape != shape or self._batch.dtype != rows[0].dtype:
+            self._batch = torch.empty(shape, dtype=rows[0].dtype)
+        return torch.stack(rows, out=self._batch)
 
     def _extend(self, samples: np.ndarray, rows: list) -> None:
         """Fill what it can of the missing rows from entries of shallower prefixes."""
@@ -182,8 +193,8 @@ class CachedPrefix:
             if not missing:
                 return
             t0 = time.perf_counter()
-            found = [(i, self.store.get(source.key, int(samples[i]))) for i in missing]
-            found = [(i, t) for i, t in found if t is not None]
+            entries = self.store.get_many(source.key, samples[missing].tolist())
+            found = [(i, t) for i, t in zip(missing, entries) if t is not None]
             if not found:
                 continue
             out = self._run(torch.stack([t for _, t in found]), source.depth)
@@ -214,7 +225,7 @@ class CachedPrefix:
         compute_s = time.perf_counter() - t0
         self._cache_rows(samples, out)
         t1 = time.perf_counter()
-        back = [self.store.get(self.key, int(s)) for s in samples]
+        back = self.store.get_many(self.key, samples.tolist())
         read_s = time.perf_counter() - t1
         self.counters.computed += len(samples)
         self.counters.compute_s += compute_s

@@ -1,0 +1,162 @@
+"""What the activation cache buys: step time per frozen depth, and a whole adaptive run.
+
+    python -m bench.cache --out docs/results/cache [--models resnet18,efficientnet_lite0] [--skip-run]
+
+Part 1, per model and frozen depth d (batch 64, 32x32 inputs, `--threads` torch threads,
+weights random: speed does not depend on them), the median over at least `--repeats` steps
+(more for short steps, taken in turns) of
+  - full: the prefix's forward under no_grad, then the active blocks' forward and backward
+    (a worker's step without the cache);
+  - cached: the prefix's output from a warm memory cache (CachedPrefix.outputs: lookups and
+    a stack of the rows), then the same forward and backward;
+  - suffix: the forward and backward alone on a tensor already in place: the physical limit.
+Goal: cached <= 1.1 x suffix at every depth.
+
+Part 2: one adaptive `freezeps run` (a PS and 4 workers on this machine) without and with the
+cache, everything else equal: wall time, hit rate, cache bytes. Goal: >= 1.3x faster.
+
+Writes OUT/results.json and OUT/README.md (the tables, the command, the machine, the date).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freezeps.report import format_cache, summarize_run
+from worker.cache import ActivationCache
+from worker.cached_prefix import CachedPrefix
+from worker.models import build_model
+
+BATCH, SIDE, WARM_BATCHES = 64, 32, 4
+
+
+def _time(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each of `fns`, taken in turns (so drift of the machine hits all alike);
+    at least `repeats` turns, more (up to 400) when a turn is short, for about 3 s in all."""
+    t0 = time.perf_counter()
+    for fn in fns:  # warm-up: allocator, kernel selection
+        fn()
+    turns = max(repeats, min(400, int(3.0 / (time.perf_counter() - t0))))
+    times = [[] for _ in fns]
+    for _ in range(turns):
+        for fn, got in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            got.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def step_times(name: str, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    images = torch.randn(BATCH * WARM_BATCHES, 3, SIDE, SIDE)
+    labels = torch.randint(0, 10, (BATCH * WARM_BATCHES,))
+    batches = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(WARM_BATCHES)]
+    rows = []
+    for depth in range(1, len(model.blocks)):
+        model.set_frozen(depth)
+        model.train()
+        cached = CachedPrefix(model, ActivationCache(1 << 31), f"bench-{depth}", from_depth=1, prefetch_batches=0)
+        cached.follow(depth, len(images))
+        for ids in batches:  # warm: every row in the memory tier
+            cached.outputs(ids, lambda r, ids=ids: images[ids[r]])
+        turn = iter(range(1 << 30))
+
+        def step(prefix_output):
+            ids = batches[next(turn) % WARM_BATCHES]
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model.suffix(prefix_output(ids)), labels[ids]).backward()
+
+        h = {i: model.prefix(images[ids]) for i, ids in enumerate(batches)}
+        full, warm, suffix = _time([lambda: step(lambda ids: model.prefix(images[ids])),
+                                    lambda: step(lambda ids: cached.outputs(ids, lambda r: images[ids[r]])),
+                                    lambda: step(lambda ids: h[int(ids[0]) // BATCH])], repeats)
+        assert cached.counters.computed == len(images), "the timed cached steps must all be hits"
+        entry = h[0][0].numel() * h[0].element_size()
+        rows.append({"model": name, "depth": depth, "frozen": model.block_names[depth - 1], "full_ms": full * 1e3,
+                     "cached_ms": warm * 1e3, "suffix_ms": suffix * 1e3, "cached_over_suffix": warm / suffix,
+                     "speedup": full / warm, "entry_bytes": entry})
+        print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:7.1f} ms, suffix "
+              f"{suffix * 1e3:7.1f} ms, cached/suffix {warm / suffix:.2f}, entry {entry} B", flush=True)
+    return rows
+
+
+# Part 2: the default model (EfficientNet-Lite0, ImageNet weights) on Fashion-MNIST with
+# AutoFreeze's percentile rule, as gradnorm-pct of the freeze sweep (docs/results/freeze-sweep),
+# on half the samples for more epochs: the cache pays from the second epoch at a depth on.
+RUN_ARGS = ["--num-workers", "4", "--epochs", "5", "--train-samples", "12288", "--test-samples", "1000",
+            "--seed", "0", "--freeze", "gradnorm", "--freeze-warmup", "16", "--freeze-interval", "8"]
+CACHE_ARGS = ["--cache-memory-bytes", str(256 << 20), "--cache-disk-bytes", str(1 << 30)]
+
+
+def whole_run(name: str, args: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "freezeps", "run", *RUN_ARGS, *args, "--run-dir", str(run_dir)]
+    print(f"[cache] run {name}: {' '.join(cmd[3:])}", flush=True)
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
+    facts = summarize_run(run_dir)
+    return {"name": name, "args": args, "process_wall_s": time.monotonic() - started, "train_s": facts["train_s"],
+            "accuracy": facts["accuracy"], "freezes": facts["freezes"], "cache": facts["cache"],
+            "phase_ms_per_step": facts["phase_ms_per_step"]}
+
+
+def write_readme(results: dict, out: Path, command: str) -> None:
+    lines = [f"# Activation cache: step time per frozen depth, and a whole adaptive run", "",
+             f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
+             "## Step time per frozen depth (batch 64, 32x32, median of at least "
+             f"{results['repeats']} steps taken in turns, {results['threads']} threads)", "",
+             "| model | depth | last frozen | full ms | cached ms | suffix-only ms | cached / suffix | speed-up | "
+             "entry bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["steps"]:
+        lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.1f} | "
+                     f"{r['suffix_ms']:.1f} | {r['cached_over_suffix']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['entry_bytes']} |")
+    if results.get("runs"):
+        plain, cached = results["runs"]
+        lines += ["", "## A whole adaptive run", "", f"`freezeps run {' '.join(RUN_ARGS)}`, then with "
+                  f"`{' '.join(CACHE_ARGS)}` added.", "",
+                  "| run | train s | process s | final accuracy | freezes (step: blocks) |", "|---|---|---|---|---|"]
+        for r in (plain, cached):
+            freezes = "; ".join(f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]) or "-"
+            acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+            lines.append(f"| {r['name']} | {r['train_s']:.1f} | {r['process_wall_s']:.1f} | {acc} | {freezes} |")
+        lines += ["", f"Speed-up (training time): {plain['train_s'] / cached['train_s']:.2f}x.", "",
+                  format_cache(cached["cache"])]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/cache"))
+    parser.add_argument("--models", default="resnet18,efficientnet_lite0")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-run", action="store_true", help="part 1 only")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs") / f"cache-{date.today().isoformat()}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+               f"threads, torch {torch.__version__}", "repeats": args.repeats, "threads": args.threads,
+               "steps": [row for name in args.models.split(",") for row in step_times(name, args.repeats)]}
+    if not args.skip_run:
+        results["runs"] = [whole_run("no cache", [], args.runs_dir / "plain"),
+                           whole_run("cache", CACHE_ARGS, args.runs_dir / "cached")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_readme(results, args.out, "python -m bench.cache " + " ".join(sys.argv[1:]))
+    print((args.out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
