@@ -112,7 +112,7 @@ def whole_run(name: str, args: list[str], run_dir: Path) -> dict:
 
 
 def write_readme(results: dict, out: Path, command: str) -> None:
-    lines = [f"# Activation cache: step time per frozen depth, and a whole adaptive run", "",
+    lines = ["# Activation cache: step time per frozen depth, and a whole adaptive run", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
              "## Step time per frozen depth (batch 64, 32x32, median of at least "
              f"{results['repeats']} steps taken in turns, {results['threads']} threads)", "",

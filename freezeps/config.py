@@ -19,7 +19,8 @@ from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from worker.cached_prefix import AUGMENT_REFUSED
 from worker.data import DATASETS
-from worker.models import MODELS
+from worker.models import MODELS, TEXT_MODELS
+from worker.text import TEXT_DATASETS
 
 PS, WORKER, RUN, STATUS = "ps", "worker", "run", "status"
 
@@ -94,13 +95,20 @@ class Config:
     # -- worker ----------------------------------------------------------------------------
     ps_address: str = _f("127.0.0.1:50051", "PS address a worker connects to, host:port", (WORKER,))
     model: str = _f("efficientnet_lite0", "model", (WORKER, RUN), tuple(sorted(MODELS)))
-    weights: str = _f("imagenet", "initial weights: imagenet, random, or a state_dict file", (WORKER, RUN))
+    weights: str = _f("imagenet", "initial weights: pretrained (imagenet for the vision models), random, a "
+                      "state_dict file, or for bert a Hugging Face folder", (WORKER, RUN))
     dataset: str = _f("fashion_mnist", "dataset", (WORKER, RUN), DATASETS)
     data_dir: str = _f("data", "dataset folder (torchvision layout)", (WORKER, RUN))
     download: bool = _f(False, "download the dataset through torchvision if missing (needs internet)", (WORKER, RUN))
     train_samples: int = _f(24576, "use a fixed random subset of the training set; 0 = all", (WORKER, RUN))
     test_samples: int = _f(2000, "use a fixed random subset of the test set; 0 = all", (WORKER, RUN))
     image_size: int = _f(32, "input side in pixels (smaller images are padded)", (WORKER, RUN))
+    max_seq_len: int = _f(64, "text: tokens per sample, [CLS] and [SEP] included (padded or truncated)",
+                          (WORKER, RUN))
+    data_file: str = _f("", "dataset csv: the CSV (or .tsv/.tab) file; a tenth of its rows is held out for testing",
+                        (WORKER, RUN))
+    text_column: str = _f("text", "dataset csv: the column of the texts", (WORKER, RUN))
+    label_column: str = _f("label", "dataset csv: the column of the labels", (WORKER, RUN))
     augment: bool = _f(False, "random crop and horizontal flip", (WORKER, RUN))
     sharding: str = _f("iid", "how the training set is split over workers", (WORKER, RUN), ("iid", "dirichlet"))
     dirichlet_alpha: float = _f(0.5, "label skew of dirichlet sharding; smaller is more skewed", (WORKER, RUN))
@@ -162,7 +170,7 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
-        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "connect_retries",
+        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "max_seq_len", "connect_retries",
                 "checkpoint_keep", "max_model_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -182,6 +190,9 @@ class Config:
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
         if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
+        if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
+            raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
+                             f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")
         if self.auto_resume and (self.resume or not self.checkpoint_dir):
             raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

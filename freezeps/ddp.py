@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from freeze.engines import RoundStats, make_engine
 from freezeps.config import Config, freeze_policy, load_config
+from freezeps.roles import text_settings
 from proto.runlog import JsonlLog
 from ps.main import save_params
 from ps.policy import decide
@@ -62,8 +63,9 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
         raise ValueError("the ddp and single modes decide centrally: freeze_decision must be 'central'")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // (1 if single else world)))
     torch.manual_seed(cfg.seed)
-    train_set = load_dataset(cfg.dataset, Path(cfg.data_dir), True, cfg.download, cfg.train_samples, cfg.seed)
-    test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed) \
+    text = text_settings(cfg)
+    train_set = load_dataset(cfg.dataset, Path(cfg.data_dir), True, cfg.download, cfg.train_samples, cfg.seed, text)
+    test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed, text) \
         if cfg.evaluate and rank == 0 else None
     model = build_model(cfg.model, train_set.num_classes, cfg.weights)
     channels = input_channels(model)

@@ -17,6 +17,8 @@ from ps.main import CheckpointPlan, serve_ps
 from ps.server import ServerSettings
 from worker.cached_prefix import CacheSettings
 from worker.client import ConnectError
+from worker.models import text_model_folder
+from worker.text import TEXT_DATASETS, TextSettings
 from worker.train import WorkerSettings, run_worker
 
 log = logging.getLogger("freezeps")
@@ -41,7 +43,15 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
                           evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
-                          max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg))
+                          max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg))
+
+
+def text_settings(cfg: Config) -> TextSettings | None:
+    """The tokenizer (the text model's own) and file of a text dataset; None for images."""
+    if cfg.dataset not in TEXT_DATASETS:
+        return None
+    return TextSettings(text_model_folder(cfg.model, cfg.weights), cfg.max_seq_len, cfg.data_file, cfg.text_column,
+                        cfg.label_column)
 
 
 def cache_settings(cfg: Config) -> CacheSettings | None:

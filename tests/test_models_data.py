@@ -56,7 +56,7 @@ def test_fashion_mnist_from_the_debian_package(tmp_path: Path):
     train = load_dataset("fashion_mnist", tmp_path, True, limit=500)
     test = load_dataset("fashion_mnist", tmp_path, False)
     assert len(train) == 500 and len(test) == 10000
-    assert train.images.dtype == torch.uint8 and set(train.labels.unique().tolist()) <= set(range(10))
+    assert train.inputs.dtype == torch.uint8 and set(train.labels.unique().tolist()) <= set(range(10))
     x, y = make_batch(train, np.arange(8), 32, 3, augment=True, gen=torch.Generator().manual_seed(0))
     assert x.shape == (8, 3, 32, 32) and y.shape == (8,)
 

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("fashion_mnist", "cifar10", "synthetic")
+from worker.text import TEXT_DATASETS, TextSettings, text_dataset
+
+DATASETS = ("fashion_mnist", "cifar10", "synthetic", *TEXT_DATASETS)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -23,13 +25,17 @@ _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 
 @dataclass
 class Dataset:
-    images: torch.Tensor  # N x C x H x W, uint8 (real sets) or float32 (synthetic)
+    inputs: torch.Tensor  # images N x C x H x W, uint8 (real sets) or float32 (synthetic); text N x L token ids
     labels: torch.Tensor  # N, int64
     num_classes: int
-    mean: tuple[float, ...]
+    mean: tuple[float, ...]  # of the images' channels; empty for text
     std: tuple[float, ...]
-    source: str = ""  # what the images are: a dataset, its split (and the synthetic set's seed)
+    source: str = ""  # what the inputs are: a dataset, its split (the synthetic set's seed, the tokenization)
     ids: torch.Tensor | None = None  # each sample's index in the whole split (None: 0..N-1)
+
+    @property
+    def text(self) -> bool:
+        return not self.mean
 
     def sample_ids(self, idx: np.ndarray) -> np.ndarray:
         """The split-wide ids of positions `idx`: the same image has the same id in every run,
@@ -106,9 +112,15 @@ def pipeline_spec(ds: Dataset, image_size: int, channels: int, augment: bool) ->
 
 
 def load_dataset(name: str, root: Path, train: bool, download: bool = False,
-                 limit: int = 0, seed: int = 0) -> Dataset:
-    """Load a dataset; `limit` > 0 keeps a fixed random subset of that many samples."""
-    if name == "fashion_mnist":
+                 limit: int = 0, seed: int = 0, text: TextSettings | None = None) -> Dataset:
+    """Load a dataset; `limit` > 0 keeps a fixed random subset of that many samples. A text
+    dataset needs `text` (the tokenizer and how to read the file)."""
+    if name in TEXT_DATASETS:
+        if text is None:
+            raise ValueError(f"{name} is a text dataset: it needs a text model's tokenizer")
+        inputs, labels, num_classes, source = text_dataset(name, train, text, root / "tokenized")
+        ds = Dataset(inputs, labels, num_classes, (), (), source)
+    elif name == "fashion_mnist":
         ds = fashion_mnist(root, train, download)
     elif name == "cifar10":
         ds = cifar10(root, train, download)
@@ -118,7 +130,7 @@ def load_dataset(name: str, root: Path, train: bool, download: bool = False,
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if 0 < limit < len(ds):
         keep = torch.from_numpy(np.random.default_rng(seed + (0 if train else 1)).permutation(len(ds))[:limit])
-        ds = Dataset(ds.images[keep], ds.labels[keep], ds.num_classes, ds.mean, ds.std, ds.source, keep)
+        ds = Dataset(ds.inputs[keep], ds.labels[keep], ds.num_classes, ds.mean, ds.std, ds.source, keep)
     return ds
 
 
@@ -161,8 +173,11 @@ def batch_order(shard: np.ndarray, epoch: int, rank: int, seed: int) -> np.ndarr
 
 def make_batch(ds: Dataset, idx: np.ndarray, image_size: int, channels: int, augment: bool,
                gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise (and optionally random-crop and flip) a batch, sized for the model."""
-    x = ds.images[torch.from_numpy(idx)]
+    """Normalise (and optionally random-crop and flip) a batch of images, sized for the model;
+    a batch of text is its token ids as they are."""
+    if ds.text:
+        return ds.inputs[torch.from_numpy(idx)], ds.labels[torch.from_numpy(idx)]
+    x = ds.inputs[torch.from_numpy(idx)]
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)

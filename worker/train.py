@@ -41,6 +41,7 @@ from worker.data import (
 )
 from worker.flat import FlatModel
 from worker.models import BlockModel, build_model
+from worker.text import TextSettings
 
 log = logging.getLogger("freezeps.worker")
 
@@ -72,6 +73,7 @@ class WorkerSettings:
     max_rejoins: int = 20
     auth: Auth = Auth()  # TLS and token this worker presents to the PS
     cache: CacheSettings | None = None  # the activation cache; None: none
+    text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
 
     def __post_init__(self):
         if self.cache is not None and self.augment:
@@ -128,9 +130,9 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     train = load_dataset(settings.dataset, settings.data_dir, True, settings.download,
-                         settings.train_samples, settings.seed)
+                         settings.train_samples, settings.seed, settings.text)
     test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
-                        settings.test_samples, settings.seed) if settings.evaluate else None
+                        settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
     model = build_model(settings.model, train.num_classes, settings.weights)
     channels = input_channels(model)
     flat = FlatModel(model)
