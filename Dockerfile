@@ -9,7 +9,7 @@ RUN apt-get update \
 
 RUN useradd --create-home --uid 10001 freezeps
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-nodeps.txt ./
 COPY proto ./proto
 COPY ps ./ps
 COPY worker ./worker
@@ -18,7 +18,8 @@ COPY freeze ./freeze
 # The CPU build of the pinned torch keeps the image small; the versions are the project's pins.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1 \
- && pip install --no-cache-dir .
+ && pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 # Mount points owned by the service user: a named volume takes over their owner, so the
 # unprivileged processes can write run logs, checkpoints and the generated certificates.

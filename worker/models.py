@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from worker.text import transformers_api
+
 WEIGHTS = ("random", "imagenet", "pretrained")  # or a path to a state_dict file (a folder for bert)
 
 
@@ -179,11 +181,11 @@ class _TextLayer(nn.Module):
     def __init__(self, layer: nn.Module, config):
         super().__init__()
         self.layer, self.config = layer, config
+        self.make_mask = transformers_api().create_bidirectional_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
         hidden, keep = x[..., :-1], x[..., -1]
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=keep.to(torch.int64))
+        mask = self.make_mask(config=self.config, inputs_embeds=hidden, attention_mask=keep.to(torch.int64))
         out = self.layer(hidden, mask)
         return torch.cat([out[0] if isinstance(out, tuple) else out, keep.unsqueeze(-1)], -1)
 
@@ -223,7 +225,7 @@ def bert(num_classes: int, weights: str, model: str = "bert") -> BlockModel:
     `head`. With weights `random` (or a folder without weight files) it starts from the
     config's random initialisation; otherwise from the folder's weights (the classifier,
     which the checkpoint lacks, is new)."""
-    import transformers
+    transformers = transformers_api()
     folder = text_model_folder(model, weights)
     config = transformers.AutoConfig.from_pretrained(str(folder), num_labels=num_classes)
     has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
@@ -237,7 +239,8 @@ def bert(num_classes: int, weights: str, model: str = "bert") -> BlockModel:
     if encoder.pooler is None:
         raise ValueError(f"{folder}: the model has no pooler; a BERT-family encoder is expected")
     blocks = [("embeddings", _TextEmbeddings(encoder.embeddings, config.pad_token_id or 0))]
-    blocks += [(f"layer{i}", _TextLayer(layer, config)) for i, layer in enumerate(encoder.encoder.layer)]
+    # The model's own config: it knows the attention implementation, which shapes the mask.
+    blocks += [(f"layer{i}", _TextLayer(layer, net.config)) for i, layer in enumerate(encoder.encoder.layer)]
     blocks.append(("head", _TextHead(encoder.pooler, net.dropout, net.classifier)))
     return BlockModel(model, blocks)
 

