@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import asdict, fields
 from pathlib import Path
+
+from worker.cached_prefix import PrefixCounters
 
 PHASES = ("forward_s", "backward_s", "pull_s", "wait_s", "push_s")
 
@@ -112,18 +115,13 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
-_CACHE_SUMS = ("cached", "extended", "computed", "uncached", "read_s", "extend_s", "compute_s", "saved_s")
-
-
 def cache_facts(reports: list[dict]) -> dict | None:
     """The workers' activation-cache reports added up (None: no worker cached)."""
     if not reports:
         return None
-    facts = {k: sum(r[k] for r in reports) for k in _CACHE_SUMS}
-    facts["store"] = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]}
-    served = facts["cached"] + facts["extended"] + facts["computed"]
-    facts["hit_rate"] = (facts["cached"] + facts["extended"]) / served if served else 0.0
-    return facts
+    total = PrefixCounters(**{f.name: sum(r[f.name] for r in reports) for f in fields(PrefixCounters)})
+    store = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]}
+    return {**asdict(total), "hit_rate": total.hit_rate(), "store": store}
 
 
 def format_cache(cache: dict) -> str:

@@ -175,15 +175,15 @@ class ActivationCache:
             if key in self._memory or key not in self._disk or not self.memory_bytes:
                 return
         try:
-            raw = self._path(key).read_bytes()
+            tensor = decode_entry(self._path(key).read_bytes())
         except OSError:
             return  # gone (evicted meanwhile): the training loop will find out and count it
+        except CorruptEntry:
+            tensor = None
         with self._lock:
             if key in self._memory or key not in self._disk:
                 return
-            try:
-                tensor = decode_entry(raw)
-            except CorruptEntry:
+            if tensor is None:
                 self.stats.corrupt += 1
                 self._forget_disk(key)
                 return

@@ -73,6 +73,11 @@ class PrefixCounters:
     compute_s: float = 0.0  # computing and caching the misses
     saved_s: float = 0.0  # estimate: rows served x the measured per-row cost of the prefix, less the reads
 
+    def hit_rate(self) -> float:
+        """Rows not computed from the input, of the rows served while caching."""
+        served = self.cached + self.extended + self.computed
+        return (self.cached + self.extended) / served if served else 0.0
+
 
 @dataclass
 class _Source:
@@ -266,13 +271,8 @@ class CachedPrefix:
 
     def report(self) -> dict:
         """Counters for the run log: this worker's rows, times and decisions, and the store's."""
-        return {**self.counters.__dict__, "hit_rate": self._hit_rate(), "decisions": self.decisions,
+        return {**self.counters.__dict__, "hit_rate": self.counters.hit_rate(), "decisions": self.decisions,
                 "store": self.store.stats.as_dict()}
-
-    def _hit_rate(self) -> float:
-        c = self.counters
-        served = c.cached + c.extended + c.computed
-        return (c.cached + c.extended) / served if served else 0.0
 
     def close(self) -> None:
         if self._pool is not None:
