@@ -161,9 +161,9 @@ def _progress(run_log: Path) -> int:
         return sum('"event": "round"' in line for line in f)
 
 
-def serial_sgd(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
+def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
                momentum: float, weight_decay: float, image_size: int = 8, freeze_blocks: int = 0,
-               freeze_step: int = 0) -> dict:
+               freeze_step: int = 0, optimizer: str = "sgd") -> dict:
     """The MLP on the synthetic set trained serially, step t on the concatenated batches of
     ranks_per_step[t] (the pushes the PS accepted), freezing as the PS does: what a freezeps
     run's final values must be. {tensor name: array}."""
@@ -177,7 +177,10 @@ def serial_sgd(weights: Path, num_workers: int, ranks_per_step: list[list[int]],
 
     train = load_dataset("synthetic", None, True)
     model = build_model("mlp", train.num_classes, str(weights))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     shards = [shard_indices(train.labels.numpy(), r, num_workers) for r in range(num_workers)]
     steps_per_epoch = max(len(train) // (num_workers * batch_size), 1)
     for step, ranks in enumerate(ranks_per_step):
@@ -190,7 +193,7 @@ def serial_sgd(weights: Path, num_workers: int, ranks_per_step: list[list[int]],
         if freeze_blocks and step >= freeze_step:
             for block in model.blocks[:freeze_blocks]:
                 for p in block.parameters():
-                    p.grad = None  # torch's SGD skips a parameter without a gradient
+                    p.grad = None  # torch's optimizers skip a parameter without a gradient
         opt.step()
     names = [t.name for b in manifest_for(model).blocks for t in b.tensors]
     return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
@@ -200,7 +203,7 @@ def params_match(result: SoakResult, weights: Path) -> bool:
     import numpy as np
     import torch
     got = torch.load(result.params, weights_only=True)
-    want = serial_sgd(weights, result.workers, result.ranks_per_step, **WORKLOAD)
+    want = serial_training(weights, result.workers, result.ranks_per_step, **WORKLOAD)
     return all(np.allclose(got[k].numpy(), v, rtol=1e-4, atol=1e-5) for k, v in want.items())
 
 

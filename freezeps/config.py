@@ -15,6 +15,7 @@ from freeze.engines import ENGINES, EngineSpec
 from freezeps.netns import LinkShape
 from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
+from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from worker.cached_prefix import AUGMENT_REFUSED
@@ -36,10 +37,14 @@ class Config:
                      "token_file, or insecure", (PS,))
     num_workers: int = _f(4, "workers in the run; round 0 starts when this many have joined", (PS, RUN))
     chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
-    lr: float = _f(0.1, "SGD learning rate", (PS, RUN))
-    momentum: float = _f(0.9, "SGD momentum", (PS, RUN))
-    weight_decay: float = _f(1e-4, "SGD weight decay", (PS, RUN))
-    nesterov: bool = _f(False, "use Nesterov momentum", (PS, RUN))
+    optimizer: str = _f("sgd", "the PS's optimizer", (PS, RUN), OPTIMIZERS)
+    lr: float = _f(0.1, "learning rate (the schedule's peak)", (PS, RUN))
+    momentum: float = _f(0.9, "sgd: momentum", (PS, RUN))
+    weight_decay: float = _f(1e-4, "sgd: L2 penalty added to the gradient; adamw: decoupled weight decay", (PS, RUN))
+    nesterov: bool = _f(False, "sgd: use Nesterov momentum", (PS, RUN))
+    adam_beta1: float = _f(0.9, "adamw: decay of the first moment", (PS, RUN))
+    adam_beta2: float = _f(0.999, "adamw: decay of the second moment", (PS, RUN))
+    adam_eps: float = _f(1e-8, "adamw: added to the second moment's root", (PS, RUN))
     lr_schedule: str = _f("constant", "learning-rate schedule", (PS, RUN), SCHEDULES)
     warmup_steps: int = _f(0, "linear learning-rate warm-up, rounds", (PS, RUN))
     lr_step_size: int = _f(0, "rounds between decays of the step schedule", (PS, RUN))
@@ -199,6 +204,8 @@ class Config:
             raise ValueError("lr_schedule 'step' needs lr_step_size > 0")
         if not self.tls and (self.tls_cert or self.tls_key or self.tls_ca or self.tls_client_auth):
             raise ValueError("tls_cert, tls_key, tls_ca and tls_client_auth only apply with tls on")
+        make_optimizer(self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov,
+                       betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_eps)
         freeze_policy(self)  # validates the engine and the guards
         link_shape(self)
         return self

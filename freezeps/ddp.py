@@ -84,8 +84,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     frozen = engine.initial(len(names))
     model.set_frozen(frozen)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer = _optimizer(cfg, model.parameters())
     net = model if single else _ddp(model)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
     wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
@@ -154,7 +153,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                        "to": decided, "blocks": names[frozen:decided], **info})
             for block in model.blocks[frozen:decided]:
                 for p in block.parameters():
-                    optimizer.state.pop(p, None)  # frozen blocks' momentum is freed, as on the PS
+                    optimizer.state.pop(p, None)  # frozen blocks' optimizer state is freed, as on the PS
                     p.grad = None
             frozen, last_freeze = decided, step + 1
             model.set_frozen(frozen)
@@ -182,6 +181,15 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     if run_dir is not None and rank == 0:
         save_params(FlatModel(model).values_by_name(), run_dir / "params.pt")
     return model
+
+
+def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """torch's optimizer for the PS's (ps/optim.py): the same update, so runs compare."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 def _ddp(model) -> DistributedDataParallel:

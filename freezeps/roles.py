@@ -26,7 +26,8 @@ log = logging.getLogger("freezeps")
 
 def server_settings(cfg: Config) -> ServerSettings:
     return ServerSettings(num_workers=cfg.num_workers, chunk_bytes=cfg.chunk_bytes, lr=cfg.lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                          optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov, adam_betas=(cfg.adam_beta1, cfg.adam_beta2), adam_eps=cfg.adam_eps,
                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "linear", "step")
 
 
 def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
                   warmup_steps: int = 0, step_size: int = 0, gamma: float = 0.1) -> float:
     """The learning rate for round `step` (0-based).
 
-    constant: base_lr. cosine: from base_lr down to 0 at total_steps. step: multiplied
-    by gamma every step_size rounds. A linear warm-up from base_lr/warmup_steps to
+    constant: base_lr. cosine: from base_lr down to 0 at total_steps along a half cosine.
+    linear: from base_lr down to 0 at total_steps along a line (BERT's fine-tuning schedule).
+    step: multiplied by gamma every step_size rounds. A linear warm-up from base_lr/warmup_steps to
     base_lr over the first warmup_steps rounds comes before any of them.
     """
     if schedule not in SCHEDULES:
@@ -20,11 +21,13 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule == "cosine":
+    if schedule in ("cosine", "linear"):
         if total_steps <= 0:
-            raise ValueError("the cosine schedule needs total_steps > 0")
+            raise ValueError(f"the {schedule} schedule needs total_steps > 0")
         span = max(total_steps - warmup_steps, 1)
         progress = min(max(step - warmup_steps, 0) / span, 1.0)
+        if schedule == "linear":
+            return base_lr * (1.0 - progress)
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if step_size <= 0:
         raise ValueError("the step schedule needs step_size > 0")

@@ -37,6 +37,7 @@ from ps.errors import (
 )
 from ps.policy import FreezePolicy, decide
 from ps.schedule import learning_rate
+from ps.optim import Optimizer, make_optimizer
 from ps.store import BlockStore, ReceivedPush, as_bytes
 
 log = logging.getLogger("freezeps.ps")
@@ -47,9 +48,12 @@ class ServerSettings:
     num_workers: int
     chunk_bytes: int
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # sgd
+    weight_decay: float = 1e-4  # sgd: L2 added to the gradient; adamw: decoupled
+    nesterov: bool = False  # sgd
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     lr_step_size: int = 0
@@ -69,6 +73,11 @@ class ServerSettings:
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
+        self.make_optimizer()  # ValueError now, not at the first Join
+
+    def make_optimizer(self) -> Optimizer:
+        return make_optimizer(self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
+                              nesterov=self.nesterov, betas=self.adam_betas, eps=self.adam_eps)
 
 
 @dataclass
@@ -155,8 +164,7 @@ class ParameterServer:
                 self._manifest.CopyFrom(req.manifest)
                 self._blocks = blocks
                 self._owned = assign_blocks([b.nbytes for b in blocks], 1)[0]  # one PS owns every block
-                self._store = BlockStore(blocks, self._owned, momentum=self.settings.momentum,
-                                         weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
+                self._store = BlockStore(blocks, self._owned, self.settings.make_optimizer())
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
                     self._on_record(self._freeze_record(-1, 0, frozen, {"initial": True}, self.settings.num_workers))
@@ -397,6 +405,7 @@ class ParameterServer:
         - A worker that has not pushed the current step worker_timeout_s after the round
           began is dropped (it may Join again); the round completes with the pushes that
           arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
+          After the last step, one that has not left by then is let go ("gone"), not dropped.
         - A run (or a resumed run) waiting start_timeout_s for its workers starts with those present.
         - A run whose workers are all gone that long before its last step is abandoned.
         """
@@ -428,8 +437,14 @@ class ParameterServer:
             if now - self._round_started <= limit:
                 return []
             late = [w for w in self._workers.values() if w.pushed_step != self._step]
+            finished = self._total_steps and self._step >= self._total_steps
             for w in late:
                 del self._workers[w.worker_id]
+                if finished:  # it pushed every step and then never said Leave: not a drop
+                    log.info("[PS] %s (rank %d) did not leave %.0f s after the last step: stopped waiting",
+                             w.worker_id, w.rank, now - self._round_started)
+                    self._on_record({"event": "gone", "step": self._step, "worker": w.worker_id, "rank": w.rank})
+                    continue
                 self._dropped += 1
                 log.warning("[PS] dropped %s (rank %d): no push for step %d after %.0f s",
                             w.worker_id, w.rank, self._step, now - self._round_started)
@@ -443,7 +458,7 @@ class ParameterServer:
     # -- checkpoints -----------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Everything needed to go on from the rounds applied so far, as copies: the manifest,
-        values, momentum, freeze state, engine state and counters. Pushes of the round in
+        values, optimizer state, freeze state, engine state and counters. Pushes of the round in
         progress are not part of it: after a restore, workers push that step again."""
         with self._cond:
             if not self._initialized:
@@ -470,8 +485,7 @@ class ParameterServer:
             except ManifestError as e:
                 raise ValueError(f"bad manifest in checkpoint: {e}") from None
             owned = assign_blocks([b.nbytes for b in blocks], 1)[0]
-            store = BlockStore(blocks, owned, momentum=self.settings.momentum,
-                               weight_decay=self.settings.weight_decay, nesterov=self.settings.nesterov)
+            store = BlockStore(blocks, owned, self.settings.make_optimizer())
             store.load_state(state)
             frozen, version, since = (int(x) for x in state["freeze"])
             if not 0 <= frozen < len(blocks):

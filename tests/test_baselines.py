@@ -73,3 +73,19 @@ def test_ddp_averages_running_statistics_as_the_ps_does(tmp_path):
     for name in ps:
         torch.testing.assert_close(ddp[name], ps[name], rtol=1e-4, atol=1e-5, msg=name)
     assert summarize_run(tmp_path / "ddp")["push_payload"] == summarize_run(tmp_path / "ps")["push_payload"]
+
+
+def test_adamw_with_linear_decay_is_the_same_in_ps_and_ddp(tmp_path):
+    """AdamW on the PS (torch's, one per block) against torch's AdamW under DDP, through a
+    freeze (the frozen block's moments are freed, the others' kept) and a warm-up + linear decay."""
+    extra = ("--optimizer", "adamw", "--lr", "0.01", "--lr-schedule", "linear", "--warmup-steps", "2")
+    ps = _run("ps", tmp_path / "ps", "random", *extra)
+    ddp = _run("ddp", tmp_path / "ddp", "random", *extra)
+    for name in ps:
+        torch.testing.assert_close(ddp[name], ps[name], rtol=1e-5, atol=1e-6, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "ps" / "ps.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r.get("event") == "round"]
+    assert lrs == pytest.approx([0.005, 0.01] + [0.01 * (6 - k) / 6 for k in range(6)])
+    state_bytes = next(r for r in records if r.get("event") == "summary")["optimizer_state_bytes"]
+    head_and_fc2 = sum(t.nbytes for b in FlatModel(build_model("mlp", 4)).layout[1:] for t in b.tensors)
+    assert state_bytes == 2 * head_and_fc2  # two moments per trained parameter, none for the frozen block

@@ -18,6 +18,29 @@ def test_learning_rate_schedules():
     assert learning_rate(1, base_lr=1.0, schedule="constant", total_steps=0, warmup_steps=4) == 0.5
     with pytest.raises(ValueError):
         learning_rate(1, base_lr=1.0, schedule="cosine", total_steps=0)
+    with pytest.raises(ValueError, match="linear schedule needs total_steps"):
+        learning_rate(1, base_lr=1.0, schedule="linear", total_steps=0)
+
+
+def test_linear_schedule_is_berts():
+    """Past the warm-up, the linear schedule is transformers' get_linear_schedule_with_warmup
+    (whose warm-up starts at 0 where ours starts at base_lr / warmup_steps: round 0 trains)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    total, warmup, base = 50, 5, 2e-5
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [learning_rate(s, base_lr=base, schedule="linear", total_steps=total, warmup_steps=warmup)
+            for s in range(total)]
+    assert ours[:warmup] == pytest.approx([base * (s + 1) / warmup for s in range(warmup)])
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=1e-12)
+    assert ours[warmup] == pytest.approx(base) and ours[-1] == pytest.approx(base / (total - warmup))
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.soak import serial_sgd
+from bench.soak import serial_training
 from freezeps.launch import free_port
 from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
@@ -152,6 +152,20 @@ def test_run_without_workers_is_abandoned_not_hung():
     assert server.wait_done(0.01) and server.records[-1] == {"event": "abandoned", "step": 0}
 
 
+def test_worker_that_never_leaves_after_the_last_step_is_let_go_not_dropped():
+    server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
+    for step in range(5):  # total_steps=5: both push every step
+        for worker_id in ids:
+            frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=4))]
+            frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
+            server.push(iter(frames))
+    server.leave(pb.LeaveRequest(worker_id=ids[0]))
+    assert server.status().step == 5 and not server.wait_done(0.01)  # waiting for the second Leave
+    server.enforce_deadlines(time.monotonic() + 6)
+    assert server.wait_done(0.01) and server.describe()["workers_dropped"] == 0
+    assert server.records[-1] == {"event": "gone", "step": 5, "worker": ids[1], "rank": 1}
+
+
 class _StallingClient(PSClient):
     """Stalls before pushing `step`, once, for `seconds` (a worker that hangs, then wakes)."""
 
@@ -195,7 +209,7 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
     assert stalled["rejoins"] == 1 and stalled["steps"] < steps  # it missed the rounds it was away
     assert all(s["rejoins"] == 0 for s in summaries)
     # Exactly the accepted pushes were applied, weighted by their batch sizes.
-    want = serial_sgd(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
+    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 

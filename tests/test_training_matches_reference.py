@@ -1,12 +1,12 @@
-"""Distributed rounds over real gRPC equal serial SGD on the union of the workers' batches
-(bench.soak.serial_sgd, which the fault tests use too)."""
+"""Distributed rounds over real gRPC equal serial training (SGD or AdamW) on the union of the workers' batches
+(bench.soak.serial_training, which the fault tests use too)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from bench.soak import serial_sgd
+from bench.soak import serial_training
 from freeze.engines import EngineSpec
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
@@ -14,24 +14,30 @@ from worker.flat import FlatModel
 from worker.models import build_model
 
 
-@pytest.mark.parametrize("num_workers,freeze", [(2, None), (3, (1, 3)), (4, None)])
-def test_ps_matches_serial_sgd(ps_factory, tmp_path, num_workers, freeze):
+@pytest.mark.parametrize("num_workers,freeze,optimizer", [(2, None, "sgd"), (3, (1, 3), "sgd"), (4, None, "sgd"),
+                                                           (3, (1, 3), "adamw")])
+def test_ps_matches_serial_training(ps_factory, tmp_path, num_workers, freeze, optimizer):
     torch.manual_seed(7)
     weights = tmp_path / "init.pt"
     torch.save(build_model("mlp", 4, "random").state_dict(), weights)
     # BlockModel's state_dict names are those of its blocks; mlp loads its own file.
     steps, lr, momentum, wd = 6, 0.05, 0.9, 1e-3
     policy = FreezePolicy(EngineSpec("static", blocks=freeze[0], from_step=freeze[1])) if freeze else None
-    with ps_factory(num_workers, policy=policy, lr=lr, momentum=momentum, weight_decay=wd) as ps:
+    if optimizer == "adamw":
+        lr = 0.01
+    with ps_factory(num_workers, policy=policy, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=wd) as ps:
         run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(num_workers)])
         got = ps.server.values_by_name()
         assert ps.server.step == steps
-        # Momentum is kept only for blocks that still train: frozen blocks' state is freed.
+        # Optimizer state (momentum; AdamW's two moments) is kept only for blocks that still
+        # train: frozen blocks' state is freed.
         trained = [t for b in FlatModel(build_model("mlp", 4)).layout[freeze[0] if freeze else 0:] for t in b.tensors]
-        assert ps.server.describe()["optimizer_state_bytes"] == sum(t.nbytes for t in trained)
+        per_param = 2 if optimizer == "adamw" else 1
+        assert ps.server.describe()["optimizer_state_bytes"] == per_param * sum(t.nbytes for t in trained)
     freeze_blocks, freeze_step = freeze or (0, 0)
-    want = serial_sgd(weights, num_workers, [list(range(num_workers))] * steps, batch_size=16, lr=lr,
-                      momentum=momentum, weight_decay=wd, freeze_blocks=freeze_blocks, freeze_step=freeze_step)
+    want = serial_training(weights, num_workers, [list(range(num_workers))] * steps, batch_size=16, lr=lr,
+                      momentum=momentum, weight_decay=wd, freeze_blocks=freeze_blocks, freeze_step=freeze_step,
+                           optimizer=optimizer)
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
