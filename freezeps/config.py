@@ -122,6 +122,8 @@ class Config:
     steps: int = _f(0, "rounds to run; 0 = epochs x steps per epoch", (WORKER, RUN))
     seed: int = _f(0, "seed of sharding, batch order, augmentation and init", (WORKER, RUN))
     threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
+    sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
+                           "when that is smaller than the matrix", (WORKER, RUN))
     evaluate: bool = _f(True, "rank 0 measures test accuracy at each epoch end", (WORKER, RUN))
     eval_every: int = _f(0, "rank 0 also measures test accuracy every this many steps; 0 = epoch ends only",
                          (WORKER, RUN))

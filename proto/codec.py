@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 # Field numbers, as in freezeps.proto: PushMessage/PullMessage {header = 1; chunk = 2},
-# Chunk {block = 1; tensor = 2; offset = 3; data = 4}.
+# Chunk {block = 1; tensor = 2; offset = 3; data = 4; rows = 5}.
 HEADER_FIELD, CHUNK_FIELD = 1, 2
 _LEN = 2  # wire type of length-delimited fields
 
@@ -23,12 +23,21 @@ class CodecError(ValueError):
     """Bytes that are not a valid stream message."""
 
 
+_NO_ROWS = memoryview(b"")
+
+
 @dataclass(slots=True)
 class RawChunk:
     block: int
     tensor: int
     offset: int
     data: memoryview
+    rows: memoryview | None = None  # row indices (uint32 LE) of a row-sparse chunk; None: a byte-range chunk
+
+    @property
+    def payload(self) -> int:
+        """Tensor bytes carried: the values, and the row indices that place them."""
+        return len(self.data) + (len(self.rows) if self.rows is not None else 0)
 
 
 @dataclass(slots=True)
@@ -69,14 +78,19 @@ def encode_header(header) -> Frame:
     return Frame(header, None, len(raw), raw)
 
 
-def encode_chunk(block: int, tensor: int, offset: int, data: memoryview) -> Frame:
-    """The protobuf encoding of a stream message holding Chunk{block, tensor, offset, data}."""
+def encode_chunk(block: int, tensor: int, offset: int, data: memoryview, rows: memoryview | None = None) -> Frame:
+    """The protobuf encoding of a stream message holding Chunk{block, tensor, offset, data, rows}.
+
+    A row chunk (rows not None) is marked on the wire by its rows field, so one holding no
+    rows still carries an empty rows field (proto3 would otherwise leave it out)."""
     fields = b"".join(_varint(tag) + _varint(v) for tag, v in ((1 << 3, block), (2 << 3, tensor), (3 << 3, offset))
                       if v)  # proto3 leaves zero scalars out
     data_head = bytes([4 << 3 | _LEN]) + _varint(len(data)) if len(data) else b""
-    body_len = len(fields) + len(data_head) + len(data)
-    raw = b"".join((bytes([CHUNK_FIELD << 3 | _LEN]), _varint(body_len), fields, data_head, data))
-    return Frame(None, RawChunk(block, tensor, offset, data), len(raw), raw)
+    rows_head = bytes([5 << 3 | _LEN]) + _varint(len(rows)) if rows is not None else b""
+    rows = rows if rows is not None else _NO_ROWS
+    body_len = len(fields) + len(data_head) + len(data) + len(rows_head) + len(rows)
+    raw = b"".join((bytes([CHUNK_FIELD << 3 | _LEN]), _varint(body_len), fields, data_head, data, rows_head, rows))
+    return Frame(None, RawChunk(block, tensor, offset, data, rows if rows_head else None), len(raw), raw)
 
 
 def _skip(buf: memoryview, pos: int, wire: int) -> int:
@@ -124,11 +138,11 @@ def decode(raw: bytes, header_type) -> Frame:
             except DecodeError as e:
                 raise CodecError(f"bad header: {e}") from None
         elif field == CHUNK_FIELD and wire == _LEN:
-            parts = {1: 0, 2: 0, 3: 0, 4: memoryview(b"")}
+            parts = {1: 0, 2: 0, 3: 0, 4: _NO_ROWS, 5: None}
             for f, w, v in _fields(value):
-                if f in parts and (w == _LEN) == (f == 4):
+                if f in parts and (w == _LEN) == (f in (4, 5)):
                     parts[f] = v
-            header, chunk = None, RawChunk(parts[1], parts[2], parts[3], parts[4])
+            header, chunk = None, RawChunk(parts[1], parts[2], parts[3], parts[4], parts[5])
     if header is None and chunk is None:
         raise CodecError("message holds neither a header nor a chunk")
     return Frame(header, chunk, len(raw))

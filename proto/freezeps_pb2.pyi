@@ -17,16 +17,18 @@ PARAMETER: TensorKind
 BUFFER: TensorKind
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "kind")
+    __slots__ = ("name", "shape", "dtype", "kind", "row_sparse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    ROW_SPARSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     kind: TensorKind
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ...) -> None: ...
+    row_sparse: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., row_sparse: _Optional[bool] = ...) -> None: ...
 
 class BlockSpec(_message.Message):
     __slots__ = ("name", "tensors")
@@ -117,16 +119,18 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("block", "tensor", "offset", "data")
+    __slots__ = ("block", "tensor", "offset", "data", "rows")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     block: int
     tensor: int
     offset: int
     data: bytes
-    def __init__(self, block: _Optional[int] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    rows: bytes
+    def __init__(self, block: _Optional[int] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., rows: _Optional[bytes] = ...) -> None: ...
 
 class PhaseTimes(_message.Message):
     __slots__ = ("forward_s", "backward_s", "pull_s", "wait_s", "push_s")

@@ -27,10 +27,16 @@ class TensorLayout:
     kind: int  # pb.PARAMETER or pb.BUFFER
     offset: int  # byte offset inside the block's flat range
     nbytes: int
+    row_sparse: bool = False  # a push may carry its gradient as rows (Chunk.rows)
 
     @property
     def numel(self) -> int:
         return self.nbytes // DTYPE_SIZES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (first dimension), for row-sparse tensors."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,11 @@ def layout_from_manifest(manifest: pb.Manifest) -> list[BlockLayout]:
                 raise ManifestError(f"tensor {spec.name!r}: kind must be PARAMETER or BUFFER")
             if any(d < 0 for d in spec.shape):
                 raise ManifestError(f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
+            if spec.row_sparse and (spec.kind != pb.PARAMETER or len(spec.shape) != 2):
+                raise ManifestError(f"tensor {spec.name!r}: only a 2-D PARAMETER can be row_sparse")
             nbytes = math.prod(spec.shape) * DTYPE_SIZES[spec.dtype]
-            tensors.append(TensorLayout(spec.name, tuple(spec.shape), spec.dtype, spec.kind, offset, nbytes))
+            tensors.append(TensorLayout(spec.name, tuple(spec.shape), spec.dtype, spec.kind, offset, nbytes,
+                                        spec.row_sparse))
             offset += nbytes
         blocks.append(BlockLayout(b, block.name, tuple(tensors), offset))
     return blocks

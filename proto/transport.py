@@ -30,15 +30,46 @@ class WireError(ValueError):
     """A chunk stream that does not match the layout (unknown block, bad offset, ...)."""
 
 
-def iter_chunks(block: BlockLayout, data: np.ndarray, chunk_bytes: int) -> Iterator[Frame]:
-    """Cut one block's flat bytes (`data`, a uint8 array of block.nbytes) into encoded chunks."""
+SparseRows = dict[int, tuple[np.ndarray, np.ndarray]]  # tensor index -> (uint32 row indices, those rows' values)
+
+
+def iter_chunks(block: BlockLayout, data: np.ndarray, chunk_bytes: int,
+                sparse: SparseRows | None = None) -> Iterator[Frame]:
+    """Cut one block's flat bytes (`data`, a uint8 array of block.nbytes) into encoded chunks.
+
+    Tensors in `sparse` (row-sparse ones, in a push) go as row chunks of their nonzero rows
+    instead of their bytes; byte-range chunks stop short of them."""
     view = memoryview(data)
     pos = 0
-    while pos < block.nbytes:
-        end = min(pos + chunk_bytes, block.nbytes)
+    for t in sorted(sparse or ()):
+        tensor = block.tensors[t]
+        yield from _byte_chunks(block, view, pos, tensor.offset, chunk_bytes)
+        rows, values = sparse[t]
+        per_chunk = max(chunk_bytes // tensor.row_bytes, 1)
+        for first in range(0, max(len(rows), 1), per_chunk):
+            part = rows[first:first + per_chunk]
+            yield encode_chunk(block.index, t, 0, memoryview(values[first:first + per_chunk].reshape(-1).view(np.uint8)),
+                               memoryview(part.astype("<u4", copy=False).view(np.uint8)))
+        pos = tensor.offset + tensor.nbytes
+    yield from _byte_chunks(block, view, pos, block.nbytes, chunk_bytes)
+
+
+def _byte_chunks(block: BlockLayout, view: memoryview, pos: int, end: int, chunk_bytes: int) -> Iterator[Frame]:
+    while pos < end:
+        stop = min(pos + chunk_bytes, end)
         tensor, offset = block.locate(pos)
-        yield encode_chunk(block.index, tensor, offset, view[pos:end])
-        pos = end
+        yield encode_chunk(block.index, tensor, offset, view[pos:stop])
+        pos = stop
+
+
+def nonzero_rows(grad: np.ndarray, row_elems: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(row indices, rows) of a row-major float32 gradient's nonzero rows, when sending them
+    with their indices takes fewer bytes than the dense tensor; else None."""
+    matrix = grad.reshape(-1, row_elems)
+    rows = np.flatnonzero(matrix.any(axis=1)).astype(np.uint32)
+    if len(rows) * (row_elems * 4 + 4) >= matrix.nbytes:
+        return None
+    return rows, np.ascontiguousarray(matrix[rows])
 
 
 def copy_into(dest: dict[int, np.ndarray]) -> Callable[[int, int, memoryview], None]:
@@ -52,22 +83,31 @@ class ChunkReceiver:
     """Checks an in-order chunk stream against the layout and hands each chunk to a sink.
 
     `expected` lists the blocks that must arrive, in order; `write(block, start, data)`
-    receives every accepted chunk with its byte offset in the block. Raises WireError on
+    receives every accepted chunk with its byte offset in the block. Row chunks are accepted
+    only with a `write_rows(block, tensor, rows, data)` sink (a push). Raises WireError on
     the first bad chunk; the caller decides what to do with what the sink already got.
     """
 
     def __init__(self, blocks: Sequence[BlockLayout], expected: Sequence[int],
-                 write: Callable[[int, int, memoryview], None], chunk_bytes: int):
+                 write: Callable[[int, int, memoryview], None], chunk_bytes: int,
+                 write_rows: Callable[[int, int, np.ndarray, memoryview], None] | None = None):
         self._blocks = blocks
         self._expected = list(expected)
         self._write = write
+        self._write_rows = write_rows
         self._chunk_bytes = chunk_bytes
         self._i = 0  # index into expected of the block being received
         self._pos = 0  # bytes of it received so far
+        # (block, tensor, next allowed row) while row chunks of one tensor may go on arriving
+        self._rows_open: tuple[int, int, int] | None = None
 
     def accept(self, chunk: RawChunk) -> None:
         if chunk.block >= len(self._blocks):
             raise WireError(f"chunk names unknown block {chunk.block} (model has {len(self._blocks)})")
+        if chunk.rows is not None:
+            self._accept_rows(chunk)
+            return
+        self._rows_open = None
         if self._i >= len(self._expected) or chunk.block != self._expected[self._i]:
             want = self._expected[self._i] if self._i < len(self._expected) else "none"
             raise WireError(f"chunk for block {chunk.block} out of order or not expected here (expected block {want})")
@@ -90,10 +130,48 @@ class ChunkReceiver:
         if start + n > block.nbytes:
             raise WireError(f"chunk runs {start + n - block.nbytes} bytes past the end of block {block.name!r}")
         self._write(chunk.block, start, chunk.data)
+        self._advance(block, n)
+
+    def _advance(self, block: BlockLayout, n: int) -> None:
         self._pos += n
         if self._pos == block.nbytes:
             self._i += 1
             self._pos = 0
+
+    def _accept_rows(self, chunk: RawChunk) -> None:
+        if self._write_rows is None:
+            raise WireError("row chunks are allowed in a push only")
+        block = self._blocks[chunk.block]
+        if chunk.tensor >= len(block.tensors) or not block.tensors[chunk.tensor].row_sparse:
+            raise WireError(f"row chunk for tensor {chunk.tensor} of block {block.name!r}, which the manifest "
+                            "does not mark row_sparse")
+        tensor = block.tensors[chunk.tensor]
+        continuing = self._rows_open is not None and self._rows_open[:2] == (chunk.block, chunk.tensor)
+        if not continuing:  # the first row chunk stands where the tensor's bytes would
+            want = self._expected[self._i] if self._i < len(self._expected) else "none"
+            if chunk.block != want or self._pos != tensor.offset:
+                raise WireError(f"row chunk for tensor {tensor.name!r} out of order (expected block {want} "
+                                f"at byte {self._pos})")
+        if chunk.offset:
+            raise WireError(f"row chunk with offset {chunk.offset}; row chunks carry offset 0")
+        if len(chunk.rows) % 4:
+            raise WireError(f"row indices of {len(chunk.rows)} bytes: not a whole number of uint32")
+        rows = np.frombuffer(chunk.rows, dtype="<u4")
+        n = len(chunk.data)
+        if n != len(rows) * tensor.row_bytes:
+            raise WireError(f"row chunk of tensor {tensor.name!r}: {n} bytes of data for {len(rows)} rows "
+                            f"of {tensor.row_bytes} bytes")
+        if n > self._chunk_bytes:
+            raise WireError(f"chunk of {n} bytes; must be 1..{self._chunk_bytes}")
+        first_allowed = self._rows_open[2] if continuing else 0
+        if len(rows) and (int(rows[0]) < first_allowed or int(rows[-1]) >= tensor.shape[0]
+                          or (len(rows) > 1 and bool((np.diff(rows.astype(np.int64)) <= 0).any()))):
+            raise WireError(f"row chunk of tensor {tensor.name!r}: row indices must be strictly increasing "
+                            f"across the tensor's chunks and below {tensor.shape[0]}")
+        self._write_rows(chunk.block, chunk.tensor, rows, chunk.data)
+        self._rows_open = (chunk.block, chunk.tensor, int(rows[-1]) + 1 if len(rows) else first_allowed)
+        if not continuing:
+            self._advance(block, tensor.nbytes)
 
     def finish(self) -> None:
         if self._i < len(self._expected):
@@ -139,7 +217,7 @@ class ByteMeter:
             chunk, size = msg.chunk, msg.size
         else:
             chunk, size = None, msg.ByteSize()
-        payload = len(chunk.data) if chunk is not None else 0
+        payload = chunk.payload if chunk is not None else 0
         block = chunk.block if chunk is not None else -1  # -1: headers and control messages
         with self._lock:
             self._total[(method, direction, block)].add(payload, size)

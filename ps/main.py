@@ -168,7 +168,8 @@ def save_params(values: dict, path: Path) -> None:
 
 
 def summarize(run: dict, totals: dict, pushes: int, wall_s: float) -> dict:
-    """The run's bytes per method and direction, next to what no freezing would have moved."""
+    """The run's bytes per method and direction, next to what every block, dense, every step
+    would have moved."""
     model_bytes = sum(b["bytes"] for b in run["blocks"])
     names = {str(i): b["name"] for i, b in enumerate(run["blocks"])}
 

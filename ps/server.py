@@ -208,7 +208,7 @@ class ParameterServer:
                                  copy_into({b: as_bytes(self._store.values[b]) for b in self._owned}),
                                  self.settings.chunk_bytes)
         _receive(receiver, messages)
-        bad = self._store.non_finite(self._store.values_pieces())
+        bad = self._store.non_finite(self._store.values_as_push())
         if bad:
             raise InvalidArgument(f"initial value of tensor {bad!r} holds NaN or Inf")
         with self._cond:
@@ -274,9 +274,10 @@ class ParameterServer:
             active = self._active()
         try:
             received = ReceivedPush()
-            receiver = ChunkReceiver(self._blocks, list(active), received.write, self.settings.chunk_bytes)
+            receiver = ChunkReceiver(self._blocks, list(active), received.write, self.settings.chunk_bytes,
+                                     write_rows=received.write_rows)
             _receive(receiver, messages)
-            bad = self._store.non_finite(received.pieces)
+            bad = self._store.non_finite(received)
             if bad:
                 raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
             with self._cond:

@@ -34,6 +34,12 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
                         module=__name__)
 
 
+def _all_finite(values: torch.Tensor) -> bool:
+    # A sum is finite when every term is, and costs a fifteenth of isfinite().all(): only a
+    # non-finite sum (NaN, Inf, or a harmless overflow) needs the full scan.
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+
+
 def _float_view(data: memoryview) -> torch.Tensor:
     """float32 view of received bytes, without a copy."""
     return torch.frombuffer(data, dtype=torch.float32)
@@ -41,11 +47,19 @@ def _float_view(data: memoryview) -> torch.Tensor:
 
 @dataclass
 class ReceivedPush:
-    """One worker's push as received: (block, first element, values) per chunk."""
+    """One worker's push as received: (block, first element, values) per byte-range chunk,
+    and (block, tensor, row indices, rows' values) per row chunk of a row-sparse tensor."""
     pieces: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    rows: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    sparse_tensors: set[tuple[int, int]] = field(default_factory=set)  # sent as rows, even as none
 
     def write(self, block: int, start: int, data: memoryview) -> None:
         self.pieces.append((block, start // 4, _float_view(data)))
+
+    def write_rows(self, block: int, tensor: int, rows: np.ndarray, data: memoryview) -> None:
+        self.sparse_tensors.add((block, tensor))
+        if len(rows):
+            self.rows.append((block, tensor, torch.from_numpy(rows.astype(np.int64)), _float_view(data)))
 
 
 class BlockStore:
@@ -73,31 +87,44 @@ class BlockStore:
                     grads.append(self.acc[b][span])
             self._params[b], self._grads[b], self._buffers[b] = params, grads, buffers
 
-    def non_finite(self, pieces: list[tuple[int, int, torch.Tensor]]) -> str | None:
-        """The name of the first tensor holding NaN or Inf, or None."""
-        for b, start, values in pieces:
-            # A sum is finite when every term is, and costs a fifteenth of isfinite().all():
-            # only a non-finite sum (NaN, Inf, or a harmless overflow) needs the full scan.
-            if bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all()):
-                continue
-            first = (start + int((~torch.isfinite(values)).nonzero()[0])) * 4
-            tensor, _ = self.blocks[b].locate(first)
-            return self.blocks[b].tensors[tensor].name
+    def non_finite(self, push: ReceivedPush) -> str | None:
+        """The name of the first tensor of a push holding NaN or Inf, or None."""
+        for b, start, values in push.pieces:
+            if not _all_finite(values):
+                first = (start + int((~torch.isfinite(values)).nonzero()[0])) * 4
+                tensor, _ = self.blocks[b].locate(first)
+                return self.blocks[b].tensors[tensor].name
+        for b, t, _, values in push.rows:
+            if not _all_finite(values):
+                return self.blocks[b].tensors[t].name
         return None
 
-    def values_pieces(self) -> list[tuple[int, int, torch.Tensor]]:
-        return [(b, 0, self.values[b]) for b in self.owned]
+    def values_as_push(self) -> ReceivedPush:
+        """The values, shaped as a push, for the same checks."""
+        return ReceivedPush(pieces=[(b, 0, self.values[b]) for b in self.owned])
 
     def accumulate(self, push: ReceivedPush, weight: float) -> None:
         """acc += weight * push. The round's first push overwrites instead, which spares a
-        pass to zero the accumulators (a push always covers every active block whole)."""
+        pass to zero the accumulators (a push always covers every active block whole); only
+        the tensors it sent as rows are zeroed first."""
+        if self._fresh:
+            for b, t in push.sparse_tensors:
+                self._matrix(b, t).zero_()
         for b, start, values in push.pieces:
             target = self.acc[b][start:start + len(values)]
             if self._fresh:
                 torch.mul(values, weight, out=target)
             else:
                 target.add_(values, alpha=weight)
+        for b, t, rows, values in push.rows:
+            matrix = self._matrix(b, t)
+            matrix.index_add_(0, rows, values.view(len(rows), -1), alpha=weight)
         self._fresh = False
+
+    def _matrix(self, b: int, t: int) -> torch.Tensor:
+        """Tensor t of block b in the accumulator, as a (rows, row elements) view."""
+        tensor = self.blocks[b].tensors[t]
+        return self.acc[b][tensor.offset // 4:(tensor.offset + tensor.nbytes) // 4].view(tensor.shape[0], -1)
 
     def average(self, blocks: range, total_weight: float) -> None:
         """Divide the accumulators by the total weight in place (for engines that read them)."""

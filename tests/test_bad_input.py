@@ -146,3 +146,49 @@ def test_bad_manifest_is_refused(ps_factory, edit, words):
             stub.Join(pb.JoinRequest(worker_name="a", manifest=manifest), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
         assert not stub.Status(pb.StatusRequest(), timeout=10).blocks  # nothing was kept
+
+
+def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(ps_factory):
+    """Through protobuf's stub: a model with an embedding table marked row_sparse. Malformed
+    row chunks are INVALID_ARGUMENT and change nothing; a good push moves exactly its rows."""
+    manifest = pb.Manifest(model="emb")
+    block = manifest.blocks.add(name="emb")
+    block.tensors.add(name="emb/table", shape=[8, 4], dtype="float32", kind=pb.PARAMETER, row_sparse=True)
+    block.tensors.add(name="emb/bias", shape=[4], dtype="float32", kind=pb.PARAMETER)
+    rows = np.array([2, 5], "<u4").tobytes()
+    two_rows = np.ones(8, np.float32).tobytes()
+    bias = np.ones(4, np.float32).tobytes()
+
+    def push(stub, worker_id, chunks):
+        return _push(stub, worker_id, 0, chunks)
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    bad = [
+        ("rows of a tensor not marked", [pb.Chunk(tensor=1, rows=rows, data=two_rows)], "does not mark row_sparse"),
+        ("row past the table", [pb.Chunk(rows=np.array([2, 8], "<u4").tobytes(), data=two_rows),
+                                pb.Chunk(tensor=1, data=bias)], "below 8"),
+        ("repeated row", [pb.Chunk(rows=np.array([5, 5], "<u4").tobytes(), data=two_rows),
+                          pb.Chunk(tensor=1, data=bias)], "strictly increasing"),
+        ("short rows", [pb.Chunk(rows=rows, data=two_rows[:-4]), pb.Chunk(tensor=1, data=bias)], "bytes of data"),
+        ("NaN in a row", [pb.Chunk(rows=rows, data=np.full(8, np.nan, np.float32).tobytes()),
+                          pb.Chunk(tensor=1, data=bias)], "NaN"),
+        ("bias missing", [pb.Chunk(rows=rows, data=two_rows)], "ended early"),
+    ]
+    with ps_factory(num_workers=1, lr=0.5, momentum=0.0, weight_decay=0.0) as ps, \
+            grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        worker_id = stub.Join(pb.JoinRequest(worker_name="a", manifest=manifest), timeout=10).worker_id
+        init = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, total_steps=2)),
+                pb.PushMessage(chunk=pb.Chunk(data=np.zeros(36, np.float32).tobytes()))]
+        stub.Init(iter(init), timeout=10)
+        for what, chunks, words in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                push(stub, worker_id, chunks)
+            assert err.value.code() == invalid and words in err.value.details(), (what, err.value.details())
+            assert ps.server.step == 0 and not ps.server.values_by_name()["emb/table"].any(), what
+        push(stub, worker_id, [pb.Chunk(rows=rows, data=two_rows), pb.Chunk(tensor=1, data=bias)])
+        values = ps.server.values_by_name()
+    want = np.zeros((8, 4), np.float32)
+    want[[2, 5]] = -0.5  # lr 0.5 x gradient 1, the other rows untouched
+    assert ps.server.step == 1 and np.array_equal(values["emb/table"], want)
+    assert np.array_equal(values["emb/bias"], np.full(4, -0.5, np.float32))

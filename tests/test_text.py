@@ -12,11 +12,11 @@ import torch
 from freeze.engines import EngineSpec
 from freezeps.config import load_config
 from ps.policy import FreezePolicy
-from tests.conftest import run_workers, worker_settings
+from tests.conftest import run_workers, running_ps, worker_settings
 from worker.data import load_dataset, make_batch
 from worker.flat import FlatModel
 from worker.models import build_model, text_model_folder
-from worker.text import TextSettings, reuters_r8, rotten_tomatoes, tokenize
+from worker.text import TextSettings, reuters_r8, rotten_tomatoes, tokenize, transformers_api
 
 MINILM = text_model_folder("minilm", "pretrained")
 
@@ -101,36 +101,78 @@ def test_text_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A two-layer BERT with MiniLM's tokenizer and random weights."""
+    """A two-layer BERT with MiniLM's tokenizer and (saved) random weights."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(MINILM / name, folder / name)
     config = json.loads((MINILM / "config.json").read_text())
     config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=64)
+                  max_position_embeddings=64,
+                  # Dropout draws from torch's RNG, which worker threads share in their own
+                  # order: without it two runs are comparable.
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (folder / "config.json").write_text(json.dumps(config))
+    # Saved random weights: workers run as threads that share torch's RNG, so a folder
+    # without weights would start two runs from different values.
+    hf = transformers_api()
+    torch.manual_seed(0)
+    hf.AutoModelForSequenceClassification.from_config(
+        hf.AutoConfig.from_pretrained(str(folder), num_labels=2)).save_pretrained(folder)
     return folder
 
 
-def test_tiny_bert_trains_over_grpc_and_freezing_cuts_exactly_its_blocks(ps_factory, tmp_path, tiny_bert):
-    policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
-    log = tmp_path / "ps.jsonl"
-    text = TextSettings(tiny_bert, max_len=16)
-    with ps_factory(2, policy=policy, log_path=log) as ps:
-        summaries = run_workers([worker_settings(ps.address, model="bert", weights=str(tiny_bert),
-                                                 dataset="rotten_tomatoes", train_samples=256, steps=6, batch_size=8,
-                                                 data_dir=tmp_path, text=text) for _ in range(2)])
-    assert all(s["steps"] == 6 for s in summaries)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    rounds = {r["step"]: r for r in records if r["event"] == "round"}
+@pytest.fixture(scope="module")
+def tiny_bert_runs(tmp_path_factory, tiny_bert):
+    """The same two-worker run with dense and with row-sparse embedding pushes: (run log
+    records by step, final values), keyed by sparse_push."""
+    runs = {}
+    for sparse in (False, True):
+        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}")
+        policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
+        log = tmp_path / "ps.jsonl"
+        with running_ps(num_workers=2, policy=policy, log_path=log) as ps:
+            summaries = run_workers([worker_settings(
+                ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes", train_samples=256,
+                steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
+                sparse_push=sparse) for _ in range(2)])
+            values = ps.server.values_by_name()
+        assert all(s["steps"] == 6 for s in summaries)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        runs[sparse] = ({r["step"]: r for r in records if r["event"] == "round"}, values)
+    return runs
+
+
+def _payload(rounds, step, method, direction, block=None):
+    by_block = rounds[step]["bytes"]["by_block"][method][direction]
+    return sum(v["payload"] for k, v in by_block.items() if k != "-1" and (block is None or k == str(block)))
+
+
+def test_tiny_bert_trains_over_grpc_and_freezing_cuts_exactly_its_blocks(tiny_bert_runs, tiny_bert):
+    rounds, _ = tiny_bert_runs[False]
     layout = FlatModel(build_model("bert", 2, str(tiny_bert))).layout
     sizes = {b.name: b.nbytes for b in layout}
     assert list(sizes) == ["embeddings", "layer0", "layer1", "head"]
-
-    def payload(step, method, direction):
-        return sum(v["payload"] for k, v in rounds[step]["bytes"]["by_block"][method][direction].items() if k != "-1")
-
     frozen = sizes["embeddings"] + sizes["layer0"]
-    assert payload(1, "Push", "in") - payload(4, "Push", "in") == 2 * frozen  # two workers
-    assert payload(1, "Pull", "out") - payload(4, "Pull", "out") == 2 * frozen
-    assert payload(4, "Push", "in") == 2 * (sizes["layer1"] + sizes["head"])
+    assert _payload(rounds, 1, "Push", "in") - _payload(rounds, 4, "Push", "in") == 2 * frozen  # two workers
+    assert _payload(rounds, 1, "Pull", "out") - _payload(rounds, 4, "Pull", "out") == 2 * frozen
+    assert _payload(rounds, 4, "Push", "in") == 2 * (sizes["layer1"] + sizes["head"])
+
+
+def test_sparse_embedding_push_trains_the_same_for_fewer_bytes(tiny_bert_runs, tiny_bert):
+    """Row-sparse pushes of the embedding matrices: the same parameters as dense pushes, and
+    the embeddings block's push is the rows that changed (here under a third of the dense
+    bytes: 2x8 samples of 16 tokens touch a few dozen of 30,522 vocabulary rows); the other
+    blocks and every pull are as dense."""
+    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False], tiny_bert_runs[True]
+    for name in dense_values:
+        np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=name)
+    embeddings = FlatModel(build_model("bert", 2, str(tiny_bert))).layout[0].nbytes
+    for step in range(3):
+        assert _payload(dense, step, "Push", "in", 0) == 2 * embeddings
+        assert 0 < _payload(sparse, step, "Push", "in", 0) < 2 * embeddings / 3
+        for block in (1, 2, 3):
+            assert _payload(sparse, step, "Push", "in", block) == _payload(dense, step, "Push", "in", block)
+    for step in range(6):
+        assert _payload(sparse, step, "Pull", "out") == _payload(dense, step, "Pull", "out")
+        if step >= 3:  # frozen: no embeddings at all
+            assert _payload(sparse, step, "Push", "in") == _payload(dense, step, "Push", "in")

@@ -14,6 +14,7 @@ from proto.transport import (
     copy_into,
     iter_chunks,
     metered,
+    nonzero_rows,
 )
 
 
@@ -117,3 +118,120 @@ def test_assign_blocks_contiguous_and_balanced():
     assert assign_blocks([1] * 4, 4) == [range(i, i + 1) for i in range(4)]
     with pytest.raises(ValueError):
         assign_blocks([1, 2], 3)
+
+
+# -- row-sparse tensors ------------------------------------------------------------------------
+def _sparse_layout():
+    m = pb.Manifest(model="emb")
+    a = m.blocks.add(name="emb")
+    a.tensors.add(name="emb/bias", shape=[3], dtype="float32", kind=pb.PARAMETER)
+    a.tensors.add(name="emb/table", shape=[10, 4], dtype="float32", kind=pb.PARAMETER, row_sparse=True)
+    b = m.blocks.add(name="head")
+    b.tensors.add(name="head/table", shape=[6, 2], dtype="float32", kind=pb.PARAMETER, row_sparse=True)
+    return layout_from_manifest(m)
+
+
+def _gradient(rows_per_tensor: dict[tuple[int, int], list[int]], blocks) -> dict[int, np.ndarray]:
+    grads = {b.index: np.zeros(b.nbytes // 4, np.float32) for b in blocks}
+    for (b, t), rows in rows_per_tensor.items():
+        tensor = blocks[b].tensors[t]
+        matrix = grads[b][tensor.offset // 4:(tensor.offset + tensor.nbytes) // 4].reshape(tensor.shape)
+        matrix[rows] = np.arange(1, len(rows) * tensor.shape[1] + 1, dtype=np.float32).reshape(len(rows), -1)
+    grads[0][:3] = [0.5, -1.0, 2.0]  # the dense bias
+    return grads
+
+
+def _sparse_frames(blocks, grads, chunk_bytes):
+    frames = []
+    for b in blocks:
+        sparse = {}
+        for i, t in enumerate(b.tensors):
+            if t.row_sparse:
+                got = nonzero_rows(grads[b.index][t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
+                if got is not None:
+                    sparse[i] = got
+        frames += list(iter_chunks(b, grads[b.index].view(np.uint8), chunk_bytes, sparse))
+    return frames
+
+
+@pytest.mark.parametrize("chunk_bytes", [16, 32, 1 << 20])
+def test_row_chunks_round_trip_and_count_indices_as_payload(chunk_bytes):
+    """Nonzero rows go as (indices, rows), split over chunks of at most chunk_bytes of data;
+    a gradient with no nonzero row still sends one empty row chunk; a receiver rebuilds the
+    dense gradient; the meter counts the indices as payload."""
+    blocks = _sparse_layout()
+    grads = _gradient({(0, 1): [1, 4, 7]}, blocks)  # head/table: all zero
+    frames = _sparse_frames(blocks, grads, chunk_bytes)
+    kinds = [(f.chunk.block, f.chunk.tensor, f.chunk.rows is not None) for f in frames]
+    assert (0, 0, False) in kinds and (0, 1, True) in kinds and kinds[-1] == (1, 0, True)
+    assert all(len(f.chunk.data) <= chunk_bytes for f in frames)
+    got = {b.index: np.zeros(b.nbytes // 4, np.float32) for b in blocks}
+
+    def write_rows(block, tensor, rows, data):
+        t = blocks[block].tensors[tensor]
+        got[block][t.offset // 4:(t.offset + t.nbytes) // 4].reshape(t.shape)[rows] = np.frombuffer(data, np.float32).reshape(len(rows), t.shape[1])
+
+    receiver = ChunkReceiver(blocks, [0, 1], copy_into({b: got[b].view(np.uint8) for b in got}), chunk_bytes,
+                             write_rows=write_rows)
+    meter = ByteMeter()
+    for frame in metered(frames, meter, "Push", "in", "w"):
+        received = decode(frame.raw, pb.PushHeader).chunk
+        assert (received.rows is None) == (frame.chunk.rows is None)
+        receiver.accept(received)
+    receiver.finish()
+    assert all(np.array_equal(got[b], grads[b]) for b in grads)
+    assert meter.payload_total("in") == 12 + 3 * (16 + 4)  # the dense bias, 3 rows with their indices, 0 rows
+    # protobuf's own parser reads the same rows
+    first_rows = next(f for f in frames if f.chunk.rows is not None)
+    parsed = pb.PushMessage.FromString(first_rows.raw).chunk
+    assert np.frombuffer(parsed.rows, "<u4").tolist() == np.frombuffer(first_rows.chunk.rows, "<u4").tolist()
+    empty = pb.PushMessage.FromString(frames[-1].raw)  # an all-zero table: one row chunk of no rows
+    assert empty.chunk.block == 1 and empty.chunk.rows == b"" and decode(frames[-1].raw, pb.PushHeader).chunk.rows is not None
+
+
+def test_dense_is_kept_when_rows_would_not_be_smaller():
+    matrix = np.ones((4, 2), np.float32)
+    assert nonzero_rows(matrix.reshape(-1), 2) is None  # every row: indices would only add bytes
+    matrix[1:] = 0
+    rows, values = nonzero_rows(matrix.reshape(-1), 2)
+    assert rows.tolist() == [0] and values.tolist() == [[1.0, 1.0]]
+
+
+def _row_chunk(block, tensor, rows, row_elems, offset=0, data=None):
+    rows = np.asarray(rows, dtype="<u4")
+    data = data if data is not None else np.ones(len(rows) * row_elems, np.float32).tobytes()
+    return RawChunk(block, tensor, offset, memoryview(data), memoryview(rows.tobytes()))
+
+
+@pytest.mark.parametrize("chunks,words", [
+    ([_row_chunk(0, 1, [0], 4)], "expected block 0 at byte 0"),  # before the bias
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 0, [0], 4)], "does not mark row_sparse"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [3, 3], 4)], "strictly increasing"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [3], 4), _row_chunk(0, 1, [2], 4)],
+     "strictly increasing"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [10], 4)], "below 10"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [1], 4, data=b"\0" * 12)], "12 bytes of data for 1 rows"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [1], 4, offset=4)], "offset 0"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)),
+      RawChunk(0, 1, 0, memoryview(b"\0" * 16), memoryview(b"\0" * 3))], "whole number of uint32"),
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, [1], 4), _row_chunk(1, 0, [0], 2),
+      _row_chunk(0, 1, [5], 4)], "out of order"),  # the tensor's rows resumed after another's
+    ([RawChunk(0, 0, 0, memoryview(b"\0" * 12)), _row_chunk(0, 1, list(range(9)), 4)], "must be 1..64"),
+])
+def test_bad_row_chunks_are_refused(chunks, words):
+    receiver = ChunkReceiver(_sparse_layout(), [0, 1], lambda *a: None, 64, write_rows=lambda *a: None)
+    with pytest.raises(WireError, match=words):
+        for chunk in chunks:
+            receiver.accept(chunk)
+
+
+def test_row_chunks_only_in_a_push_and_only_for_2d_parameters():
+    blocks = _sparse_layout()
+    pull = ChunkReceiver(blocks, [0, 1], lambda *a: None, 64)  # no write_rows: a pull or an Init
+    pull.accept(RawChunk(0, 0, 0, memoryview(b"\0" * 12)))
+    with pytest.raises(WireError, match="push only"):
+        pull.accept(_row_chunk(0, 1, [0], 4))
+    m = pb.Manifest(model="bad")
+    m.blocks.add(name="a").tensors.add(name="a/v", shape=[4], dtype="float32", kind=pb.PARAMETER, row_sparse=True)
+    with pytest.raises(ManifestError, match="2-D PARAMETER"):
+        layout_from_manifest(m)

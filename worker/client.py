@@ -79,8 +79,11 @@ class PSClient:
     def _push_stream(self, header: pb.PushHeader, flat: FlatModel, blocks: range, values: bool) -> Iterator:
         yield encode_header(header)
         for b in blocks:
-            data = flat.value_bytes(b) if values else flat.push_bytes(b)
-            yield from iter_chunks(flat.layout[b], data, self.chunk_bytes)
+            if values:
+                yield from iter_chunks(flat.layout[b], flat.value_bytes(b), self.chunk_bytes)
+            else:
+                data = flat.push_bytes(b)
+                yield from iter_chunks(flat.layout[b], data, self.chunk_bytes, flat.push_rows(b))
 
     def init(self, flat: FlatModel, owned: range, total_steps: int, steps_per_epoch: int = 0) -> pb.PushReply:
         header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

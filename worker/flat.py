@@ -12,6 +12,7 @@ import torch
 
 from proto import freezeps_pb2 as pb
 from proto.layout import BlockLayout, layout_from_manifest
+from proto.transport import SparseRows, nonzero_rows
 from worker.models import BlockModel
 
 
@@ -25,20 +26,23 @@ def _tensors(block: torch.nn.Module):
                 yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, buf, pb.BUFFER
 
 
-def manifest_for(model: BlockModel) -> pb.Manifest:
+def manifest_for(model: BlockModel, sparse_push: bool = False) -> pb.Manifest:
+    """The model's manifest; with sparse_push, embedding matrices are marked row_sparse (a
+    push may carry their gradients as the nonzero rows)."""
     manifest = pb.Manifest(model=model.model_name)
     for name, block in zip(model.block_names, model.blocks):
         spec = manifest.blocks.add(name=name)
-        for tname, _, _, t, kind in _tensors(block):
+        for tname, module, attr, t, kind in _tensors(block):
+            row_sparse = sparse_push and isinstance(module, torch.nn.Embedding) and attr == "weight"
             spec.tensors.add(name=f"{name}/{tname}", shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."),
-                             kind=kind)
+                             kind=kind, row_sparse=row_sparse)
     return manifest
 
 
 class FlatModel:
-    def __init__(self, model: BlockModel):
+    def __init__(self, model: BlockModel, sparse_push: bool = False):
         self.model = model
-        self.manifest = manifest_for(model)
+        self.manifest = manifest_for(model, sparse_push)
         self.layout: list[BlockLayout] = layout_from_manifest(self.manifest)
         self.values: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
@@ -72,6 +76,18 @@ class FlatModel:
         for value, slot in self._buffer_slots[b]:
             slot.copy_(value.reshape(-1))
         return self.grads[b].numpy().view(np.uint8)
+
+    def push_rows(self, b: int) -> SparseRows:
+        """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows, values)}.
+        Call after push_bytes(b)."""
+        grads = self.grads[b].numpy()
+        sparse = {}
+        for i, t in enumerate(self.layout[b].tensors):
+            if t.row_sparse:
+                rows = nonzero_rows(grads[t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
+                if rows is not None:
+                    sparse[i] = rows
+        return sparse
 
     def values_by_name(self) -> dict[str, torch.Tensor]:
         """A copy of every tensor's value by manifest name (the names the PS saves under)."""

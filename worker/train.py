@@ -74,6 +74,7 @@ class WorkerSettings:
     auth: Auth = Auth()  # TLS and token this worker presents to the PS
     cache: CacheSettings | None = None  # the activation cache; None: none
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
+    sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
 
     def __post_init__(self):
         if self.cache is not None and self.augment:
@@ -135,7 +136,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                         settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
     model = build_model(settings.model, train.num_classes, settings.weights)
     channels = input_channels(model)
-    flat = FlatModel(model)
+    flat = FlatModel(model, settings.sparse_push)
     client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
                                 rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
