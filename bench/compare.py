@@ -1,6 +1,8 @@
 """PS vs DDP vs one process, with and without freezing, side by side in one invocation.
 
     python -m bench.compare --out docs/results/compare-loopback [--network netns --link-rate 1gbit]
+    python -m bench.compare --workload minilm-rt --steps 0 --eval-every 0 \
+        --only ps-none,ps-gradnorm,ps-gradnorm-votes,ps-gradnorm-cache --out docs/results/text-rt
 
 Each configuration is one `freezeps run` with the same model, data, seed and steps; only
 --mode and the freeze settings differ. Writes OUT/report.md and the plots (`freezeps report`),
@@ -20,8 +22,18 @@ from pathlib import Path
 
 from freezeps.report import summarize_run, write_comparison
 
-WORKLOAD = ["--model", "resnet18", "--weights", "random", "--dataset", "fashion_mnist", "--num-workers", "4",
-            "--batch-size", "32", "--lr", "0.02", "--train-samples", "8192", "--test-samples", "1000", "--seed", "0"]
+WORKLOADS = {
+    "resnet18": ["--model", "resnet18", "--weights", "random", "--dataset", "fashion_mnist", "--num-workers", "4",
+                 "--batch-size", "32", "--lr", "0.02", "--train-samples", "8192", "--test-samples", "1000",
+                 "--seed", "0"],
+    # MiniLM fine-tuning as BERT is fine-tuned: AdamW, 10% warm-up then linear decay, weight decay 0.01.
+    **{f"minilm-{short}": ["--model", "minilm", "--weights", "pretrained", "--dataset", dataset, "--num-workers", "4",
+                           "--batch-size", "16", "--max-seq-len", str(max_len), "--optimizer", "adamw",
+                           "--lr", "1e-4", "--weight-decay", "0.01", "--lr-schedule", "linear",
+                           "--warmup-steps", "6", "--train-samples", "2048", "--test-samples", "1000",
+                           "--epochs", "2", "--seed", "0"]
+       for short, dataset, max_len in (("rt", "rotten_tomatoes", 64), ("r8", "reuters_r8", 128))},
+}
 # The seed's ResNet-18 groups: conv1, bn1, layer1, layer2, layer3, layer4, fc.
 ADAPTIVE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-warmup", "8",
             "--freeze-interval", "4"]
@@ -35,14 +47,17 @@ CONFIGS = {
     "ps-gradnorm": ["--mode", "ps", *ADAPTIVE],
     "ddp-gradnorm": ["--mode", "ddp", *ADAPTIVE],
     "single-none": ["--mode", "single", "--freeze", "none"],
+    "ps-gradnorm-votes": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes"],
+    "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, "--cache-memory-bytes", str(1 << 30)],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workload", default="resnet18", choices=tuple(WORKLOADS))
     parser.add_argument("--only", default="", help="comma-separated configuration names")
-    parser.add_argument("--steps", type=int, default=32, help="rounds per run")
+    parser.add_argument("--steps", type=int, default=32, help="rounds per run; 0: the workload's epochs")
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
@@ -55,7 +70,7 @@ def main() -> None:
         net += ["--link-rate", args.link_rate]
     if args.link_offload:
         net += ["--link-offload"]
-    common = [*WORKLOAD, "--steps", str(args.steps), "--eval-every", str(args.eval_every), *extra]
+    common = [*WORKLOADS[args.workload], "--steps", str(args.steps), "--eval-every", str(args.eval_every), *extra]
     if args.network == "netns":
         common += net
     runs_dir = Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
@@ -69,7 +84,7 @@ def main() -> None:
         results.append(summarize_run(runs_dir / name))
         print(f"[compare] {name}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
-    title = f"PS vs DDP vs one process ({date.today().isoformat()}, {args.network}" + \
+    title = f"{args.workload}: PS vs DDP vs one process ({date.today().isoformat()}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
     path = write_comparison(results, out, title, baseline=names[0])
     slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
