@@ -58,7 +58,7 @@ def measure(dataset: str, max_len: int, batch_size: int, workers: int, epochs: i
                 if len(checked) < checked_batches:  # the real gradient through the real encoder
                     flat.zero_grads(0)
                     F.cross_entropy(model(x), y).backward()
-                    grad = dict(model.named_parameters())[_param_name(model)].grad
+                    grad = flat.grads[0][word.offset // 4:(word.offset + word.nbytes) // 4].view(word.shape)
                     nonzero = grad.abs().sum(1).nonzero().flatten()
                     data = flat.push_bytes(0)
                     dense = list(iter_chunks(embeddings, data, CHUNK_BYTES))
@@ -85,11 +85,6 @@ def measure(dataset: str, max_len: int, batch_size: int, workers: int, epochs: i
         "whole_push_saving": float((embeddings.nbytes - sparse_block.mean()) / model_bytes),
         "checked_batches": checked,
     }
-
-
-def _param_name(model: torch.nn.Module) -> str:
-    """The word-embedding parameter's name inside the BlockModel."""
-    return next(n for n, p in model.named_parameters() if n.endswith("word_embeddings.weight"))
 
 
 def main() -> None:

@@ -62,6 +62,18 @@ def _byte_chunks(block: BlockLayout, view: memoryview, pos: int, end: int, chunk
         pos = stop
 
 
+def sparse_rows(block: BlockLayout, grads: np.ndarray) -> SparseRows:
+    """The block's row-sparse tensors that are cheaper as their nonzero rows, from its flat
+    float32 gradient: {tensor index: (rows, values)}; the others stay out (sent dense)."""
+    sparse = {}
+    for i, t in enumerate(block.tensors):
+        if t.row_sparse:
+            rows = nonzero_rows(grads[t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
+            if rows is not None:
+                sparse[i] = rows
+    return sparse
+
+
 def nonzero_rows(grad: np.ndarray, row_elems: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(row indices, rows) of a row-major float32 gradient's nonzero rows, when sending them
     with their indices takes fewer bytes than the dense tensor; else None."""
@@ -108,8 +120,8 @@ class ChunkReceiver:
             self._accept_rows(chunk)
             return
         self._rows_open = None
-        if self._i >= len(self._expected) or chunk.block != self._expected[self._i]:
-            want = self._expected[self._i] if self._i < len(self._expected) else "none"
+        if chunk.block != self._expected_block():
+            want = self._expected_block()
             raise WireError(f"chunk for block {chunk.block} out of order or not expected here (expected block {want})")
         block = self._blocks[chunk.block]
         if chunk.tensor >= len(block.tensors):
@@ -132,6 +144,10 @@ class ChunkReceiver:
         self._write(chunk.block, start, chunk.data)
         self._advance(block, n)
 
+    def _expected_block(self) -> int | str:
+        """The block the next chunk must belong to; "none" once every expected block arrived."""
+        return self._expected[self._i] if self._i < len(self._expected) else "none"
+
     def _advance(self, block: BlockLayout, n: int) -> None:
         self._pos += n
         if self._pos == block.nbytes:
@@ -148,7 +164,7 @@ class ChunkReceiver:
         tensor = block.tensors[chunk.tensor]
         continuing = self._rows_open is not None and self._rows_open[:2] == (chunk.block, chunk.tensor)
         if not continuing:  # the first row chunk stands where the tensor's bytes would
-            want = self._expected[self._i] if self._i < len(self._expected) else "none"
+            want = self._expected_block()
             if chunk.block != want or self._pos != tensor.offset:
                 raise WireError(f"row chunk for tensor {tensor.name!r} out of order (expected block {want} "
                                 f"at byte {self._pos})")

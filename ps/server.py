@@ -35,9 +35,9 @@ from ps.errors import (
     Timeout,
     UnknownWorker,
 )
+from ps.optim import Optimizer, make_optimizer
 from ps.policy import FreezePolicy, decide
 from ps.schedule import learning_rate
-from ps.optim import Optimizer, make_optimizer
 from ps.store import BlockStore, ReceivedPush, as_bytes
 
 log = logging.getLogger("freezeps.ps")

@@ -15,6 +15,7 @@ from proto.transport import (
     iter_chunks,
     metered,
     nonzero_rows,
+    sparse_rows,
 )
 
 
@@ -142,16 +143,8 @@ def _gradient(rows_per_tensor: dict[tuple[int, int], list[int]], blocks) -> dict
 
 
 def _sparse_frames(blocks, grads, chunk_bytes):
-    frames = []
-    for b in blocks:
-        sparse = {}
-        for i, t in enumerate(b.tensors):
-            if t.row_sparse:
-                got = nonzero_rows(grads[b.index][t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
-                if got is not None:
-                    sparse[i] = got
-        frames += list(iter_chunks(b, grads[b.index].view(np.uint8), chunk_bytes, sparse))
-    return frames
+    return [f for b in blocks
+            for f in iter_chunks(b, grads[b.index].view(np.uint8), chunk_bytes, sparse_rows(b, grads[b.index]))]
 
 
 @pytest.mark.parametrize("chunk_bytes", [16, 32, 1 << 20])

@@ -12,7 +12,7 @@ import torch
 
 from proto import freezeps_pb2 as pb
 from proto.layout import BlockLayout, layout_from_manifest
-from proto.transport import SparseRows, nonzero_rows
+from proto.transport import SparseRows, sparse_rows
 from worker.models import BlockModel
 
 
@@ -80,14 +80,7 @@ class FlatModel:
     def push_rows(self, b: int) -> SparseRows:
         """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows, values)}.
         Call after push_bytes(b)."""
-        grads = self.grads[b].numpy()
-        sparse = {}
-        for i, t in enumerate(self.layout[b].tensors):
-            if t.row_sparse:
-                rows = nonzero_rows(grads[t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
-                if rows is not None:
-                    sparse[i] = rows
-        return sparse
+        return sparse_rows(self.layout[b], self.grads[b].numpy())
 
     def values_by_name(self) -> dict[str, torch.Tensor]:
         """A copy of every tensor's value by manifest name (the names the PS saves under)."""
