@@ -3,6 +3,8 @@
     python -m bench.compare --out docs/results/compare-loopback [--network netns --link-rate 1gbit]
     python -m bench.compare --workload minilm-rt --steps 0 --eval-every 0 \
         --only ps-none,ps-gradnorm,ps-gradnorm-votes,ps-gradnorm-cache --out docs/results/text-rt
+    python -m bench.compare --workload minilm-rt --steps 0 --eval-every 0 --seeds 0,1,2 \
+        --only ps-none,ps-gradnorm --out docs/results/text-rt-seeds
 
 Each configuration is one `freezeps run` with the same model, data, seed and steps; only
 --mode and the freeze settings differ. Writes OUT/report.md and the plots (`freezeps report`),
@@ -49,6 +51,8 @@ CONFIGS = {
     "single-none": ["--mode", "single", "--freeze", "none"],
     "ps-gradnorm-votes": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes"],
     "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, "--cache-memory-bytes", str(1 << 30)],
+    # The top half stays trainable (MiniLM: embeddings and layer0-2 may freeze; layer3-5 and the head never).
+    "ps-gradnorm-half": ["--mode", "ps", *ADAPTIVE, "--freeze-max-fraction", "0.5"],
 }
 
 
@@ -59,6 +63,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--steps", type=int, default=32, help="rounds per run; 0: the workload's epochs")
     parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, each configuration run once per seed "
+                        "(default: the workload's seed); the report adds mean ± sd over them")
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
     parser.add_argument("--link-mtu", type=int, default=1500)
@@ -74,19 +80,25 @@ def main() -> None:
     if args.network == "netns":
         common += net
     runs_dir = Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
-    results = []
-    for name in names:
-        if args.network == "netns" and CONFIGS[name][1] == "single":
-            continue  # one process has no network
-        cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], "--run-dir", str(runs_dir / name)]
-        print(f"[compare] {name}: {' '.join(cmd[3:])}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
-        results.append(summarize_run(runs_dir / name))
-        print(f"[compare] {name}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    results, groups = [], {}
+    # Seed-major: a run interrupted late still leaves every configuration's first seeds.
+    for seed in seeds or [None]:
+        for name in names:
+            if args.network == "netns" and CONFIGS[name][1] == "single":
+                continue  # one process has no network
+            run = name if seed is None else f"{name}-s{seed}"
+            cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], "--run-dir", str(runs_dir / run)]
+            cmd += [] if seed is None else ["--seed", str(seed)]
+            print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
+            results.append(summarize_run(runs_dir / run))
+            groups.setdefault(name, []).append(results[-1])
+            print(f"[compare] {run}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
     title = f"{args.workload}: PS vs DDP vs one process ({date.today().isoformat()}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
-    path = write_comparison(results, out, title, baseline=names[0])
+    path = write_comparison(results, out, title, baseline=results[0]["name"], groups=groups)
     slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
             for r in results]
     (out / "results.json").write_text(json.dumps(slim, indent=1))

@@ -7,6 +7,7 @@ worker-RANK.jsonl, config.toml, and with --network netns wire.json (the links' c
 from __future__ import annotations
 
 import json
+import statistics
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -208,12 +209,54 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | None = None) -> Path:
-    """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path."""
+def _mean_sd(values: list[float], fmt: str) -> str:
+    mean = f"{statistics.fmean(values):{fmt}}"
+    return f"{mean} ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else mean
+
+
+def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
+    """Mean ± sample standard deviation over seeds, one row per configuration.
+
+    `groups` maps a configuration's name to its runs, one per seed. Differences to `baseline`
+    are paired by seed (same data order and initial head), which cancels much of the
+    seed-to-seed spread that the absolute accuracies show.
+    """
+    base = {r["config"].get("seed"): r for r in groups[baseline]}
+    lines = [f"Over seeds: mean ± sample standard deviation; differences are to `{baseline}` with the same seed.",
+             "", "| configuration | seeds | final acc | acc - baseline (points) | worst seed (points) | train s | "
+             "time saved | payload | bytes saved |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        paired = [(r, base[r["config"].get("seed")]) for r in runs if r["config"].get("seed") in base]
+        if len(paired) != len(runs):
+            raise ValueError(f"{name}: a run's seed has no `{baseline}` run to compare with")
+        moved = lambda r: r["push_payload"] + r["pull_payload"]  # noqa: E731
+        diff = [100 * (r["accuracy"] - b["accuracy"]) for r, b in paired]
+        lines.append(
+            f"| {name} | {', '.join(str(r['config'].get('seed')) for r in runs)} | "
+            f"{_mean_sd([r['accuracy'] for r in runs], '.4f')} | {_mean_sd(diff, '+.2f')} | {min(diff):+.2f} | "
+            f"{_mean_sd([r['train_s'] for r in runs], '.1f')} | "
+            f"{_mean_sd([1 - r['train_s'] / b['train_s'] for r, b in paired], '.1%')} | "
+            f"{statistics.fmean(moved(r) for r in runs) / 1e9:.3f} GB | "
+            f"{_mean_sd([1 - moved(r) / moved(b) for r, b in paired], '.1%')} |")
+    return "\n".join(lines)
+
+
+def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | None = None,
+                     groups: dict[str, list[dict]] | None = None) -> Path:
+    """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path.
+
+    With `groups` (configuration -> its runs over seeds, as bench/compare makes them) the report
+    starts with the over-seeds table and the plots show each configuration's first seed.
+    """
     from freezeps.plots import write_plots
     out.mkdir(parents=True, exist_ok=True)
-    images = write_plots(runs, out)
-    text = [f"# {title}", "", comparison_markdown(runs, baseline), ""]
+    seeded = groups is not None and any(len(g) > 1 for g in groups.values())
+    images = write_plots([g[0] for g in groups.values()] if seeded else runs, out)
+    text = [f"# {title}", ""]
+    if seeded:
+        base_group = next((k for k, g in groups.items() if any(r["name"] == baseline for r in g)), next(iter(groups)))
+        text += [seeds_markdown(groups, base_group), ""]
+    text += [comparison_markdown(runs, baseline), ""]
     text += [f"![{name}]({path.name})" for name, path in images.items()]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")

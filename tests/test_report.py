@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from freezeps.cli import main
-from freezeps.report import comparison_markdown, summarize_run, time_to_accuracy
+from freezeps.report import comparison_markdown, seeds_markdown, summarize_run, time_to_accuracy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-small"
 
@@ -76,3 +76,25 @@ def test_bad_link_rate_refused(bad):
     from freezeps.config import load_config
     with pytest.raises(ValueError, match="link rate"):
         load_config({"link_rate": bad}, environ={})
+
+
+def test_seeds_table_pairs_runs_by_seed():
+    facts = summarize_run(FIXTURE)
+
+    def run(name, seed, accuracy, train_s, payload):
+        return {**facts, "name": f"{name}-s{seed}", "config": {**facts["config"], "seed": seed},
+                "accuracy": accuracy, "train_s": train_s, "push_payload": payload, "pull_payload": 0}
+
+    groups = {"none": [run("none", 0, 0.80, 100.0, 1000), run("none", 1, 0.70, 200.0, 1000)],
+              "frozen": [run("frozen", 1, 0.69, 100.0, 400), run("frozen", 0, 0.80, 50.0, 600)]}
+    table = seeds_markdown(groups, "none")
+    row = next(line for line in table.splitlines() if line.startswith("| frozen"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # Paired by seed, not by position: differences 0 and -1 point, time saved 50% both, bytes 60% and 40%.
+    assert cells[1] == "1, 0"
+    assert cells[3] == "-0.50 ± 0.71" and cells[4] == "-1.00"
+    assert cells[6] == "50.0% ± 0.0%" and cells[8] == "50.0% ± 14.1%"
+    base_row = next(line for line in table.splitlines() if line.startswith("| none"))
+    assert "+0.00 ± 0.00" in base_row
+    with pytest.raises(ValueError, match="no `none` run"):
+        seeds_markdown({"none": groups["none"][:1], "frozen": groups["frozen"]}, "none")
