@@ -98,7 +98,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     for step in range(total_steps):
         if cfg.evaluate and rank == 0 and step > 0 and (
                 step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            evals.append(_evaluate(model, test_set, cfg, channels, step, steps_per_epoch, wlog))
+            evals.append(evaluate(model, test_set, cfg, channels, step, steps_per_epoch))
+            wlog.write(evals[-1])
         t0 = time.perf_counter()
         epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * cfg.batch_size
         idx = np.concatenate([np.take(batch_order(s, epoch, r, cfg.seed), np.arange(pos, pos + cfg.batch_size),
@@ -161,7 +162,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             if not single:  # DDP over the parameters that still train
                 net = _ddp(model)
     if cfg.evaluate and rank == 0 and total_steps > 0:
-        evals.append(_evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, wlog))
+        evals.append(evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch))
+        wlog.write(evals[-1])
     wall = time.perf_counter() - started
     wlog.write({"event": "worker_summary", "rank": rank, "steps": total_steps, "wall_s": wall,
                 "phases_s": totals, "evals": evals})
@@ -209,13 +211,6 @@ def _average_running_stats(model, frozen: int, world: int) -> None:
         for b in buffers:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
-
-
-def _evaluate(model, test_set, cfg, channels, step, steps_per_epoch, wlog) -> dict:
-    acc, loss = evaluate(model, test_set, cfg, channels)
-    record = {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss}
-    wlog.write(record)
-    return record
 
 
 def main(argv: list[str] | None = None) -> int:

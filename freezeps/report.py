@@ -7,8 +7,10 @@ worker-RANK.jsonl, config.toml, and with --network netns wire.json (the links' c
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -98,6 +100,10 @@ def summarize_run(run_dir: Path) -> dict:
         "accuracy": evals[-1]["accuracy"] if evals else None,
         "best_accuracy": max((e["accuracy"] for e in evals), default=None),
         "accuracy_by_epoch": [(round(e["epoch"], 3), e["accuracy"]) for e in evals],
+        # The last evaluation's misclassified test samples (None from runs logged before they were kept).
+        "test_wrong": evals[-1].get("wrong") if evals else None,
+        "test_samples": evals[-1].get("test_samples") if evals else None,
+        "test_set": evals[-1].get("test_set") if evals else None,
         "final_loss": rounds[-1]["loss"] if rounds else None,
         "phase_ms_per_step": {k: v * 1000 for k, v in phases.items()},
         "push_payload": summary["push_payload"], "push_payload_no_freeze": summary["push_payload_no_freeze"],
@@ -178,16 +184,41 @@ def time_to_accuracy(facts: dict, target: float) -> float | None:
     return next((c["wall_s"] for c in facts["curve"] if c["accuracy"] >= target), None)
 
 
+def paired_difference(wrong: Sequence[int], base_wrong: Sequence[int], samples: int) -> tuple[float, float]:
+    """(accuracy - baseline accuracy, its standard error), in points, of two models scored on the
+    same `samples` test samples, given the positions each got wrong.
+
+    Only the samples they disagree on move the difference: b the baseline got right and the
+    other wrong, c the reverse. The difference is (c - b) / n and its standard error, the one
+    McNemar's test rests on, sqrt(b + c - (c - b)^2 / n) / n. It measures how much the test set's
+    draw alone could move the difference; the spread over training seeds comes on top.
+    """
+    if samples <= 0:
+        raise ValueError(f"samples must be positive, got {samples}")
+    run, base = set(wrong), set(base_wrong)
+    b, c = len(run - base), len(base - run)
+    return 100 * (c - b) / samples, 100 * math.sqrt(b + c - (c - b) ** 2 / samples) / samples
+
+
+def _paired(r: dict, base: dict) -> tuple[float, float] | None:
+    """paired_difference of two run summaries, or None when either lacks its errors or they were
+    scored on different test samples."""
+    if r["test_wrong"] is None or base["test_wrong"] is None or r["test_set"] != base["test_set"]:
+        return None
+    return paired_difference(r["test_wrong"], base["test_wrong"], r["test_samples"])
+
+
 def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     """One table row per run; savings are against `baseline` (a run name; default the first)."""
     base = next((r for r in runs if r["name"] == baseline), runs[0])
     target = (base["best_accuracy"] or 0.0) - 0.005
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
-             f"test accuracy minus 0.5 point ({target:.4f}).", "",
-             "| run | mode | freeze | final acc | best acc | train s | samples/s | time to target s | "
+             f"test accuracy minus 0.5 point ({target:.4f}). `vs base`: the final accuracy's difference in points "
+             "± its standard error over the test samples, paired by sample (freezeps.report.paired_difference).", "",
+             "| run | mode | freeze | final acc | vs base | best acc | train s | samples/s | time to target s | "
              "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
              "freezes (step: blocks) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_moved = base["push_payload"] + base["pull_payload"]
     for r in runs:
         moved = r["push_payload"] + r["pull_payload"]
@@ -201,7 +232,9 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
                             [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
         acc = lambda a: f"{a:.4f}" if a is not None else "-"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | "
+        paired = _paired(r, base)
+        vs_base = f"{paired[0]:+.1f} ± {paired[1]:.1f}" if paired else "-"
+        lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
                      f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | {rate} | "
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
@@ -222,18 +255,23 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
     seed-to-seed spread that the absolute accuracies show.
     """
     base = {r["config"].get("seed"): r for r in groups[baseline]}
-    lines = [f"Over seeds: mean ± sample standard deviation; differences are to `{baseline}` with the same seed.",
-             "", "| configuration | seeds | final acc | acc - baseline (points) | worst seed (points) | train s | "
-             "time saved | payload | bytes saved |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Over seeds: mean ± sample standard deviation; differences are to `{baseline}` with the same seed. "
+             "`test-set SE` is the standard error that the test set's draw alone gives the mean accuracy "
+             "difference (paired by sample, freezeps.report.paired_difference, pooled over the seeds).",
+             "", "| configuration | seeds | final acc | acc - baseline (points) | test-set SE (points) | "
+             "worst seed (points) | train s | time saved | payload | bytes saved |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         paired = [(r, base[r["config"].get("seed")]) for r in runs if r["config"].get("seed") in base]
         if len(paired) != len(runs):
             raise ValueError(f"{name}: a run's seed has no `{baseline}` run to compare with")
         moved = lambda r: r["push_payload"] + r["pull_payload"]  # noqa: E731
         diff = [100 * (r["accuracy"] - b["accuracy"]) for r, b in paired]
+        by_sample = [_paired(r, b) for r, b in paired]
+        test_se = "-" if None in by_sample else f"{math.sqrt(sum(se ** 2 for _, se in by_sample)) / len(by_sample):.2f}"
         lines.append(
             f"| {name} | {', '.join(str(r['config'].get('seed')) for r in runs)} | "
-            f"{_mean_sd([r['accuracy'] for r in runs], '.4f')} | {_mean_sd(diff, '+.2f')} | {min(diff):+.2f} | "
+            f"{_mean_sd([r['accuracy'] for r in runs], '.4f')} | {_mean_sd(diff, '+.2f')} | {test_se} | {min(diff):+.2f} | "
             f"{_mean_sd([r['train_s'] for r in runs], '.1f')} | "
             f"{_mean_sd([1 - r['train_s'] / b['train_s'] for r, b in paired], '.1%')} | "
             f"{statistics.fmean(moved(r) for r in runs) / 1e9:.3f} GB | "

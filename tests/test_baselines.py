@@ -59,7 +59,11 @@ def test_ddp_moves_no_bytes_for_frozen_blocks(runs):
     assert "fc1" in per_step[3] and all("fc1" not in s for s in per_step[4:])
     records = [json.loads(line) for line in (run_dir / "ddp.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "freeze"] == [4]
-    assert facts["accuracy"] == summarize_run(runs["ps"][1])["accuracy"]
+    ps_facts = summarize_run(runs["ps"][1])
+    assert facts["accuracy"] == ps_facts["accuracy"]
+    # The eval record keeps which test samples were wrong: as many as the accuracy says, the same in both modes.
+    assert len(facts["test_wrong"]) == round((1 - facts["accuracy"]) * facts["test_samples"])
+    assert facts["test_wrong"] == ps_facts["test_wrong"]
 
 
 def test_ddp_averages_running_statistics_as_the_ps_does(tmp_path):

@@ -11,6 +11,7 @@ max_rejoins times, and goes on from the PS's step with everything pulled afresh.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -111,19 +112,29 @@ def join_run(client: PSClient, flat: FlatModel, name: str, train, settings: Work
                       label_balance(train.labels.numpy()[shard], train.num_classes), voter)
 
 
-def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int) -> tuple[float, float]:
-    """(accuracy, mean loss) on the whole of `ds`."""
+def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, step: int,
+             steps_per_epoch: int) -> dict:
+    """The `eval` record of the model at `step` on the whole of `ds`.
+
+    `wrong` lists the misclassified test samples by their index in the whole split, and
+    `test_set` names the samples scored (a digest of their indices), so two runs scored on the
+    same test set can be compared sample by sample (freezeps.report.paired_difference).
+    """
     model.eval()
-    correct, loss_sum = 0, 0.0
+    wrong, loss_sum = [], 0.0
     with torch.no_grad():
         for start in range(0, len(ds), 256):
             idx = np.arange(start, min(start + 256, len(ds)))
             x, y = make_batch(ds, idx, settings.image_size, channels, augment=False)
             out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            wrong += ds.sample_ids(idx)[(out.argmax(1) != y).numpy()].tolist()
     model.train()
-    return correct / len(ds), loss_sum / len(ds)
+    acc, loss = 1 - len(wrong) / len(ds), loss_sum / len(ds)
+    log.info("[Worker] step %d: test accuracy %.4f, loss %.4f", step, acc, loss)
+    return {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss,
+            "test_samples": len(ds), "wrong": wrong,
+            "test_set": hashlib.sha256(ds.sample_ids(np.arange(len(ds))).astype(np.int64).tobytes()).hexdigest()[:16]}
 
 
 def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict:
@@ -199,7 +210,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 cached.follow(frozen, len(member.shard))
             due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
             if settings.evaluate and rank == 0 and step > 0 and due:
-                evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
+                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch))
+                runlog.write(evals[-1])
 
             if step // steps_per_epoch != epoch:
                 epoch = step // steps_per_epoch
@@ -256,7 +268,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             steps_done += 1
         if settings.evaluate and rank == 0 and total_steps > 0:
             header, _, _ = client.pull(step, frozen, flat)
-            evals.append(_evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog))
+            evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch))
+            runlog.write(evals[-1])
     finally:
         try:
             client.leave()
@@ -274,14 +287,6 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     runlog.write(summary)
     runlog.close()
     return summary
-
-
-def _evaluate_epoch(model, test, settings, channels, step, steps_per_epoch, runlog) -> dict:
-    acc, loss = evaluate(model, test, settings, channels)
-    record = {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss}
-    log.info("[Worker] step %d: test accuracy %.4f, loss %.4f", step, acc, loss)
-    runlog.write(record)
-    return record
 
 
 def input_channels(model: BlockModel) -> int:
