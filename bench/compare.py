@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--seeds", default="", help="comma-separated seeds, each configuration run once per seed "
                         "(default: the workload's seed); the report adds mean ± sd over them")
+    parser.add_argument("--report-from", type=Path, default=None,
+                        help="rebuild the report from this earlier runs/compare-* folder instead of running")
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
     parser.add_argument("--link-mtu", type=int, default=1500)
@@ -79,7 +81,7 @@ def main() -> None:
     common = [*WORKLOADS[args.workload], "--steps", str(args.steps), "--eval-every", str(args.eval_every), *extra]
     if args.network == "netns":
         common += net
-    runs_dir = Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
+    runs_dir = args.report_from or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
     seeds = [int(s) for s in args.seeds.split(",") if s]
     results, groups = [], {}
     # Seed-major: a run interrupted late still leaves every configuration's first seeds.
@@ -90,21 +92,23 @@ def main() -> None:
             run = name if seed is None else f"{name}-s{seed}"
             cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], "--run-dir", str(runs_dir / run)]
             cmd += [] if seed is None else ["--seed", str(seed)]
-            print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
+            if args.report_from is None:
+                print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
             results.append(summarize_run(runs_dir / run))
             groups.setdefault(name, []).append(results[-1])
             print(f"[compare] {run}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
-    title = f"{args.workload}: PS vs DDP vs one process ({date.today().isoformat()}, {args.network}" + \
+    title = f"{args.workload}: {', '.join(names)} ({date.today().isoformat()}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
-    path = write_comparison(results, out, title, baseline=results[0]["name"], groups=groups)
+    path = write_comparison(results, out, title, baseline=names[0], groups=groups)
     slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
             for r in results]
     (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
             f"Machine: {platform.machine()}, 2 vCPU, 24 GB, no GPU. Command: `python -m bench.compare "
-            f"{' '.join(sys.argv[1:])}`.", f"Common flags: `{' '.join(common)}`."]
+            f"{' '.join(sys.argv[1:])}`.", f"Common flags: `{' '.join(common)}`" +
+            (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
     notes = out / "notes.md"
     if notes.is_file():
         text += ["", notes.read_text().rstrip()]

@@ -283,8 +283,9 @@ def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | No
                      groups: dict[str, list[dict]] | None = None) -> Path:
     """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path.
 
-    With `groups` (configuration -> its runs over seeds, as bench/compare makes them) the report
-    starts with the over-seeds table and the plots show each configuration's first seed.
+    With `groups` (configuration -> its runs over seeds, as bench/compare makes them; `baseline`
+    then names a configuration) the report starts with the over-seeds table, then one table per
+    seed against that seed's baseline run; the plots show each configuration's first seed.
     """
     from freezeps.plots import write_plots
     out.mkdir(parents=True, exist_ok=True)
@@ -292,9 +293,14 @@ def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | No
     images = write_plots([g[0] for g in groups.values()] if seeded else runs, out)
     text = [f"# {title}", ""]
     if seeded:
-        base_group = next((k for k, g in groups.items() if any(r["name"] == baseline for r in g)), next(iter(groups)))
+        base_group = baseline if baseline in groups else next(iter(groups))
         text += [seeds_markdown(groups, base_group), ""]
-    text += [comparison_markdown(runs, baseline), ""]
+        for base in groups[base_group]:
+            seed = base["config"].get("seed")
+            text += [f"## Seed {seed}", "",
+                     comparison_markdown([r for r in runs if r["config"].get("seed") == seed], base["name"]), ""]
+    else:
+        text += [comparison_markdown(runs, baseline), ""]
     text += [f"![{name}]({path.name})" for name, path in images.items()]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")

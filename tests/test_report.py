@@ -131,3 +131,15 @@ def test_seeds_table_pools_the_test_set_error_over_seeds():
     groups["frozen"][1]["test_set"] = "another"
     row = next(line for line in seeds_markdown(groups, "none").splitlines() if line.startswith("| frozen"))
     assert row.split("|")[5].strip() == "-"
+
+
+def test_seeded_comparison_has_one_table_per_seed_against_that_seeds_baseline(tmp_path):
+    from freezeps.report import write_comparison
+    facts = summarize_run(FIXTURE)
+    groups = {name: [{**facts, "name": f"{name}-s{seed}", "config": {**facts["config"], "seed": seed}}
+                     for seed in (0, 1)] for name in ("none", "frozen")}
+    runs = [r for seed in (0, 1) for r in (groups["none"][seed], groups["frozen"][seed])]
+    text = write_comparison(runs, tmp_path, "seeded", baseline="none", groups=groups).read_text()
+    assert text.index("Over seeds") < text.index("## Seed 0") < text.index("## Seed 1")
+    seed1 = text[text.index("## Seed 1"):]
+    assert "against `none-s1`" in seed1 and "| frozen-s1 |" in seed1 and "| frozen-s0 |" not in seed1
