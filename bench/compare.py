@@ -56,6 +56,17 @@ CONFIGS = {
 }
 
 
+def _without_report_from(argv: list[str]) -> list[str]:
+    """The command line that runs the benchmark: a rebuilt report names how its runs were made."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--report-from"):
+            skip = arg == "--report-from"
+            continue
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -107,7 +118,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
             f"Machine: {platform.machine()}, 2 vCPU, 24 GB, no GPU. Command: `python -m bench.compare "
-            f"{' '.join(sys.argv[1:])}`.", f"Common flags: `{' '.join(common)}`" +
+            f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`" +
             (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
     notes = out / "notes.md"
     if notes.is_file():
