@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                             timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
         train(cfg, args.rank, args.world, run_dir)
+        # Leave together: rank 0 evaluates and saves after the last step, and a rank that tore
+        # the gloo group down meanwhile was seen to abort in CI ("terminate called without an
+        # active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
