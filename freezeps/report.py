@@ -186,7 +186,7 @@ def time_to_accuracy(facts: dict, target: float) -> float | None:
 
 def paired_difference(wrong: Sequence[int], base_wrong: Sequence[int], samples: int) -> tuple[float, float]:
     """(accuracy - baseline accuracy, its standard error), in points, of two models scored on the
-    same `samples` test samples, given the positions each got wrong.
+    same `samples` test samples, given the test samples each got wrong.
 
     Only the samples they disagree on move the difference: b the baseline got right and the
     other wrong, c the reverse. The difference is (c - b) / n and its standard error, the one
@@ -208,6 +208,11 @@ def _paired(r: dict, base: dict) -> tuple[float, float] | None:
     return paired_difference(r["test_wrong"], base["test_wrong"], r["test_samples"])
 
 
+def _moved(facts: dict) -> int:
+    """Tensor payload bytes a run pushed and pulled."""
+    return facts["push_payload"] + facts["pull_payload"]
+
+
 def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     """One table row per run; savings are against `baseline` (a run name; default the first)."""
     base = next((r for r in runs if r["name"] == baseline), runs[0])
@@ -219,9 +224,9 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
              "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
              "freezes (step: blocks) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base_moved = base["push_payload"] + base["pull_payload"]
+    base_moved = _moved(base)
     for r in runs:
-        moved = r["push_payload"] + r["pull_payload"]
+        moved = _moved(r)
         tta = time_to_accuracy(r, target)
         wire = f"{r['wire']['wire_per_payload']:.4f}" if r["wire"] and r["wire"]["wire_per_payload"] else "-"
         wire_bytes = f"{r['wire']['wire_bytes'] / 1e9:.3f} GB" if r["wire"] else "-"
@@ -265,7 +270,6 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
         paired = [(r, base[r["config"].get("seed")]) for r in runs if r["config"].get("seed") in base]
         if len(paired) != len(runs):
             raise ValueError(f"{name}: a run's seed has no `{baseline}` run to compare with")
-        moved = lambda r: r["push_payload"] + r["pull_payload"]  # noqa: E731
         diff = [100 * (r["accuracy"] - b["accuracy"]) for r, b in paired]
         by_sample = [_paired(r, b) for r, b in paired]
         test_se = "-" if None in by_sample else f"{math.sqrt(sum(se ** 2 for _, se in by_sample)) / len(by_sample):.2f}"
@@ -274,8 +278,8 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
             f"{_mean_sd([r['accuracy'] for r in runs], '.4f')} | {_mean_sd(diff, '+.2f')} | {test_se} | {min(diff):+.2f} | "
             f"{_mean_sd([r['train_s'] for r in runs], '.1f')} | "
             f"{_mean_sd([1 - r['train_s'] / b['train_s'] for r, b in paired], '.1%')} | "
-            f"{statistics.fmean(moved(r) for r in runs) / 1e9:.3f} GB | "
-            f"{_mean_sd([1 - moved(r) / moved(b) for r, b in paired], '.1%')} |")
+            f"{statistics.fmean(_moved(r) for r in runs) / 1e9:.3f} GB | "
+            f"{_mean_sd([1 - _moved(r) / _moved(b) for r, b in paired], '.1%')} |")
     return "\n".join(lines)
 
 
