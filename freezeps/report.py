@@ -96,6 +96,10 @@ def summarize_run(run_dir: Path) -> dict:
         # Round 0's start to the last round's end: what the modes share (the PS's wall_s also
         # holds the wait for workers to start and join).
         "train_s": rounds[-1]["time"] - t0 if rounds else 0.0, "frozen_blocks": summary["frozen_blocks"],
+        # Evaluations inside the training time (the other workers wait for the evaluator); None
+        # for runs logged before evaluations were timed.
+        "eval_s": sum(e["eval_s"] for e in evals if e["step"] < summary["steps"])
+        if all("eval_s" in e for e in evals) else None,
         "freeze": config.get("freeze"), "config": config,
         "accuracy": evals[-1]["accuracy"] if evals else None,
         "best_accuracy": max((e["accuracy"] for e in evals), default=None),
@@ -119,6 +123,7 @@ def summarize_run(run_dir: Path) -> dict:
         "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
                     for f in ps if f.get("event") == "freeze" and not f.get("initial")],
         "cache": cache_facts([w["cache"] for w in worker_sums if "cache" in w]),
+        "eval_cache": cache_facts([w["eval_cache"] for w in worker_sums if "eval_cache" in w]),
     }
 
 
@@ -127,15 +132,18 @@ def cache_facts(reports: list[dict]) -> dict | None:
     if not reports:
         return None
     total = PrefixCounters(**{f.name: sum(r[f.name] for r in reports) for f in fields(PrefixCounters)})
-    store = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]}
+    store = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]} if "store" in reports[0] else None
     return {**asdict(total), "hit_rate": total.hit_rate(), "store": store}
 
 
-def format_cache(cache: dict) -> str:
-    store = cache["store"]
-    return (f"activation cache: hit rate {cache['hit_rate']:.1%} ({cache['cached']} rows read, {cache['extended']} "
+def format_cache(cache: dict, what: str = "activation cache") -> str:
+    rows = (f"{what}: hit rate {cache['hit_rate']:.1%} ({cache['cached']} rows read, {cache['extended']} "
             f"extended, {cache['computed']} computed, {cache['uncached']} not cached), about {cache['saved_s']:.1f} s "
-            f"of prefix compute saved; held {_mb(store['memory_bytes'])} in memory, {_mb(store['disk_bytes'])} on "
+            f"of prefix compute saved")
+    store = cache["store"]
+    if store is None:
+        return rows
+    return (f"{rows}; held {_mb(store['memory_bytes'])} in memory, {_mb(store['disk_bytes'])} on "
             f"disk; {store['disk_hits']} disk reads in the loop, {store['prefetched']} ahead; "
             f"{store['memory_evictions'] + store['disk_evictions']} evictions, {store['corrupt']} corrupt entries")
 
@@ -152,6 +160,8 @@ def format_report(facts: dict) -> str:
         f"{k.removesuffix('_s')} {v:.1f} ms" for k, v in facts["phase_ms_per_step"].items()))
     if facts.get("cache"):
         lines.append(format_cache(facts["cache"]))
+    if facts.get("eval_cache"):
+        lines.append(format_cache(facts["eval_cache"], "evaluation through the cache"))
     lines.append("")
     # The reference is every block, dense, every step: savings from row-sparse pushes count too.
     lines.append(f"{'tensor payload':<16}{'this run':>16}{'dense, no freeze':>18}{'saved':>9}")
@@ -220,10 +230,11 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
              f"test accuracy minus 0.5 point ({target:.4f}). `vs base`: the final accuracy's difference in points "
              "± its standard error over the test samples, paired by sample (freezeps.report.paired_difference).", "",
-             "| run | mode | freeze | final acc | vs base | best acc | train s | samples/s | time to target s | "
+             "| run | mode | freeze | final acc | vs base | best acc | train s | of which eval s | samples/s | "
+             "time to target s | "
              "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
              "freezes (step: blocks) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_moved = _moved(base)
     for r in runs:
         moved = _moved(r)
@@ -237,10 +248,12 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         freezes = "; ".join([f"0: 0->{initial}"] * bool(initial) +
                             [f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]]) or "-"
         acc = lambda a: f"{a:.4f}" if a is not None else "-"  # noqa: E731
+        eval_s = f"{r['eval_s']:.1f}" if r.get("eval_s") is not None else "-"
         paired = _paired(r, base)
         vs_base = f"{paired[0]:+.1f} ± {paired[1]:.1f}" if paired else "-"
         lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
-                     f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | {rate} | "
+                     f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | "
+                     f"{eval_s} | {rate} | "
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
                      f"{wire_bytes} | {wire} | {phases} | {freezes} |")

@@ -82,6 +82,31 @@ def test_partly_cached_batches_and_duplicates_are_exact(tmp_path):
     assert cached.counters.cached == 1 + 3 + 2 and cached.counters.computed == 1 + 2 + 17 + 1
 
 
+def test_a_batch_of_hits_extensions_from_two_depths_and_misses_runs_each_block_once():
+    """Misses run up to the depth of the shallowest entries found, join them there, and so on
+    to the current depth: one batch per block, never one batch per source, and each row equals
+    its row of a full uncached batch."""
+    model = _model("resnet18")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+    _freeze(model, cached, 2)
+    cached.outputs(np.arange(0, 20), lambda rows: IMAGES[rows])  # 0-19 cached at depth 2
+    _freeze(model, cached, 4)
+    cached.outputs(np.arange(20, 40), lambda rows: IMAGES[20 + rows])  # 20-39 cached at depth 4
+    _freeze(model, cached, 6)
+    cached.outputs(np.arange(40, 50), lambda rows: IMAGES[40 + rows])  # 40-49 cached at depth 6
+    calls = [0] * len(model.blocks)
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(model.blocks)]
+    ids = np.array([45, 3, 25, 60, 4, 46, 26, 61])  # hits, depth-2 and depth-4 entries, misses
+    got = cached.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got, model.prefix(IMAGES[ids]))
+    assert cached.last_batch == {"cached": 2, "extended": 4, "computed": 2}
+    assert calls[:6] == [1] * 6 and calls[6:] == [0] * (len(model.blocks) - 6)
+    assert all(cached.store.get(cached.key, int(s)) is not None for s in ids)
+
+
 def test_old_prefixes_are_dropped_two_epoch_ends_later():
     model = _model("tiny_cnn")
     store = ActivationCache(64 << 20)
@@ -187,7 +212,8 @@ def _adaptive_run(ps_factory, tmp_path, weights, cache):
     policy = FreezePolicy(EngineSpec("threshold", interval=4, tau=100.0, rate=0.5), min_gap=8)
     with ps_factory(2, policy=policy, log_path=tmp_path / "ps.jsonl", momentum=0.9) as ps:
         summaries = run_workers([worker_settings(ps.address, model="tiny_cnn", weights=str(weights), train_samples=512,
-                                                 steps=0, epochs=5, cache=cache, log_dir=tmp_path) for _ in range(2)])
+                                                 steps=0, epochs=5, cache=cache, log_dir=tmp_path, evaluate=True,
+                                                 test_samples=300) for _ in range(2)])
         return ps.server.values_by_name(), summaries
 
 
@@ -196,8 +222,8 @@ def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(
     torch.save(build_model("tiny_cnn", 4).state_dict(), weights)
     (tmp_path / "plain").mkdir()
     (tmp_path / "cached").mkdir()
-    plain, _ = _adaptive_run(ps_factory, tmp_path / "plain", weights, None)
-    cache = CacheSettings(1 << 16, 16 << 20, tmp_path / "cache")  # memory for a third of the shard
+    plain, plain_summaries = _adaptive_run(ps_factory, tmp_path / "plain", weights, None)
+    cache = CacheSettings(1 << 16, 16 << 20, tmp_path / "cache", from_depth=1)  # memory for a third of the shard
     with_cache, summaries = _adaptive_run(ps_factory, tmp_path / "cached", weights, cache)
     freezes = [json.loads(line) for line in (tmp_path / "cached" / "ps.jsonl").read_text().splitlines()]
     assert [(r["step"], r["to"]) for r in freezes if r["event"] == "freeze"] == [(8, 1), (16, 2)]
@@ -210,5 +236,10 @@ def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(
         assert cache_report["store"]["memory_evictions"] > 0 and cache_report["store"]["prefetched"] > 0
         assert cache_report["store"]["memory_bytes"] <= 1 << 16
         assert [d["depth"] for d in cache_report["decisions"]] == [1, 2]
+    # The evaluator reads the test samples' prefix outputs from the cache too, and scores the same.
+    evaluator, plain_evaluator = (next(s for s in ss if s["rank"] == 0) for ss in (summaries, plain_summaries))
+    assert [(e["step"], e["wrong"]) for e in evaluator["evals"]] == \
+        [(e["step"], e["wrong"]) for e in plain_evaluator["evals"]]
+    assert len(evaluator["evals"]) == 5 and evaluator["eval_cache"]["cached"] >= 3 * 300
     steps = [json.loads(line) for line in (tmp_path / "cached" / "worker-0.jsonl").read_text().splitlines()]
     assert any(r.get("cache", {}).get("cached") == 16 for r in steps if r["event"] == "step")

@@ -62,6 +62,8 @@ def test_run_end_to_end(tmp_path):
     facts = json.loads(subprocess.run(FREEZEPS + ["report", str(run_dir), "--json"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout)
     assert facts["steps"] == 64 and facts["frozen_blocks"] == 1
+    # One evaluation falls inside the training time (step 32; the last one comes after it).
+    assert 0 < facts["eval_s"] < facts["train_s"]
     assert facts["accuracy"] > 0.4  # 4 classes: well above chance after 2 epochs
     assert facts["push_payload"] < facts["push_payload_no_freeze"]
     assert facts["push_by_block"]["fc1"] == 16 * 2 * next(b["bytes"] for b in facts["blocks"] if b["name"] == "fc1")

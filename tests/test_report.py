@@ -60,11 +60,16 @@ def test_time_to_accuracy_and_baseline():
     first = next(c for c in facts["curve"] if c["accuracy"] >= best)
     assert time_to_accuracy(facts, best) == first["wall_s"]
     assert time_to_accuracy(facts, 1.01) is None
-    other = {**facts, "name": "other", "push_payload": facts["push_payload"] // 2, "pull_payload": 0}
+    other = {**facts, "name": "other", "push_payload": facts["push_payload"] // 2, "pull_payload": 0, "eval_s": 1.25}
     table = comparison_markdown([facts, other], baseline="run-small")
     row = next(line for line in table.splitlines() if line.startswith("| other"))
     saved = 1 - (facts["push_payload"] // 2) / (facts["push_payload"] + facts["pull_payload"])
     assert f"{saved:.1%}" in row
+    header = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(header) and cells[header.index("of which eval s")] == "1.2"
+    base_row = next(line for line in table.splitlines() if line.startswith(f"| {facts['name']}"))
+    assert [c.strip() for c in base_row.strip("|").split("|")][header.index("of which eval s")] == "-"  # not timed then
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):

@@ -69,8 +69,7 @@ class PrefixCounters:
     computed: int = 0  # rows run through the whole prefix while caching
     uncached: int = 0  # rows run through the whole prefix with caching off at that depth
     read_s: float = 0.0
-    extend_s: float = 0.0
-    compute_s: float = 0.0  # computing and caching the misses
+    compute_s: float = 0.0  # running misses and extensions (one batch) and caching them
     saved_s: float = 0.0  # estimate: rows served x the measured per-row cost of the prefix, less the reads
 
     def hit_rate(self) -> float:
@@ -107,8 +106,11 @@ class CachedPrefix:
         self._batch: torch.Tensor | None = None
 
     @classmethod
-    def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int) -> "CachedPrefix":
-        store = ActivationCache(settings.memory_bytes, settings.disk_bytes, settings.folder)
+    def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int,
+             store: ActivationCache | None = None) -> "CachedPrefix":
+        """`store`: one to share (the evaluator's test samples and its training shard share the
+        worker's budgets), else a new one."""
+        store = store or ActivationCache(settings.memory_bytes, settings.disk_bytes, settings.folder)
         return cls(model, store, input_spec, settings.from_depth, min(MIN_ROWS, batch_size), settings.prefetch_batches)
 
     # -- the boundary -----------------------------------------------------------------------
@@ -161,22 +163,28 @@ class CachedPrefix:
             return self.model.prefix(inputs(np.arange(len(samples))))
         t0 = time.perf_counter()
         rows = self.store.get_many(self.key, samples.tolist())
-        t1 = time.perf_counter()
         cached = sum(r is not None for r in rows)
+        found = self._found_at_shallower_depths(samples, rows)
+        t1 = time.perf_counter()
         self.counters.cached += cached
         self.counters.read_s += t1 - t0
-        self._extend(samples, rows)
-        missing = np.array([i for i, r in enumerate(rows) if r is None], dtype=np.int64)
-        if len(missing):
-            t2 = time.perf_counter()
-            out = self._run(inputs(missing), 0)
-            self._cache_rows(samples[missing], out)
-            for j, i in enumerate(missing):
+        extended = [i for _, hits in found for i in hits]
+        missing = sorted({i for i, r in enumerate(rows) if r is None} - set(extended))
+        if missing or extended:
+            out = self._run_from(inputs(np.array(missing, dtype=np.int64)) if missing else None, found)
+            todo = missing + extended
+            self._cache_rows(samples[todo], out)
+            for source, hits in found:
+                for i in hits:
+                    self.store.discard(source.key, int(samples[i]))
+            for j, i in enumerate(todo):
                 rows[i] = out[j]
+            spent = time.perf_counter() - t1
             self.counters.computed += len(missing)
-            spent = time.perf_counter() - t2
+            self.counters.extended += len(extended)
             self.counters.compute_s += spent
-            self._row_cost[self.depth] = spent / len(missing)
+            if not found:  # misses only: what a row of the whole prefix costs
+                self._row_cost[self.depth] = spent / max(len(missing), self.min_rows)
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
@@ -191,33 +199,40 @@ class CachedPrefix:
             self._batch = torch.empty(shape, dtype=rows[0].dtype)
         return torch.stack(rows, out=self._batch)
 
-    def _extend(self, samples: np.ndarray, rows: list) -> None:
-        """Fill what it can of the missing rows from entries of shallower prefixes."""
-        for source in (s for s in self._sources if s.depth < self.depth):
-            missing = [i for i, r in enumerate(rows) if r is None]
-            if not missing:
-                return
-            t0 = time.perf_counter()
-            entries = self.store.get_many(source.key, samples[missing].tolist())
-            found = [(i, t) for i, t in zip(missing, entries) if t is not None]
-            if not found:
-                continue
-            out = self._run(torch.stack([t for _, t in found]), source.depth)
-            ids = samples[[i for i, _ in found]]
-            self._cache_rows(ids, out)
-            for s in ids:
-                self.store.discard(source.key, int(s))
-            for j, (i, _) in enumerate(found):
-                rows[i] = out[j]
-            self.counters.extended += len(found)
-            self.counters.extend_s += time.perf_counter() - t0
+    def _found_at_shallower_depths(self, samples: np.ndarray, rows: list) -> list[tuple[_Source, dict]]:
+        """For the rows not cached at this depth, entries of shallower prefixes: for each row
+        the deepest there is (the fewest blocks left to run), as (source, {row: entry}) pairs,
+        shallowest source first."""
+        found, left = [], [i for i, r in enumerate(rows) if r is None]
+        for source in (s for s in self._sources if s.depth < self.depth):  # deepest first
+            if not left:
+                break
+            entries = self.store.get_many(source.key, samples[left].tolist())
+            hits = {i: t for i, t in zip(left, entries) if t is not None}
+            if hits:
+                found.insert(0, (source, hits))
+                left = [i for i in left if i not in hits]
+        return found
 
-    def _run(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Blocks start..depth-1 on x, on at least min_rows rows (see the module docstring)."""
+    def _run_from(self, misses: torch.Tensor | None, found: list[tuple[_Source, dict]]) -> torch.Tensor:
+        """One batch through the prefix, each block run once: the misses from the input, joined
+        at each shallower depth by the entries found there, on to the current depth. The rows
+        come out in that order: misses, then the entries, shallowest source first."""
+        x, at = misses, 0
+        for depth, entries in [(s.depth, list(hits.values())) for s, hits in found] + [(self.depth, [])]:
+            if x is not None:
+                x = self._run(x, at, depth)
+            if entries:
+                x = torch.stack(entries) if x is None else torch.cat([x, torch.stack(entries)])
+            at = depth
+        return x
+
+    def _run(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Blocks start..end-1 on x, on at least min_rows rows (see the module docstring)."""
         n = len(x)
         if n < self.min_rows:
             x = torch.cat([x, x[:1].expand(self.min_rows - n, *x.shape[1:])])
-        return self.model.prefix(x, start)[:n]
+        return self.model.prefix(x, start, end)[:n]
 
     def _cache_rows(self, samples: np.ndarray, out: torch.Tensor) -> None:
         for s, row in zip(samples, out):

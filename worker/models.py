@@ -29,10 +29,10 @@ class BlockModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.suffix(self.prefix(x))
 
-    def prefix(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Blocks start..frozen-1 (the frozen prefix, or what is left of it after `start`), without autograd."""
+    def prefix(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Blocks start..end-1 of the frozen prefix (default: all of it), without autograd."""
         with torch.no_grad():
-            for block in self.blocks[start:self.frozen]:
+            for block in self.blocks[start:self.frozen if end is None else min(end, self.frozen)]:
                 x = block(x)
         return x
 

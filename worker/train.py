@@ -112,28 +112,39 @@ def join_run(client: PSClient, flat: FlatModel, name: str, train, settings: Work
                       label_balance(train.labels.numpy()[shard], train.num_classes), voter)
 
 
+EVAL_BATCH = 256
+
+
 def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, step: int,
-             steps_per_epoch: int) -> dict:
+             steps_per_epoch: int, cached: CachedPrefix | None = None) -> dict:
     """The `eval` record of the model at `step` on the whole of `ds`.
 
     `wrong` lists the misclassified test samples by their index in the whole split, and
     `test_set` names the samples scored (a digest of their indices), so two runs scored on the
     same test set can be compared sample by sample (freezeps.report.paired_difference).
+    `cached`: the frozen prefix's outputs for `ds` from the activation cache, where it can be
+    (the test samples' input is the same at every evaluation). `eval_s` is the time it took.
     """
+    started = time.perf_counter()
     model.eval()
+    if cached:
+        cached.follow(model.frozen, len(ds))
     wrong, loss_sum = [], 0.0
     with torch.no_grad():
-        for start in range(0, len(ds), 256):
-            idx = np.arange(start, min(start + 256, len(ds)))
+        for start in range(0, len(ds), EVAL_BATCH):
+            idx = np.arange(start, min(start + EVAL_BATCH, len(ds)))
             x, y = make_batch(ds, idx, settings.image_size, channels, augment=False)
-            out = model(x)
+            h = cached.outputs(ds.sample_ids(idx), lambda rows, x=x: x[rows]) if cached else model.prefix(x)
+            out = model.suffix(h)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             wrong += ds.sample_ids(idx)[(out.argmax(1) != y).numpy()].tolist()
+    if cached:
+        cached.end_epoch()  # every test sample was asked for
     model.train()
     acc, loss = 1 - len(wrong) / len(ds), loss_sum / len(ds)
     log.info("[Worker] step %d: test accuracy %.4f, loss %.4f", step, acc, loss)
     return {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss,
-            "test_samples": len(ds), "wrong": wrong,
+            "eval_s": time.perf_counter() - started, "test_samples": len(ds), "wrong": wrong,
             "test_set": hashlib.sha256(ds.sample_ids(np.arange(len(ds))).astype(np.int64).tobytes()).hexdigest()[:16]}
 
 
@@ -168,6 +179,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
     cached = CachedPrefix.open(settings.cache, model, pipeline_spec(train, settings.image_size, channels, False),
                                settings.batch_size) if settings.cache else None
+    eval_cached = CachedPrefix.open(settings.cache, model, pipeline_spec(test, settings.image_size, channels, False),
+                                    EVAL_BATCH, cached.store) if cached and test is not None else None
 
     def batch_at(step: int) -> np.ndarray:
         """Positions in `train` of this worker's batch at `step`: its shard, in an order fixed by
@@ -210,7 +223,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 cached.follow(frozen, len(member.shard))
             due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
             if settings.evaluate and rank == 0 and step > 0 and due:
-                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch))
+                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached))
                 runlog.write(evals[-1])
 
             if step // steps_per_epoch != epoch:
@@ -268,7 +281,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
             steps_done += 1
         if settings.evaluate and rank == 0 and total_steps > 0:
             header, _, _ = client.pull(step, frozen, flat)
-            evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch))
+            evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached))
             runlog.write(evals[-1])
     finally:
         try:
@@ -276,14 +289,17 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
         except grpc.RpcError as e:  # the PS is gone or dropped us: nothing to leave
             log.warning("[Worker] rank %d: Leave answered %s", rank, e.code().name)
         client.close()
-        if cached:
-            cached.close()
+        for c in (cached, eval_cached):
+            if c:
+                c.close()
     summary = {"event": "worker_summary", "rank": rank, "steps": steps_done, "first_step": first_step,
                "rejoins": rejoins,
                "wall_s": time.perf_counter() - started, "phases_s": totals, "evals": evals,
                "bytes": client.meter.totals()}
     if cached:
         summary["cache"] = cached.report()
+    if eval_cached:
+        summary["eval_cache"] = {k: v for k, v in eval_cached.report().items() if k != "store"}  # store: in "cache"
     runlog.write(summary)
     runlog.close()
     return summary
