@@ -6,12 +6,14 @@ batch and runs only the active blocks on it. Each sample's row comes from, in or
 2. an entry of an earlier, shallower prefix of this run, run through the blocks frozen
    since (the entry is *extended* to the new depth, cached there, and its old one dropped);
 3. the whole prefix, run on the sample's input (a miss), and cached.
+Misses and extensions run as one batch that passes each block once (see _run_from), so a
+step never costs more prefix compute than the same step without the cache.
 
 Cached rows equal recomputed rows bit for bit because the prefix is deterministic in eval
 mode and a row of a batched forward does not depend on the other rows, *provided* the batch
 is not tiny: CPU kernels take other paths for 1 row (convolutions) or up to 8 (matrix
-products) and round differently. So misses and extensions run on at least MIN_ROWS rows,
-padded with copies of the first.
+products) and round differently. So each stretch of that batch runs on at least MIN_ROWS
+rows, padded with copies of the first.
 
 When caching starts: from a configured depth, or (from_depth 0) when the first batch at a
 depth measures that reading its rows back from the cache is faster than computing them and
