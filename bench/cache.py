@@ -1,6 +1,6 @@
 """What the activation cache buys: step time per frozen depth, and a whole adaptive run.
 
-    python -m bench.cache --out docs/results/cache [--models resnet18,efficientnet_lite0] [--skip-run]
+    python -m bench.cache --out docs/results/cache [--models resnet18,efficientnet_lite0] [--runs efficientnet,minilm-rt]
 
 Part 1, per model and frozen depth d (batch 64, 32x32 inputs, `--threads` torch threads,
 weights random: speed does not depend on them), the median over at least `--repeats` steps
@@ -12,8 +12,9 @@ weights random: speed does not depend on them), the median over at least `--repe
   - suffix: the forward and backward alone on a tensor already in place: the physical limit.
 Goal: cached <= 1.1 x suffix at every depth.
 
-Part 2: one adaptive `freezeps run` (a PS and 4 workers on this machine) without and with the
-cache, everything else equal: wall time, hit rate, cache bytes. Goal: >= 1.3x faster.
+Part 2: adaptive `freezeps run`s (a PS and 4 workers on this machine) without and with the
+cache, everything else equal, per workload (WHOLE_RUNS): training time, hit rate, cache bytes.
+Goal: >= 1.3x faster.
 
 Writes OUT/results.json and OUT/README.md (the tables, the command, the machine, the date).
 """
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.compare import ADAPTIVE, WORKLOADS
 from freezeps.report import format_cache, summarize_run
 from worker.cache import ActivationCache
 from worker.cached_prefix import CachedPrefix
@@ -41,23 +43,28 @@ from worker.models import build_model
 BATCH, SIDE, WARM_BATCHES = 64, 32, 4
 
 
-def _time(fns: list, repeats: int) -> list[float]:
+def _time(fns: list, repeats: int, run: int = 5) -> list[float]:
     """Median seconds of each of `fns`, taken in turns (so drift of the machine hits all alike);
-    at least `repeats` turns, more (up to 400) when a turn is short, for about 3 s in all.
-    Each turn takes them in a fresh order: a short step timed right after a long one finds the
-    CPU caches cold and the threads asleep (in a fixed order the cached step, always after the
-    full one, measured up to 0.4 ms slower than the suffix-only step at ResNet-18's depth 6)."""
+    at least `repeats` turns, more (up to 200) when a turn is short, for about 3 s in all.
+
+    A turn runs each of them `run` times in a row, in a fresh order each turn, and keeps all
+    but the first of those: a training run at a frozen depth takes one kind of step after
+    another, and a short step right after a long one of another kind finds the CPU caches cold
+    (in a fixed order of single steps, the cached step, always after the full one, measured
+    0.90 ms against the suffix-only step's 0.52 ms at ResNet-18's depth 6)."""
     t0 = time.perf_counter()
     for fn in fns:  # warm-up: allocator, kernel selection
         fn()
-    turns = max(repeats, min(400, int(3.0 / (time.perf_counter() - t0))))
+    turns = max(repeats, min(200, int(3.0 / (run * (time.perf_counter() - t0)))))
     times = [[] for _ in fns]
     order = np.random.default_rng(0)
     for _ in range(turns):
         for i in order.permutation(len(fns)):
-            t0 = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - t0)
+            for k in range(run):
+                t0 = time.perf_counter()
+                fns[i]()
+                if k:
+                    times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -96,47 +103,61 @@ def step_times(name: str, repeats: int) -> list[dict]:
     return rows
 
 
-# Part 2: the default model (EfficientNet-Lite0, ImageNet weights) on Fashion-MNIST with
-# AutoFreeze's percentile rule, as gradnorm-pct of the freeze sweep (docs/results/freeze-sweep),
-# on half the samples for more epochs: the cache pays from the second epoch at a depth on.
-RUN_ARGS = ["--num-workers", "4", "--epochs", "5", "--train-samples", "12288", "--test-samples", "1000",
-            "--seed", "0", "--freeze", "gradnorm", "--freeze-warmup", "16", "--freeze-interval", "8"]
-CACHE_ARGS = ["--cache-memory-bytes", str(256 << 20), "--cache-disk-bytes", str(1 << 30)]
+# Part 2, whole adaptive runs without and with the cache, on two workloads:
+# - efficientnet: the default model (EfficientNet-Lite0, ImageNet weights) on Fashion-MNIST with
+#   AutoFreeze's percentile rule, as gradnorm-pct of the freeze sweep (docs/results/freeze-sweep),
+#   on half the samples for more epochs;
+# - minilm-rt: bench/compare's MiniLM workload (docs/text.md) for 4 epochs with its gradnorm rule,
+#   where the boundary settles deep in the second epoch.
+WHOLE_RUNS = {
+    "efficientnet": (["--num-workers", "4", "--epochs", "5", "--train-samples", "12288", "--test-samples", "1000",
+                      "--seed", "0", "--freeze", "gradnorm", "--freeze-warmup", "16", "--freeze-interval", "8"],
+                     ["--cache-memory-bytes", str(256 << 20), "--cache-disk-bytes", str(1 << 30)]),
+    "minilm-rt": ([*WORKLOADS["minilm-rt"], *ADAPTIVE, "--epochs", "4"], ["--cache-memory-bytes", str(1 << 30)]),
+}
 
 
-def whole_run(name: str, args: list[str], run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "freezeps", "run", *RUN_ARGS, *args, "--run-dir", str(run_dir)]
-    print(f"[cache] run {name}: {' '.join(cmd[3:])}", flush=True)
+def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
+    run_args, cache_args = WHOLE_RUNS[workload]
+    args = [*run_args, *cache_args] if cache else run_args
+    cmd = [sys.executable, "-m", "freezeps", "run", *args, "--run-dir", str(run_dir)]
+    print(f"[cache] {workload} run: {' '.join(cmd[3:])}", flush=True)
     started = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
     facts = summarize_run(run_dir)
-    return {"name": name, "args": args, "process_wall_s": time.monotonic() - started, "train_s": facts["train_s"],
+    return {"name": "cache" if cache else "no cache", "workload": workload, "args": args,
+            "process_wall_s": time.monotonic() - started, "train_s": facts["train_s"], "eval_s": facts["eval_s"],
             "accuracy": facts["accuracy"], "freezes": facts["freezes"], "cache": facts["cache"],
-            "phase_ms_per_step": facts["phase_ms_per_step"]}
+            "eval_cache": facts["eval_cache"], "phase_ms_per_step": facts["phase_ms_per_step"]}
 
 
 def write_readme(results: dict, out: Path, command: str) -> None:
     lines = ["# Activation cache: step time per frozen depth, and a whole adaptive run", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
-             "## Step time per frozen depth (batch 64, 32x32, median of at least "
-             f"{results['repeats']} steps taken in turns, {results['threads']} threads)", "",
+             "## Step time per frozen depth (batch 64, 32x32, median over at least "
+             f"{results['repeats']} turns of 4 steps of each kind in a row, {results['threads']} threads)", "",
              "| model | depth | last frozen | full ms | cached ms | suffix-only ms | cached / suffix | speed-up | "
              "entry bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["steps"]:
         lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.1f} | "
                      f"{r['suffix_ms']:.1f} | {r['cached_over_suffix']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['entry_bytes']} |")
-    if results.get("runs"):
-        plain, cached = results["runs"]
-        lines += ["", "## A whole adaptive run", "", f"`freezeps run {' '.join(RUN_ARGS)}`, then with "
-                  f"`{' '.join(CACHE_ARGS)}` added.", "",
-                  "| run | train s | process s | final accuracy | freezes (step: blocks) |", "|---|---|---|---|---|"]
+    for workload, (plain, cached) in results.get("runs", {}).items():
+        run_args, cache_args = WHOLE_RUNS[workload]
+        lines += ["", f"## A whole adaptive run: {workload}", "", f"`freezeps run {' '.join(run_args)}`, then with "
+                  f"`{' '.join(cache_args)}` added.", "",
+                  "| run | train s | of which eval s | process s | final accuracy | freezes (step: blocks) |",
+                  "|---|---|---|---|---|---|"]
         for r in (plain, cached):
             freezes = "; ".join(f"{f['step']}: {f['from']}->{f['to']}" for f in r["freezes"]) or "-"
             acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-            lines.append(f"| {r['name']} | {r['train_s']:.1f} | {r['process_wall_s']:.1f} | {acc} | {freezes} |")
-        lines += ["", f"Speed-up (training time): {plain['train_s'] / cached['train_s']:.2f}x.", "",
-                  format_cache(cached["cache"])]
+            lines.append(f"| {r['name']} | {r['train_s']:.1f} | {r['eval_s']:.1f} | {r['process_wall_s']:.1f} | "
+                         f"{acc} | {freezes} |")
+        lines += ["", f"Speed-up (training time): {plain['train_s'] / cached['train_s']:.2f}x; leaving out the "
+                  f"evaluations: {(plain['train_s'] - plain['eval_s']) / (cached['train_s'] - cached['eval_s']):.2f}x.",
+                  "", format_cache(cached["cache"])]
+        if cached.get("eval_cache"):
+            lines += ["", format_cache(cached["eval_cache"], "evaluation through the cache")]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -146,16 +167,16 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,efficientnet_lite0")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-run", action="store_true", help="part 1 only")
+    parser.add_argument("--runs", default=",".join(WHOLE_RUNS),
+                        help=f"whole runs, of {', '.join(WHOLE_RUNS)}; '' for part 1 only")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs") / f"cache-{date.today().isoformat()}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
                f"threads, torch {torch.__version__}", "repeats": args.repeats, "threads": args.threads,
                "steps": [row for name in args.models.split(",") for row in step_times(name, args.repeats)]}
-    if not args.skip_run:
-        results["runs"] = [whole_run("no cache", [], args.runs_dir / "plain"),
-                           whole_run("cache", CACHE_ARGS, args.runs_dir / "cached")]
+    results["runs"] = {w: [whole_run(w, False, args.runs_dir / f"{w}-plain"), whole_run(w, True, args.runs_dir / w)]
+                       for w in filter(None, args.runs.split(","))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     write_readme(results, args.out, "python -m bench.cache " + " ".join(sys.argv[1:]))
