@@ -44,8 +44,9 @@ BATCH, SIDE, WARM_BATCHES = 64, 32, 4
 
 
 def _time(fns: list, repeats: int, run: int = 5) -> list[float]:
-    """Median seconds of each of `fns`, taken in turns (so drift of the machine hits all alike);
-    at least `repeats` turns, more (up to 200) when a turn is short, for about 3 s in all.
+    """Median seconds of each of `fns` over at least `repeats` timed steps each (more, up to
+    800, when a step is short, for about 3 s in all), taken in turns so that drift of the
+    machine hits all alike.
 
     A turn runs each of them `run` times in a row, in a fresh order each turn, and keeps all
     but the first of those: a training run at a frozen depth takes one kind of step after
@@ -55,7 +56,7 @@ def _time(fns: list, repeats: int, run: int = 5) -> list[float]:
     t0 = time.perf_counter()
     for fn in fns:  # warm-up: allocator, kernel selection
         fn()
-    turns = max(repeats, min(200, int(3.0 / (run * (time.perf_counter() - t0)))))
+    turns = -(-max(repeats, min(800, int(3.0 / (time.perf_counter() - t0)))) // (run - 1))
     times = [[] for _ in fns]
     order = np.random.default_rng(0)
     for _ in range(turns):
@@ -134,8 +135,9 @@ def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
 def write_readme(results: dict, out: Path, command: str) -> None:
     lines = ["# Activation cache: step time per frozen depth, and a whole adaptive run", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
-             "## Step time per frozen depth (batch 64, 32x32, median over at least "
-             f"{results['repeats']} turns of 4 steps of each kind in a row, {results['threads']} threads)", "",
+             "## Step time per frozen depth (batch 64, 32x32, median of at least "
+             f"{results['repeats']} steps of each kind, timed in runs of 4 in a row, {results['threads']} threads)",
+             "",
              "| model | depth | last frozen | full ms | cached ms | suffix-only ms | cached / suffix | speed-up | "
              "entry bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["steps"]:
