@@ -43,7 +43,7 @@ from worker.models import build_model
 BATCH, SIDE, WARM_BATCHES = 64, 32, 4
 
 
-def _time(fns: list, repeats: int, run: int = 5) -> list[float]:
+def _time(fns: list, repeats: int, run: int = 2) -> list[float]:
     """Median seconds of each of `fns` over at least `repeats` timed steps each (more, up to
     800, when a step is short, for about 3 s in all), taken in turns so that drift of the
     machine hits all alike.
@@ -52,7 +52,9 @@ def _time(fns: list, repeats: int, run: int = 5) -> list[float]:
     but the first of those: a training run at a frozen depth takes one kind of step after
     another, and a short step right after a long one of another kind finds the CPU caches cold
     (in a fixed order of single steps, the cached step, always after the full one, measured
-    0.90 ms against the suffix-only step's 0.52 ms at ResNet-18's depth 6)."""
+    0.90 ms against the suffix-only step's 0.52 ms at ResNet-18's depth 6). Runs are short
+    and turns many, so that the machine's drift over seconds is shared out evenly (runs of 5
+    in 6 turns put EfficientNet-Lite0's cached and suffix-only steps 0.86-1.23x apart)."""
     t0 = time.perf_counter()
     for fn in fns:  # warm-up: allocator, kernel selection
         fn()
@@ -136,7 +138,7 @@ def write_readme(results: dict, out: Path, command: str) -> None:
     lines = ["# Activation cache: step time per frozen depth, and a whole adaptive run", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
              "## Step time per frozen depth (batch 64, 32x32, median of at least "
-             f"{results['repeats']} steps of each kind, timed in runs of 4 in a row, {results['threads']} threads)",
+             f"{results['repeats']} steps of each kind, each timed after one of its kind, {results['threads']} threads)",
              "",
              "| model | depth | last frozen | full ms | cached ms | suffix-only ms | cached / suffix | speed-up | "
              "entry bytes |", "|---|---|---|---|---|---|---|---|---|"]
