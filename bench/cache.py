@@ -135,7 +135,7 @@ def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
 
 
 def write_readme(results: dict, out: Path, command: str) -> None:
-    lines = ["# Activation cache: step time per frozen depth, and a whole adaptive run", "",
+    lines = ["# Activation cache: step time per frozen depth, and whole adaptive runs", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
              "## Step time per frozen depth (batch 64, 32x32, median of at least "
              f"{results['repeats']} steps of each kind, each timed after one of its kind, {results['threads']} threads)",
