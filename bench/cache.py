@@ -9,6 +9,8 @@ weights random: speed does not depend on them), the median over at least `--repe
     (a worker's step without the cache);
   - cached: the prefix's output from a warm memory cache (CachedPrefix.outputs: lookups and
     a stack of the rows), then the same forward and backward;
+  - gather: the rows gathered (one index_select) from one tensor that holds them all, then the
+    same forward and backward: what any cache that hands out shuffled rows must at least pay;
   - suffix: the forward and backward alone on a tensor already in place: the physical limit.
 Goal: cached <= 1.1 x suffix at every depth.
 
@@ -93,16 +95,21 @@ def step_times(name: str, repeats: int) -> list[dict]:
             F.cross_entropy(model.suffix(prefix_output(ids)), labels[ids]).backward()
 
         h = {i: model.prefix(images[ids]) for i, ids in enumerate(batches)}
-        full, warm, suffix = _time([lambda: step(lambda ids: model.prefix(images[ids])),
-                                    lambda: step(lambda ids: cached.outputs(ids, lambda r: images[ids[r]])),
-                                    lambda: step(lambda ids: h[int(ids[0]) // BATCH])], repeats)
+        every_row, gathered = torch.cat(list(h.values())), torch.empty_like(h[0])
+        full, warm, gather, suffix = _time([
+            lambda: step(lambda ids: model.prefix(images[ids])),
+            lambda: step(lambda ids: cached.outputs(ids, lambda r: images[ids[r]])),
+            lambda: step(lambda ids: torch.index_select(every_row, 0, torch.from_numpy(ids), out=gathered)),
+            lambda: step(lambda ids: h[int(ids[0]) // BATCH])], repeats)
         assert cached.counters.computed == len(images), "the timed cached steps must all be hits"
         entry = h[0][0].numel() * h[0].element_size()
         rows.append({"model": name, "depth": depth, "frozen": model.block_names[depth - 1], "full_ms": full * 1e3,
-                     "cached_ms": warm * 1e3, "suffix_ms": suffix * 1e3, "cached_over_suffix": warm / suffix,
+                     "cached_ms": warm * 1e3, "gather_ms": gather * 1e3, "suffix_ms": suffix * 1e3,
+                     "cached_over_suffix": warm / suffix, "gather_over_suffix": gather / suffix,
                      "speedup": full / warm, "entry_bytes": entry})
-        print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:7.1f} ms, suffix "
-              f"{suffix * 1e3:7.1f} ms, cached/suffix {warm / suffix:.2f}, entry {entry} B", flush=True)
+        print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:8.2f} ms, gather "
+              f"{gather * 1e3:8.2f} ms, suffix {suffix * 1e3:8.2f} ms, cached/suffix {warm / suffix:.2f}, "
+              f"gather/suffix {gather / suffix:.2f}, entry {entry} B", flush=True)
     return rows
 
 
@@ -140,12 +147,12 @@ def write_readme(results: dict, out: Path, command: str) -> None:
              "## Step time per frozen depth (batch 64, 32x32, median of at least "
              f"{results['repeats']} steps of each kind, each timed after one of its kind, {results['threads']} threads)",
              "",
-             "| model | depth | last frozen | full ms | cached ms | suffix-only ms | cached / suffix | speed-up | "
-             "entry bytes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | depth | last frozen | full ms | cached ms | gather-only ms | suffix-only ms | cached / suffix | "
+             "gather / suffix | speed-up | entry bytes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["steps"]:
-        lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.1f} | "
-                     f"{r['suffix_ms']:.1f} | {r['cached_over_suffix']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['entry_bytes']} |")
+        lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.2f} | "
+                     f"{r['gather_ms']:.2f} | {r['suffix_ms']:.2f} | {r['cached_over_suffix']:.2f} | "
+                     f"{r['gather_over_suffix']:.2f} | {r['speedup']:.2f}x | {r['entry_bytes']} |")
     for workload, (plain, cached) in results.get("runs", {}).items():
         run_args, cache_args = WHOLE_RUNS[workload]
         lines += ["", f"## A whole adaptive run: {workload}", "", f"`freezeps run {' '.join(run_args)}`, then with "

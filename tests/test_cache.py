@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from worker.models import build_model
 
 
 def _act(seed: int, shape=(16, 8, 8), dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(int(seed))
     return torch.randn(shape, generator=g).to(dtype)
 
 
@@ -118,3 +119,69 @@ def test_budgets_are_validated(tmp_path):
         ActivationCache(memory_bytes=1, disk_bytes=1)
     with pytest.raises(ValueError, match=">= 0"):
         ActivationCache(memory_bytes=-1)
+
+
+def test_a_batch_reads_memory_and_disk_hits_in_batch_order(tmp_path):
+    cache = ActivationCache(memory_bytes=4 * ENTRY, disk_bytes=1 << 20, disk_dir=tmp_path)
+    cache.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
+    cache.put_many("p", np.array([4, 5]), torch.stack([_act(4), _act(5)]))  # 0 and 1 demoted to disk
+    assert cache.stats.memory_evictions == 2 and (tmp_path / "p" / "0.act").is_file()
+    rows, missing = cache.read("p", np.array([5, 9, 0, 3, 1]))
+    assert missing.tolist() == [1]
+    assert all(torch.equal(r, _act(i)) for r, i in zip(rows, [5, 0, 3, 1]))
+    assert (cache.stats.memory_hits, cache.stats.disk_hits, cache.stats.misses) == (2, 2, 1)
+    buffer = torch.empty(2, 16, 8, 8)
+    rows, missing = cache.read("p", np.array([0, 1]), out=buffer)  # promoted by the last read
+    assert not len(missing) and rows is buffer and torch.equal(rows[1], _act(1))
+
+
+def test_the_budget_bounds_allocated_rows_and_unused_rows_are_taken_back_first():
+    """Two prefixes of different row sizes under one budget: the slabs' allocation never
+    exceeds it, and rows one prefix has given up (extended entries) go to the other before any
+    entry is evicted."""
+    cache = ActivationCache(memory_bytes=40 * ENTRY)
+    small = torch.stack([_act(i, shape=(16, 4, 8)) for i in range(40)])  # half an ENTRY each
+    cache.put_many("old", np.arange(40), small)
+    assert cache.stats.memory_reserved <= 40 * ENTRY and cache.stats.memory_bytes == 20 * ENTRY
+    for start in range(0, 40, 8):  # each batch extended: its old entries discarded, new ones cached
+        ids = np.arange(start, start + 8)
+        cache.discard("old", ids)
+        cache.put_many("new", ids, torch.stack([_act(i) for i in ids]))
+        assert cache.stats.memory_reserved <= 40 * ENTRY
+    assert cache.stats.memory_evictions == 0 and cache.memory_entries("old") == 0
+    assert cache.memory_entries("new") == 40 and cache.stats.memory_bytes == 40 * ENTRY
+    rows, missing = cache.read("new", np.arange(40))
+    assert not len(missing) and all(torch.equal(r, _act(i)) for i, r in enumerate(rows))
+
+
+def test_rows_handed_out_are_copies_and_survive_later_writes():
+    cache = ActivationCache(memory_bytes=4 * ENTRY)
+    cache.put("p", 0, _act(0))
+    got = cache.get("p", 0)
+    cache.put_many("p", np.arange(1, 5), torch.stack([_act(i) for i in range(1, 5)]))  # grows, then evicts 0
+    cache.put("p", 0, _act(7))
+    assert torch.equal(got, _act(0)) and torch.equal(cache.get("p", 0), _act(7))
+
+
+def test_entries_too_big_for_memory_go_to_disk_and_a_prefix_keeps_one_shape(tmp_path):
+    cache = ActivationCache(memory_bytes=ENTRY // 2, disk_bytes=1 << 20, disk_dir=tmp_path)
+    cache.put("p", 3, _act(3))
+    assert cache.stats.memory_bytes == cache.stats.memory_reserved == 0 and (tmp_path / "p" / "3.act").is_file()
+    small = ActivationCache(memory_bytes=1 << 20)
+    small.put("p", 0, _act(0))
+    with pytest.raises(ValueError, match="share a shape"):
+        small.put("p", 1, _act(1, shape=(16, 8, 4)))
+    with pytest.raises(ValueError, match="sample ids >= 0"):
+        small.put("p", -1, _act(1))
+    assert small.get("p", -1) is None and small.memory_entries("p") == 1
+
+
+def test_a_buffer_of_another_length_is_not_written_into(recwarn):
+    cache = ActivationCache(memory_bytes=1 << 20)
+    cache.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
+    rows, _ = cache.read("p", np.arange(4))
+    again, _ = cache.read("p", np.array([3, 2, 1, 0]), out=rows)
+    assert again is rows and torch.equal(rows[0], _act(3))
+    fewer, _ = cache.read("p", np.array([1, 2]), out=rows)  # the last batch of an epoch is shorter
+    assert fewer is not rows and fewer.shape[0] == 2 and torch.equal(rows[0], _act(3))
+    assert not recwarn.list

@@ -117,12 +117,13 @@ def test_old_prefixes_are_dropped_two_epoch_ends_later():
     old_key = cached.key
     _freeze(model, cached, 2)
     cached.outputs(half, lambda rows: IMAGES[rows])  # half extended, their old entries dropped
-    assert sum(k[0] == old_key for k in store._memory) == 48
+    assert store.memory_entries(old_key) == 48
     cached.end_epoch()
-    assert sum(k[0] == old_key for k in store._memory) == 48  # the rest may still be extended
+    assert store.memory_entries(old_key) == 48  # the rest may still be extended
     cached.end_epoch()
-    assert not any(k[0] == old_key for k in store._memory)
-    assert all(k[0] == cached.key for k in store._memory)
+    assert store.memory_entries(old_key) == 0
+    entry = model.prefix(IMAGES[:1]).numel() * 4
+    assert store.stats.memory_bytes == store.memory_entries(cached.key) * entry == 48 * entry
 
 
 def test_measured_decision_and_a_shard_that_does_not_fit():

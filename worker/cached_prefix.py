@@ -164,23 +164,27 @@ class CachedPrefix:
             self.counters.uncached += len(samples)
             return self.model.prefix(inputs(np.arange(len(samples))))
         t0 = time.perf_counter()
-        rows = self.store.get_many(self.key, samples.tolist())
-        cached = sum(r is not None for r in rows)
-        found = self._found_at_shallower_depths(samples, rows)
+        got, left = self.store.read(self.key, samples, out=self._batch)
+        cached = len(samples) - len(left)
+        if not len(left):  # the common case once warm: one gather, into the reused buffer
+            self._batch = got
+        found = self._found_at_shallower_depths(samples, left) if len(left) else []
         t1 = time.perf_counter()
         self.counters.cached += cached
         self.counters.read_s += t1 - t0
-        extended = [i for _, hits in found for i in hits]
-        missing = sorted({i for i, r in enumerate(rows) if r is None} - set(extended))
-        if missing or extended:
-            out = self._run_from(inputs(np.array(missing, dtype=np.int64)) if missing else None, found)
-            todo = missing + extended
-            self._cache_rows(samples[todo], out)
-            for source, hits in found:
-                for i in hits:
-                    self.store.discard(source.key, int(samples[i]))
-            for j, i in enumerate(todo):
-                rows[i] = out[j]
+        out = got
+        if len(left):
+            extended = np.concatenate([rows for _, rows, _ in found]) if found else np.zeros(0, np.int64)
+            missing = np.setdiff1d(left, extended)
+            computed = self._run_from(inputs(missing) if len(missing) else None, found)
+            todo = np.concatenate([missing, extended])
+            self.store.put_many(self.key, samples[todo], computed)
+            for source, rows, _ in found:
+                self.store.discard(source.key, samples[rows])
+            out = self._buffer(len(samples), computed)
+            if cached:
+                out[torch.from_numpy(np.setdiff1d(np.arange(len(samples)), left))] = got
+            out[torch.from_numpy(todo)] = computed
             spent = time.perf_counter() - t1
             self.counters.computed += len(missing)
             self.counters.extended += len(extended)
@@ -190,42 +194,43 @@ class CachedPrefix:
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
-        return self._stack(rows)
+        return out
 
-    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """The rows as one batch, in a buffer reused from step to step: when little is left to
-        compute, allocating (and page-faulting) a fresh batch each step costs more than
+    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A batch of n rows shaped like `like`'s, reused from step to step: when little is left
+        to compute, allocating (and page-faulting) a fresh batch each step costs more than
         reading the rows. Valid until the next call, which is all a training step needs."""
-        shape = (len(rows), *rows[0].shape)
-        if self._batch is None or self._batch.shape != shape or self._batch.dtype != rows[0].dtype:
-            self._batch = torch.empty(shape, dtype=rows[0].dtype)
-        return torch.stack(rows, out=self._batch)
+        shape = (n, *like.shape[1:])
+        if self._batch is None or self._batch.shape != shape or self._batch.dtype != like.dtype:
+            self._batch = torch.empty(shape, dtype=like.dtype)
+        return self._batch
 
-    def _found_at_shallower_depths(self, samples: np.ndarray, rows: list) -> list[tuple[_Source, dict]]:
-        """For the rows not cached at this depth, entries of shallower prefixes: for each row
-        the deepest there is (the fewest blocks left to run), as (source, {row: entry}) pairs,
-        shallowest source first."""
-        found, left = [], [i for i, r in enumerate(rows) if r is None]
+    def _found_at_shallower_depths(self, samples: np.ndarray, left: np.ndarray
+                                   ) -> list[tuple[_Source, np.ndarray, torch.Tensor]]:
+        """For the batch's rows `left` (not cached at this depth), entries of shallower
+        prefixes: for each row the deepest there is (the fewest blocks left to run), as
+        (source, the batch's rows found there, their entries), shallowest source first."""
+        found = []
         for source in (s for s in self._sources if s.depth < self.depth):  # deepest first
-            if not left:
+            if not len(left):
                 break
-            entries = self.store.get_many(source.key, samples[left].tolist())
-            hits = {i: t for i, t in zip(left, entries) if t is not None}
-            if hits:
-                found.insert(0, (source, hits))
-                left = [i for i in left if i not in hits]
+            entries, not_there = self.store.read(source.key, samples[left])
+            if entries is not None:
+                found.insert(0, (source, np.delete(left, not_there), entries))
+                left = left[not_there]
         return found
 
-    def _run_from(self, misses: torch.Tensor | None, found: list[tuple[_Source, dict]]) -> torch.Tensor:
+    def _run_from(self, misses: torch.Tensor | None, found: list[tuple[_Source, np.ndarray, torch.Tensor]]
+                  ) -> torch.Tensor:
         """One batch through the prefix, each block run once: the misses from the input, joined
         at each shallower depth by the entries found there, on to the current depth. The rows
         come out in that order: misses, then the entries, shallowest source first."""
         x, at = misses, 0
-        for depth, entries in [(s.depth, list(hits.values())) for s, hits in found] + [(self.depth, [])]:
+        for depth, entries in [(s.depth, entries) for s, _, entries in found] + [(self.depth, None)]:
             if x is not None:
                 x = self._run(x, at, depth)
-            if entries:
-                x = torch.stack(entries) if x is None else torch.cat([x, torch.stack(entries)])
+            if entries is not None:
+                x = entries if x is None else torch.cat([x, entries])
             at = depth
         return x
 
@@ -236,25 +241,21 @@ class CachedPrefix:
             x = torch.cat([x, x[:1].expand(self.min_rows - n, *x.shape[1:])])
         return self.model.prefix(x, start, end)[:n]
 
-    def _cache_rows(self, samples: np.ndarray, out: torch.Tensor) -> None:
-        for s, row in zip(samples, out):
-            self.store.put(self.key, int(s), row)
-
     def _measure(self, samples: np.ndarray, inputs) -> torch.Tensor:
         """The first batch at this depth: compute it, cache it, read it back, and decide."""
         t0 = time.perf_counter()
         out = self.model.prefix(inputs(np.arange(len(samples))))
         compute_s = time.perf_counter() - t0
-        self._cache_rows(samples, out)
+        self.store.put_many(self.key, samples, out)
         t1 = time.perf_counter()
-        back = self.store.get_many(self.key, samples.tolist())
+        _, not_back = self.store.read(self.key, samples)
         read_s = time.perf_counter() - t1
         self.counters.computed += len(samples)
         self.counters.compute_s += compute_s
         self._row_cost[self.depth] = compute_s / len(samples)
         entry_bytes = out[0].numel() * out.element_size()
         needed, budget = entry_bytes * self._shard_size, self.store.memory_bytes + self.store.disk_bytes
-        if any(b is None for b in back) or needed > budget:
+        if len(not_back) or needed > budget:
             self.active = False
             reason = f"the shard's entries need {needed} bytes; the budgets hold {budget}"
         else:
