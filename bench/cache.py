@@ -7,8 +7,8 @@ weights random: speed does not depend on them), the median over at least `--repe
 (more for short steps, taken in turns) of
   - full: the prefix's forward under no_grad, then the active blocks' forward and backward
     (a worker's step without the cache);
-  - cached: the prefix's output from a warm memory cache (CachedPrefix.outputs: lookups and
-    a stack of the rows), then the same forward and backward;
+  - cached: the prefix's output from a warm memory cache (CachedPrefix.outputs: the rows'
+    lookup and one gather from the prefix's slab), then the same forward and backward;
   - gather: the rows gathered (one index_select) from one tensor that holds them all, then the
     same forward and backward: what any cache that hands out shuffled rows must at least pay;
   - suffix: the forward and backward alone on a tensor already in place: the physical limit.

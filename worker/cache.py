@@ -444,6 +444,8 @@ class ActivationCache:
                     key = (prefix, int(slab.sample_at[slot]))
                     if key not in self._disk:
                         self._write_disk(key, slab.rows[slot])  # demoted, not lost
+            # Not _remove: a slab left empty here may be the one room is being made in; the others
+            # are freed by _make_room's next pass, with their unused rows.
             slab.remove(victims)
             self.stats.memory_bytes -= len(victims) * slab.row_bytes
             self.stats.memory_evictions += len(victims)
