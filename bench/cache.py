@@ -7,12 +7,16 @@ weights random: speed does not depend on them), the median over at least `--repe
 (more for short steps, taken in turns) of
   - full: the prefix's forward under no_grad, then the active blocks' forward and backward
     (a worker's step without the cache);
-  - cached: the prefix's output from a warm memory cache (CachedPrefix.outputs: the rows'
-    lookup and one gather from the prefix's slab), then the same forward and backward;
+  - cached: the prefix's output from a warm memory cache, then the same forward and backward.
+    As in training: the rows were cached in one epoch's shuffled order, the store laid them
+    out in the next epoch's order at its start (CachedPrefix.arrange), and each batch of that
+    epoch is read (CachedPrefix.outputs) as a view of the slab;
+  - arrange: that lay-out, per step: it happens once an epoch for the worker's whole shard,
+    so it is timed alone on a shard of SHARD rows of the same entries, x batch / SHARD;
   - gather: the rows gathered (one index_select) from one tensor that holds them all, then the
-    same forward and backward: what any cache that hands out shuffled rows must at least pay;
+    same forward and backward: what a cache that copies each batch out must at least pay;
   - suffix: the forward and backward alone on a tensor already in place: the physical limit.
-Goal: cached <= 1.1 x suffix at every depth.
+Goal: (cached + arrange) <= 1.1 x suffix at every depth.
 
 Part 2: adaptive `freezeps run`s (a PS and 4 workers on this machine) without and with the
 cache, everything else equal, per workload (WHOLE_RUNS): training time, hit rate, cache bytes.
@@ -43,6 +47,7 @@ from worker.cached_prefix import CachedPrefix
 from worker.models import build_model
 
 BATCH, SIDE, WARM_BATCHES = 64, 32, 4
+SHARD = 3072  # a worker's shard in the EfficientNet whole run: 12,288 samples over 4 workers
 
 
 def _time(fns: list, repeats: int, run: int = 2) -> list[float]:
@@ -73,20 +78,38 @@ def _time(fns: list, repeats: int, run: int = 2) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _arrange_time(entry: torch.Tensor, repeats: int) -> float:
+    """Median seconds to lay out a shard of SHARD entries like `entry` in a new order."""
+    store = ActivationCache(1 << 34)
+    store.put_many("shard", np.arange(SHARD), entry.expand(SHARD, *entry.shape).clone())
+    rng, times = np.random.default_rng(1), []
+    for _ in range(max(5, repeats // 4)):
+        order = rng.permutation(SHARD)
+        t0 = time.perf_counter()
+        if not store.arrange("shard", order):
+            raise RuntimeError("the bench's shard could not be laid out")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def step_times(name: str, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(name, 10)
     images = torch.randn(BATCH * WARM_BATCHES, 3, SIDE, SIDE)
     labels = torch.randint(0, 10, (BATCH * WARM_BATCHES,))
-    batches = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(WARM_BATCHES)]
+    rng = np.random.default_rng(0)
+    first_epoch, epoch = (rng.permutation(len(images)) for _ in range(2))
+    batches = np.split(epoch, WARM_BATCHES)
     rows = []
     for depth in range(1, len(model.blocks)):
         model.set_frozen(depth)
         model.train()
         cached = CachedPrefix(model, ActivationCache(1 << 31), f"bench-{depth}", from_depth=1, prefetch_batches=0)
         cached.follow(depth, len(images))
-        for ids in batches:  # warm: every row in the memory tier
+        for ids in np.split(first_epoch, WARM_BATCHES):  # warm: every row in the memory tier
             cached.outputs(ids, lambda r, ids=ids: images[ids[r]])
+        cached.arrange(epoch)
+        arrange_s = _arrange_time(cached.store.read(cached.key, epoch[:1])[0][0], repeats) * BATCH / SHARD
         turn = iter(range(1 << 30))
 
         def step(prefix_output):
@@ -94,22 +117,28 @@ def step_times(name: str, repeats: int) -> list[dict]:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model.suffix(prefix_output(ids)), labels[ids]).backward()
 
-        h = {i: model.prefix(images[ids]) for i, ids in enumerate(batches)}
-        every_row, gathered = torch.cat(list(h.values())), torch.empty_like(h[0])
+        h = {int(ids[0]): model.prefix(images[ids]) for ids in batches}
+        every_row = torch.empty(len(images), *h[int(epoch[0])].shape[1:])
+        for ids in batches:
+            every_row[torch.from_numpy(ids)] = h[int(ids[0])]
+        gathered = torch.empty_like(h[int(epoch[0])])
         full, warm, gather, suffix = _time([
             lambda: step(lambda ids: model.prefix(images[ids])),
             lambda: step(lambda ids: cached.outputs(ids, lambda r: images[ids[r]])),
             lambda: step(lambda ids: torch.index_select(every_row, 0, torch.from_numpy(ids), out=gathered)),
-            lambda: step(lambda ids: h[int(ids[0]) // BATCH])], repeats)
+            lambda: step(lambda ids: h[int(ids[0])])], repeats)
         assert cached.counters.computed == len(images), "the timed cached steps must all be hits"
-        entry = h[0][0].numel() * h[0].element_size()
+        assert cached.store.stats.views * BATCH == cached.counters.cached, "each cached step must read a view"
+        entry = every_row[0].numel() * every_row.element_size()
+        cost = warm + arrange_s
         rows.append({"model": name, "depth": depth, "frozen": model.block_names[depth - 1], "full_ms": full * 1e3,
-                     "cached_ms": warm * 1e3, "gather_ms": gather * 1e3, "suffix_ms": suffix * 1e3,
-                     "cached_over_suffix": warm / suffix, "gather_over_suffix": gather / suffix,
-                     "speedup": full / warm, "entry_bytes": entry})
-        print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:8.2f} ms, gather "
-              f"{gather * 1e3:8.2f} ms, suffix {suffix * 1e3:8.2f} ms, cached/suffix {warm / suffix:.2f}, "
-              f"gather/suffix {gather / suffix:.2f}, entry {entry} B", flush=True)
+                     "cached_ms": warm * 1e3, "arrange_ms": arrange_s * 1e3, "gather_ms": gather * 1e3,
+                     "suffix_ms": suffix * 1e3, "cached_over_suffix": cost / suffix,
+                     "gather_over_suffix": gather / suffix, "speedup": full / cost, "entry_bytes": entry})
+        print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:8.2f} + arrange "
+              f"{arrange_s * 1e3:6.3f} ms, gather {gather * 1e3:8.2f} ms, suffix {suffix * 1e3:8.2f} ms, "
+              f"(cached + arrange)/suffix {cost / suffix:.2f}, gather/suffix {gather / suffix:.2f}, entry {entry} B",
+              flush=True)
     return rows
 
 
@@ -147,12 +176,14 @@ def write_readme(results: dict, out: Path, command: str) -> None:
              "## Step time per frozen depth (batch 64, 32x32, median of at least "
              f"{results['repeats']} steps of each kind, each timed after one of its kind, {results['threads']} threads)",
              "",
-             "| model | depth | last frozen | full ms | cached ms | gather-only ms | suffix-only ms | cached / suffix | "
-             "gather / suffix | speed-up | entry bytes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | depth | last frozen | full ms | cached ms | arrange ms per step | gather-only ms | suffix-only ms "
+             "| (cached + arrange) / suffix | gather / suffix | speed-up | entry bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["steps"]:
         lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.2f} | "
-                     f"{r['gather_ms']:.2f} | {r['suffix_ms']:.2f} | {r['cached_over_suffix']:.2f} | "
-                     f"{r['gather_over_suffix']:.2f} | {r['speedup']:.2f}x | {r['entry_bytes']} |")
+                     f"{r['arrange_ms']:.3f} | {r['gather_ms']:.2f} | {r['suffix_ms']:.2f} | "
+                     f"{r['cached_over_suffix']:.2f} | {r['gather_over_suffix']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['entry_bytes']} |")
     for workload, (plain, cached) in results.get("runs", {}).items():
         run_args, cache_args = WHOLE_RUNS[workload]
         lines += ["", f"## A whole adaptive run: {workload}", "", f"`freezeps run {' '.join(run_args)}`, then with "
@@ -172,6 +203,11 @@ def write_readme(results: dict, out: Path, command: str) -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _write(results: dict, out: Path, command: str) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_readme(results, out, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results/cache"))
@@ -180,17 +216,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default=",".join(WHOLE_RUNS),
                         help=f"whole runs, of {', '.join(WHOLE_RUNS)}; '' for part 1 only")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs") / f"cache-{date.today().isoformat()}")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs") / time.strftime("cache-%Y-%m-%d-%H%M%S"),
+                        help="where the whole runs go (a new folder: freezeps run refuses one that holds a run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
                f"threads, torch {torch.__version__}", "repeats": args.repeats, "threads": args.threads,
                "steps": [row for name in args.models.split(",") for row in step_times(name, args.repeats)]}
-    results["runs"] = {w: [whole_run(w, False, args.runs_dir / f"{w}-plain"), whole_run(w, True, args.runs_dir / w)]
-                       for w in filter(None, args.runs.split(","))}
+    command = "python -m bench.cache " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    write_readme(results, args.out, "python -m bench.cache " + " ".join(sys.argv[1:]))
+    results["runs"] = {}
+    for workload in filter(None, args.runs.split(",")):
+        _write(results, args.out, command)  # what is measured so far survives a failed run
+        results["runs"][workload] = [whole_run(workload, False, args.runs_dir / f"{workload}-plain"),
+                                     whole_run(workload, True, args.runs_dir / workload)]
+    _write(results, args.out, command)
     print((args.out / "README.md").read_text())
 
 

@@ -130,9 +130,9 @@ def test_a_batch_reads_memory_and_disk_hits_in_batch_order(tmp_path):
     assert missing.tolist() == [1]
     assert all(torch.equal(r, _act(i)) for r, i in zip(rows, [5, 0, 3, 1]))
     assert (cache.stats.memory_hits, cache.stats.disk_hits, cache.stats.misses) == (2, 2, 1)
-    buffer = torch.empty(2, 16, 8, 8)
-    rows, missing = cache.read("p", np.array([0, 1]), out=buffer)  # promoted by the last read
-    assert not len(missing) and rows is buffer and torch.equal(rows[1], _act(1))
+    rows, missing = cache.read("p", np.array([0, 1]), lend=True)  # promoted by the last read
+    assert not len(missing) and torch.equal(rows[0], _act(0)) and torch.equal(rows[1], _act(1))
+    assert not rows._is_view(), "a store with a disk tier lends copies (a prefetch thread may write into a slab)"
 
 
 def test_the_budget_bounds_allocated_rows_and_unused_rows_are_taken_back_first():
@@ -176,12 +176,70 @@ def test_entries_too_big_for_memory_go_to_disk_and_a_prefix_keeps_one_shape(tmp_
     assert small.get("p", -1) is None and small.memory_entries("p") == 1
 
 
-def test_a_buffer_of_another_length_is_not_written_into(recwarn):
+def test_consecutive_rows_are_lent_as_views_and_scattered_ones_gathered():
     cache = ActivationCache(memory_bytes=1 << 20)
     cache.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
-    rows, _ = cache.read("p", np.arange(4))
-    again, _ = cache.read("p", np.array([3, 2, 1, 0]), out=rows)
-    assert again is rows and torch.equal(rows[0], _act(3))
-    fewer, _ = cache.read("p", np.array([1, 2]), out=rows)  # the last batch of an epoch is shorter
-    assert fewer is not rows and fewer.shape[0] == 2 and torch.equal(rows[0], _act(3))
-    assert not recwarn.list
+    view, _ = cache.read("p", np.arange(4), lend=True)
+    assert view._is_view() and all(torch.equal(r, _act(i)) for i, r in enumerate(view))
+    gathered, _ = cache.read("p", np.array([3, 2, 1, 0]), lend=True)
+    assert not gathered._is_view() and torch.equal(gathered[0], _act(3)) and torch.equal(gathered[3], _act(0))
+    again, _ = cache.read("p", np.array([1, 0, 3, 2]), lend=True)
+    assert again is gathered and torch.equal(again[0], _act(1))  # the slab's batch buffer, reused
+    fewer, _ = cache.read("p", np.array([2, 0]), lend=True)  # the last batch of an epoch is shorter
+    assert fewer.shape[0] == 2 and torch.equal(fewer[0], _act(2)) and torch.equal(fewer[1], _act(0))
+    copy, _ = cache.read("p", np.arange(4))
+    assert not copy._is_view() and copy.data_ptr() != view.data_ptr()  # not lent: a copy of its own
+
+
+def test_arrange_lays_entries_out_in_the_coming_order_so_each_batch_is_a_view():
+    cache = ActivationCache(memory_bytes=1 << 20)
+    cache.put_many("p", np.arange(8), torch.stack([_act(i) for i in range(8)]))
+    order = np.array([5, 2, 7, 0, 1, 3, 4, 6])
+    assert cache.arrange("p", order[:6])  # entries not in the order keep a place after it
+    for batch in (order[:3], order[3:6]):
+        rows, missing = cache.read("p", batch, lend=True)
+        assert not len(missing) and rows._is_view()
+        assert all(torch.equal(r, _act(i)) for i, r in zip(batch, rows))
+    rows, _ = cache.read("p", np.array([4, 6]), lend=True)
+    assert torch.equal(rows[0], _act(4)) and torch.equal(rows[1], _act(6))
+    assert cache.memory_entries("p") == 8 and not cache.arrange("q", order)
+
+
+def test_arrange_needs_room_for_a_second_copy_and_no_disk_tier(tmp_path):
+    tight = ActivationCache(memory_bytes=6 * ENTRY)
+    tight.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
+    assert tight.stats.memory_reserved * 2 > tight.memory_bytes
+    assert not tight.arrange("p", np.array([3, 2, 1, 0]))  # a second copy of the slab would exceed the budget
+    rows, _ = tight.read("p", np.array([3, 2]), lend=True)
+    assert not rows._is_view() and torch.equal(rows[0], _act(3))
+    disk = ActivationCache(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=tmp_path)
+    disk.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
+    assert not disk.arrange("p", np.array([3, 2, 1, 0]))
+
+
+def test_a_lent_view_stays_as_lent_through_later_writes_until_the_next_read():
+    cache = ActivationCache(memory_bytes=1 << 20)
+    cache.put_many("p", np.arange(4), torch.stack([_act(i) for i in range(4)]))
+    view, _ = cache.read("p", np.arange(4), lend=True)
+    cache.put_many("p", np.arange(4, 40), torch.stack([_act(i) for i in range(4, 40)]))  # the slab grows
+    cache.put_many("p", np.arange(4), torch.stack([_act(i + 50) for i in range(4)]))  # fresh values
+    assert all(torch.equal(r, _act(i)) for i, r in enumerate(view))
+    rows, _ = cache.read("p", np.arange(2), lend=True)
+    assert torch.equal(rows[0], _act(50))
+
+
+def test_rows_a_caller_wrote_into_are_dropped_never_served_and_views_stop():
+    """A model that changes its input in place would change the lent rows: the version counter
+    catches it at the next read; those entries are misses from then on, the others intact."""
+    cache = ActivationCache(memory_bytes=1 << 20)
+    cache.put_many("p", np.arange(8), torch.stack([_act(i) for i in range(8)]))
+    view, _ = cache.read("p", np.arange(2, 5), lend=True)
+    view.mul_(2)
+    rows, missing = cache.read("p", np.arange(8), lend=True)
+    assert missing.tolist() == [2, 3, 4] and cache.memory_entries("p") == 5
+    assert all(torch.equal(r, _act(i)) for i, r in zip([0, 1, 5, 6, 7], rows))
+    rows, _ = cache.read("p", np.arange(2), lend=True)
+    assert not rows._is_view() and not cache.arrange("p", np.arange(8))
+    assert cache.stats.spoilt == 3 and cache.stats.views == 1
+
+

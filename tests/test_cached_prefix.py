@@ -67,6 +67,18 @@ def test_cached_rows_equal_recomputed_ones_as_the_boundary_moves(tmp_path, name,
     assert cached.store.stats.memory_bytes == len(IMAGES) * model.prefix(IMAGES[:1]).numel() * 4
 
 
+def test_an_epoch_laid_out_ahead_reads_every_batch_as_a_view_and_exactly():
+    model = _model("resnet18")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+    _freeze(model, cached, 4)
+    _check_epoch(model, cached, 0)  # every row computed and cached
+    cached.arrange(np.concatenate(_batches(1)))
+    _check_epoch(model, cached, 1)
+    assert cached.store.stats.views == len(_batches(1)) and cached.counters.cached == len(IMAGES)
+    _check_epoch(model, cached, 2)  # not laid out: gathered
+    assert cached.store.stats.views == len(_batches(1))
+
+
 def test_partly_cached_batches_and_duplicates_are_exact(tmp_path):
     """Misses among hits run on a padded batch, so a lone miss equals its row of a full batch
     (what the run without a cache computes; a batch of one row rounds otherwise); a batch may
@@ -244,3 +256,12 @@ def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(
     assert len(evaluator["evals"]) == 5 and evaluator["eval_cache"]["cached"] >= 3 * 300
     steps = [json.loads(line) for line in (tmp_path / "cached" / "worker-0.jsonl").read_text().splitlines()]
     assert any(r.get("cache", {}).get("cached") == 16 for r in steps if r["event"] == "step")
+    # Memory only: each epoch's entries are laid out in its order ahead, and each batch of the
+    # three epochs at depth 2 (steps 32-79) is lent as a view.
+    (tmp_path / "memory").mkdir()
+    in_memory, summaries = _adaptive_run(ps_factory, tmp_path / "memory", weights, CacheSettings(1 << 20, from_depth=1))
+    for name in plain:
+        assert np.array_equal(plain[name], in_memory[name]), name
+    for summary in summaries:
+        store = summary["cache"]["store"]
+        assert store["views"] == 3 * 16 and store["spoilt"] == 0 and store["memory_evictions"] == 0

@@ -12,6 +12,15 @@ several runs on one host share the disk tier.
   them; a slab grows by doubling within it, and a prefix that needs room takes back the
   unused rows of the others (their slabs are compacted) before anything is evicted. An entry
   evicted from memory is written to the disk tier (when there is one), not lost.
+- Lending: a training step only needs its batch until the next one, so `read(lend=True)`
+  hands out rows the store keeps owning, valid until the next read of that prefix. Where the
+  batch's rows are consecutive in the slab, they are a view of it and cost no copy at all;
+  `arrange` lays a slab out in the coming epoch's order (known ahead from its seed) so that
+  every batch is. Elsewhere they are gathered into the slab's reused batch buffer. Views are
+  lent only without a disk tier (there a prefetch thread may write into a slab while a step
+  runs). A caller that writes into a view it was lent is caught at the slab's next read (the
+  view's version counter moved): those entries are dropped, never served, and that slab lends
+  copies from then on.
 - Disk tier: a folder and a byte budget, least-recently-used eviction (by last use in this
   process, and by file modification time for entries found on disk at start). One file per
   entry, `<folder>/<prefix key>/<sample>.act`: a header (magic, dtype, shape, BLAKE2b of the
@@ -23,8 +32,8 @@ Counters (hits and misses per tier, bytes held, evictions, corrupt entries, entr
 ahead) are a plain dict for the run log.
 
 Thread-safe: a prefetch thread may `load` entries from disk into memory while the training
-loop reads; file reads happen outside the lock. Rows handed out are copies, never views of a
-slab, so later writes and compactions cannot change them.
+loop reads; file reads happen outside the lock. Rows handed out without `lend` are copies, so
+later writes and compactions cannot change them.
 """
 from __future__ import annotations
 
@@ -118,6 +127,8 @@ class CacheStats:
     disk_evictions: int = 0
     corrupt: int = 0
     write_errors: int = 0
+    views: int = 0  # batches lent as a view of their slab, without a copy
+    spoilt: int = 0  # entries dropped because a caller wrote into the view it was lent
     memory_bytes: int = 0  # the entries held in memory
     memory_reserved: int = 0  # the slabs' allocated rows, entries or not: what the budget bounds
     disk_bytes: int = 0
@@ -135,15 +146,21 @@ class _Slab:
     """One prefix's memory-tier entries: rows of one tensor, a map sample -> row (an array
     indexed by sample id, -1 where absent) and each row's last use, for LRU eviction."""
 
-    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, lends_views: bool):
         self.rows = torch.empty((0, *row_shape), dtype=dtype)
         self.row_bytes = dtype.itemsize * math.prod(row_shape)
         self.slot_of = np.full(0, -1, np.int64)  # sample -> row
         self.sample_at = np.full(0, -1, np.int64)  # row -> sample; -1: free
         self.used_at = np.zeros(0, np.int64)  # row -> the cache's clock at its last use
-        self.uses: list[tuple[int, np.ndarray]] = []  # reads not yet in used_at (see touch)
-        self.fits: torch.Tensor | None = None  # the last batch read whole: a buffer of the right shape
+        self.uses: list[tuple[int, np.ndarray | slice]] = []  # reads not yet in used_at (see touch)
         self.count = 0
+        self.batch: torch.Tensor | None = None  # lent rows that are not consecutive are gathered here
+        self.lends_views = lends_views  # (no disk tier) until a caller writes into a view it was lent
+        self.lent: torch.Tensor | None = None  # the view lent last, its version then and its samples
+        self.lent_version = 0
+        self.lent_samples: list[int] = []
+        self.next_run = 0  # the row after the last view lent: where an arranged epoch's next batch starts
+        self.views: dict[tuple[int, int], torch.Tensor] = {}  # (first row, rows) -> view: slicing costs 3 us
 
     @property
     def capacity(self) -> int:
@@ -166,7 +183,7 @@ class _Slab:
         out[known] = self.slot_of[samples[known]]
         return out
 
-    def touch(self, slots: np.ndarray, clock: int) -> None:
+    def touch(self, slots: np.ndarray | slice, clock: int) -> None:
         """Note a read of `slots` at `clock`: kept in a list and written into used_at in bulk
         (settle), before anything moves or leaves the slab, so the read path does one append."""
         self.uses.append((clock, slots))
@@ -178,16 +195,68 @@ class _Slab:
             self.used_at[slots] = clock
         self.uses.clear()
 
+    def lend_next(self, samples: list[int], clock: int) -> torch.Tensor | None:
+        """The view of the rows after the last view lent, when they hold `samples` in that order
+        (an arranged epoch, read batch by batch): found with no lookup at all."""
+        first, n = self.next_run, len(samples)
+        if not self.lends_views or not n or self.sample_at[first:first + n].tolist() != samples or min(samples) < 0:
+            return None  # (a free row's sample is -1)
+        return self._lend_view(samples, first, clock)
+
+    def lend(self, samples: list[int], slots: np.ndarray, listed: list[int], clock: int) -> torch.Tensor:
+        """The rows `slots` (all held; `listed`: the same as a list), owned by the slab until its
+        next read: a view where they are consecutive, else gathered into the reused batch buffer."""
+        first, n = listed[0], len(listed)
+        if self.lends_views and listed == list(range(first, first + n)):
+            return self._lend_view(samples, first, clock)
+        fits = self.batch is not None and len(self.batch) == n
+        self.batch = torch.index_select(self.rows, 0, torch.from_numpy(slots), out=self.batch if fits else None)
+        self.touch(slots, clock)
+        return self.batch
+
+    def _lend_view(self, samples: list[int], first: int, clock: int) -> torch.Tensor:
+        rows = self.views.get((first, len(samples)))
+        if rows is None:
+            rows = self.views[first, len(samples)] = self.rows[first:first + len(samples)]
+        self.lent = rows
+        self.lent_version, self.lent_samples, self.next_run = rows._version, samples, first + len(samples)
+        self.touch(slice(first, self.next_run), clock)
+        return rows
+
+    def take_back(self) -> np.ndarray:
+        """End the last lending: the samples whose lent rows the caller wrote into (none, or all
+        of the view's; their entries can no longer be trusted)."""
+        view, self.lent = self.lent, None
+        if view is None or view._version == self.lent_version:
+            return _NONE
+        self.lends_views = False
+        return np.array(self.lent_samples, np.int64)
+
+    def arrange(self, order: np.ndarray) -> None:
+        """Lay the entries out in `order` (samples; entries not in it after them), keeping the
+        capacity."""
+        slots = self.slots(order)
+        first = slots[slots >= 0]
+        rest = self.sample_at >= 0
+        rest[first] = False
+        self._relayout(np.concatenate([first, np.flatnonzero(rest)]), self.capacity)
+        self.next_run = 0
+
     def resize(self, capacity: int) -> None:
         """Reallocate to `capacity` rows (at least the entries held), entries first, in place of
         the old rows: grows, or compacts to give unused rows back."""
+        self._relayout(np.flatnonzero(self.sample_at >= 0), capacity)
+
+    def _relayout(self, keep: np.ndarray, capacity: int) -> None:
+        """New rows: the entries in slots `keep` (every entry), in that order, then free rows.
+        The old rows are left as they are (a view lent from them stays valid)."""
         self.settle()
-        keep = np.flatnonzero(self.sample_at >= 0)
         rows = torch.empty((capacity, *self.rows.shape[1:]), dtype=self.rows.dtype)
         torch.index_select(self.rows, 0, torch.from_numpy(keep), out=rows[:len(keep)])
         sample_at, used_at = np.full(capacity, -1, np.int64), np.zeros(capacity, np.int64)
         sample_at[:len(keep)], used_at[:len(keep)] = self.sample_at[keep], self.used_at[keep]
         self.rows, self.sample_at, self.used_at = rows, sample_at, used_at
+        self.views.clear()
         self.slot_of[sample_at[:len(keep)]] = np.arange(len(keep))
 
     def place(self, samples: np.ndarray, rows: torch.Tensor, clock: int) -> None:
@@ -198,9 +267,14 @@ class _Slab:
             grown = np.full(max(int(samples.max()) + 1, 2 * len(self.slot_of)), -1, np.int64)
             grown[:len(self.slot_of)] = self.slot_of
             self.slot_of = grown
-        self.rows.index_copy_(0, torch.from_numpy(slots), rows)
+        self.write(slots, rows)
         self.slot_of[samples], self.sample_at[slots], self.used_at[slots] = slots, samples, clock
         self.count += len(samples)
+
+    def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
+        """Rows into `slots`: every write goes here, after take_back (a view shares its base's
+        version counter, so a write with a view out would look like the caller's)."""
+        self.rows.index_copy_(0, torch.from_numpy(slots), rows)
 
     def remove(self, slots: np.ndarray) -> None:
         self.settle()
@@ -235,27 +309,32 @@ class ActivationCache:
         rows, _ = self.read(prefix, np.array([sample]))
         return None if rows is None else rows[0]
 
-    def read(self, prefix: str, samples: np.ndarray, out: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor | None, np.ndarray]:
+    def read(self, prefix: str, samples: np.ndarray, lend: bool = False) -> tuple[torch.Tensor | None, np.ndarray]:
         """The entries of those of `samples` that are cached, in batch order (None when none
         is), and the positions in `samples` of those that are not. Memory hits are gathered
-        with one index_select, into `out` when every sample hits and `out` has the batch's
-        shape and dtype."""
+        with one index_select. `lend`: when every sample is in memory, the rows are lent (see
+        the module docstring): valid until the prefix's next read, and not to be written into."""
         samples = np.asarray(samples, dtype=np.int64)
         with self._lock:
+            # The warm paths, taken every training step: as few calls as can be (each numpy or torch
+            # call right after a backward pass costs 3-20 us of cold CPU caches).
             self._clock += 1
-            slab = self._slabs.get(prefix)
+            slab = self._take_back(prefix)
+            batch = samples.tolist()
+            if lend and slab is not None and (rows := slab.lend_next(batch, self._clock)) is not None:
+                self.stats.memory_hits += len(batch)
+                self.stats.views += 1
+                return rows, _NONE
             slots = slab.slots(samples) if slab else np.full(len(samples), -1, np.int64)
-            if slab is not None and (not len(slots) or min(slots.tolist()) >= 0):
-                # The warm path, taken every training step: as few calls as can be (each numpy or
-                # torch call right after a backward pass costs 3-20 us of cold CPU caches).
-                if out is not None and (out is not slab.fits or len(out) != len(slots)):
-                    shape = (len(slots), *slab.rows.shape[1:])
-                    out = out if out.shape == shape and out.dtype == slab.rows.dtype else None
-                slab.fits = out = torch.index_select(slab.rows, 0, torch.from_numpy(slots), out=out)
+            listed = slots.tolist()
+            if slab is not None and listed and min(listed) >= 0:
+                self.stats.memory_hits += len(listed)
+                if lend:
+                    rows = slab.lend(batch, slots, listed, self._clock)
+                    self.stats.views += slab.lent is rows
+                    return rows, _NONE
                 slab.touch(slots, self._clock)
-                self.stats.memory_hits += len(slots)
-                return out, _NONE
+                return torch.index_select(slab.rows, 0, torch.from_numpy(slots)), _NONE
             in_memory = slots >= 0
             from_disk = {}
             if self._disk:
@@ -272,9 +351,7 @@ class ActivationCache:
             if not n:
                 return None, np.arange(len(samples))
             like = slab.rows if n_mem else next(iter(from_disk.values()))[None]
-            shape = (n, *like.shape[1:])
-            if out is None or n < len(samples) or out.shape != shape or out.dtype != like.dtype:
-                out = torch.empty(shape, dtype=like.dtype)
+            out = torch.empty((n, *like.shape[1:]), dtype=like.dtype)
             if from_disk:  # rows in batch order: where each memory and disk hit goes among the hits
                 at = np.cumsum(found) - 1
                 if n_mem:
@@ -288,6 +365,21 @@ class ActivationCache:
             if from_disk and self.memory_bytes:  # promoted after the memory hits were read out
                 self._insert(prefix, samples[list(from_disk)], torch.stack(list(from_disk.values())))
             return out, np.flatnonzero(~found)
+
+    def arrange(self, prefix: str, order: np.ndarray) -> bool:
+        """Lay the prefix's memory entries out in `order` (samples: the coming epoch's, in the
+        order they will be read), so that each batch of it is lent as a view. The rebuild holds
+        the old and the new rows at once, so it is done only where the budget has room for
+        both; and only where views are lent (no disk tier). Whether it was done."""
+        order = np.asarray(order, dtype=np.int64)
+        with self._lock:
+            slab = self._take_back(prefix)
+            if slab is None or not slab.lends_views:
+                return False
+            if slab.capacity * slab.row_bytes > self.memory_bytes - self.stats.memory_reserved:
+                return False
+            slab.arrange(order)
+            return True
 
     def load(self, prefix: str, sample: int) -> None:
         """Bring a disk entry into the memory tier ahead of its use (the prefetch thread's call):
@@ -384,16 +476,16 @@ class ActivationCache:
     def _insert(self, prefix: str, samples: np.ndarray, rows: torch.Tensor) -> None:
         """Entries (distinct samples) into the prefix's slab, making room by the budget; what
         does not fit goes to the disk tier."""
-        slab = self._slabs.get(prefix)
+        slab = self._take_back(prefix)
         if slab is None:
-            slab = self._slabs[prefix] = _Slab(tuple(rows.shape[1:]), rows.dtype)
+            slab = self._slabs[prefix] = _Slab(tuple(rows.shape[1:]), rows.dtype, lends_views=not self.disk_bytes)
         elif slab.rows.shape[1:] != rows.shape[1:] or slab.rows.dtype != rows.dtype:
             raise ValueError(f"entries of one prefix share a shape and dtype: {tuple(slab.rows.shape[1:])} "
                              f"{slab.rows.dtype}, not {tuple(rows.shape[1:])} {rows.dtype}")
         slots = slab.slots(samples)
         held = slots >= 0
         if held.any():  # a fresh value for an entry already held
-            slab.rows[torch.from_numpy(slots[held])] = rows[torch.from_numpy(np.flatnonzero(held))]
+            slab.write(slots[held], rows[torch.from_numpy(np.flatnonzero(held))])
             slab.touch(slots[held], self._clock)
         new = np.flatnonzero(~held)
         fits = min(len(new), self._make_room(slab, len(new)))
@@ -450,6 +542,22 @@ class ActivationCache:
             self.stats.memory_bytes -= len(victims) * slab.row_bytes
             self.stats.memory_evictions += len(victims)
         return n
+
+    def _take_back(self, prefix: str) -> _Slab | None:
+        """The prefix's slab, its last lending ended: entries whose lent rows the caller wrote
+        into are dropped from both tiers (eviction may have copied them to disk meanwhile)."""
+        slab = self._slabs.get(prefix)
+        if slab is None or slab.lent is None:
+            return slab
+        spoilt = slab.take_back()
+        self.stats.spoilt += len(spoilt)
+        if len(spoilt):
+            slots = slab.slots(spoilt)
+            self._remove(prefix, slab, slots[slots >= 0])
+            for s in spoilt.tolist():
+                if (prefix, s) in self._disk:
+                    self._forget_disk((prefix, s))
+        return self._slabs.get(prefix)
 
     def _remove(self, prefix: str, slab: _Slab, slots: np.ndarray) -> None:
         slab.remove(slots)

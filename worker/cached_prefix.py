@@ -135,6 +135,17 @@ class CachedPrefix:
         else:
             self.active = UNDECIDED
 
+    def arrange(self, order: np.ndarray) -> None:
+        """The coming epoch will ask for the samples `order` in that order: lay the current
+        prefix's entries out so, and each batch is read without a copy (ActivationCache.arrange).
+        The time it takes counts as reading."""
+        if self.active and self.key is not None:
+            t0 = time.perf_counter()
+            self.store.arrange(self.key, order)
+            spent = time.perf_counter() - t0
+            self.counters.read_s += spent
+            self.counters.saved_s -= spent
+
     def end_epoch(self) -> None:
         """Drop what is left of prefixes that stopped being current two epoch ends ago."""
         self._submitted.clear()
@@ -150,9 +161,11 @@ class CachedPrefix:
         """The prefix's output for `samples` (split-wide ids); `inputs(rows)` makes the model
         input of the batch's rows `rows`; `upcoming` are the next batches' samples, read ahead.
         The tensor returned may be overwritten by the next call."""
-        before = (self.counters.cached, self.counters.extended, self.counters.computed)
+        c = self.counters
+        before = (c.cached, c.extended, c.computed)
         out = self._outputs(samples, inputs, upcoming)
-        self.last_batch = {k: getattr(self.counters, k) - b for k, b in zip(("cached", "extended", "computed"), before)}
+        self.last_batch = {"cached": c.cached - before[0], "extended": c.extended - before[1],
+                           "computed": c.computed - before[2]}
         return out
 
     def _outputs(self, samples, inputs, upcoming) -> torch.Tensor:
@@ -164,10 +177,10 @@ class CachedPrefix:
             self.counters.uncached += len(samples)
             return self.model.prefix(inputs(np.arange(len(samples))))
         t0 = time.perf_counter()
-        got, left = self.store.read(self.key, samples, out=self._batch)
+        # Once warm, every row is a hit, lent by the store: a view of its slab (see arrange) or one
+        # gather into a buffer of its own, valid until the next call, which is all a step needs.
+        got, left = self.store.read(self.key, samples, lend=True)
         cached = len(samples) - len(left)
-        if not len(left):  # the common case once warm: one gather, into the reused buffer
-            self._batch = got
         found = self._found_at_shallower_depths(samples, left) if len(left) else []
         t1 = time.perf_counter()
         self.counters.cached += cached

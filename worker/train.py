@@ -230,6 +230,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
                 epoch = step // steps_per_epoch
                 if cached:
                     cached.end_epoch()
+                    cached.arrange(train.sample_ids(batch_order(member.shard, epoch, rank, settings.seed)))
             idx = batch_at(step)
             y = train.labels[torch.from_numpy(idx)]
 
