@@ -44,6 +44,7 @@ class SoakResult:
     hung: bool = False
     failed_processes: int = 0
     late_replacements: int = 0  # started after the run had (nearly) ended: still joining at its end
+    joined_replacements: int = 0  # worker ids that pushed beyond the first `workers` (no PS kill: ids name its incarnation)
     ps_kills: int = 0
     redone_rounds: int = 0  # rounds after the PS's last checkpoint, lost with it and done again
     recovery_s: float = 0.0  # PS restarted -> first round completed after the resume
@@ -146,6 +147,7 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
         result.recovery_s = after[0]["time"] - restarted_at if after else float("inf")
     result.applied_steps = [r["step"] for r in rounds_logged]
     result.ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds_logged]
+    result.joined_replacements = len({w for r in rounds_logged for w in r["workers"]}) - workers
     result.drops = sum(r["event"] == "drop" for r in records)
     times = [r["round_s"] for r in rounds_logged[1:]]
     result.median_round_s = statistics.median(times) if times else 0.0

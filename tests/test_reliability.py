@@ -347,9 +347,9 @@ def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     assert result.failed_processes == 0, (tmp_path / "run" / "processes.log").read_text()[-3000:]
     assert result.rounds_lost == 0 and result.applied_steps == list(range(100))
     assert result.drops == 3  # each killed worker was dropped, and nobody else
-    sizes = [len(ranks) for ranks in result.ranks_per_step]
-    first_short = next(i for i, n in enumerate(sizes) if n < 16)  # rounds went on without the dead
-    assert 16 in sizes[first_short:] or result.late_replacements == 3  # and replacements rejoined
+    assert any(len(ranks) < 16 for ranks in result.ranks_per_step)  # rounds went on without the dead
+    # Each replacement either joined and pushed, or started too late (a loaded machine) to join.
+    assert result.joined_replacements + result.late_replacements == 3
     assert params_match(result, weights)  # exactly the accepted pushes were applied
 
 
