@@ -101,6 +101,16 @@ def combine_votes(proposals: Sequence[int], weights: Sequence[float], quorum: fl
     return best
 
 
+def sustained(proposals: Sequence[int], frozen: int, patience: int) -> int:
+    """The prefix the last `patience` tests all proposed (their minimum), so that one noisy
+    test does not freeze a block: `proposals` are the tests' prefixes, oldest first."""
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if len(proposals) < patience:
+        return frozen
+    return max(frozen, min(proposals[-patience:]))
+
+
 def apply_guards(proposed: int, frozen: int, step: int, last_freeze_step: int, num_blocks: int, *,
                  warmup_steps: int = 0, min_gap: int = 0, freeze_head: bool = False,
                  max_fraction: float = 1.0) -> int:

@@ -71,6 +71,8 @@ class Config:
     linear_alpha: float = _f(0.5, "linear pipetransformer: alpha of ceil(L(1-(1-alpha)^epoch))", (PS, RUN))
     freeze_warmup: int = _f(0, "guard: no freeze before this step", (PS, RUN))
     freeze_min_gap: int = _f(0, "guard: at least this many steps between two freezes", (PS, RUN))
+    freeze_patience: int = _f(1, "guard (gradnorm, threshold): a block freezes once this many tests in a row "
+                                 "proposed it", (PS, RUN))
     freeze_head: bool = _f(False, "guard: allow the last block (the head) to freeze", (PS, RUN))
     freeze_max_fraction: float = _f(1.0, "guard: at most this fraction of the blocks frozen", (PS, RUN))
     freeze_decision: str = _f("central", "gradnorm, threshold: the PS decides from averaged gradients, or "
@@ -223,6 +225,7 @@ def engine_spec(cfg: Config) -> EngineSpec:
 def freeze_policy(cfg: Config) -> FreezePolicy:
     return FreezePolicy(spec=engine_spec(cfg), votes=cfg.freeze_decision == "votes", vote_weights=cfg.vote_weights,
                         quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
+                        patience=cfg.freeze_patience,
                         freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
 
 

@@ -43,7 +43,7 @@ from freezeps.config import Config, freeze_policy, load_config
 from freezeps.roles import text_settings
 from proto.runlog import JsonlLog
 from ps.main import save_params
-from ps.policy import decide
+from ps.policy import FreezeHistory, decide
 from ps.schedule import learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
@@ -94,7 +94,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     totals = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
     allreduce = {"in": 0, "out": 0}
     by_block_total: dict[str, int] = {}
-    last_freeze, started, evals = 0, time.perf_counter(), []
+    history, started, evals = FreezeHistory(), time.perf_counter(), []
     for step in range(total_steps):
         if cfg.evaluate and rank == 0 and step > 0 and (
                 step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -122,7 +122,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                            steps_per_epoch=steps_per_epoch,
                            grads={b: [p.grad.reshape(-1) for p in model.blocks[b].parameters() if p.grad is not None]
                                   for b in active} if policy.needs_gradients else {})
-        decided, info = decide(policy, engine, stats, [], last_freeze) if rank == 0 else (frozen, {})
+        decided, info, history = decide(policy, engine, stats, [], history) if rank == 0 else (frozen, {}, history)
         optimizer.step()
         if not single:
             _average_running_stats(model, frozen, world)
@@ -156,7 +156,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                 for p in block.parameters():
                     optimizer.state.pop(p, None)  # frozen blocks' optimizer state is freed, as on the PS
                     p.grad = None
-            frozen, last_freeze = decided, step + 1
+            frozen = decided
             model.set_frozen(frozen)
             model.train()
             if not single:  # DDP over the parameters that still train

@@ -22,6 +22,7 @@ class FreezePolicy:
     quorum: float = 0.5  # fraction of the total vote weight a prefix needs
     warmup_steps: int = 0
     min_gap: int = 0
+    patience: int = 1  # gradient engines: a prefix freezes once this many tests in a row proposed it
     freeze_head: bool = False
     max_fraction: float = 1.0
 
@@ -33,6 +34,11 @@ class FreezePolicy:
             raise ValueError("need 0 < quorum <= 1 and 0 <= max_fraction <= 1")
         if self.warmup_steps < 0 or self.min_gap < 0:
             raise ValueError("warm-up and minimum gap must be >= 0")
+        if self.patience < 1:
+            raise ValueError(f"freeze patience must be >= 1, got {self.patience}")
+        if self.patience > 1 and self.spec.name not in GRADIENT_ENGINES:
+            raise ValueError(f"freeze patience counts tests; engine {self.spec.name!r} makes none "
+                             f"(use it with {' or '.join(GRADIENT_ENGINES)})")
         return self
 
     @property
@@ -65,13 +71,23 @@ def vote_weight(scheme: str, vote: pb.Vote, loss: float) -> float:
     return max(vote.label_balance, 0.0)
 
 
+@dataclass(frozen=True)
+class FreezeHistory:
+    """What the guards remember between rounds (and the PS checkpoints)."""
+    last_freeze_step: int = -1  # the first step with the latest freeze, -1 before any
+    proposals: tuple[int, ...] = ()  # the last `patience` tests' proposed prefixes, oldest first
+
+
 def decide(policy: FreezePolicy, engine, stats: RoundStats, pushes: list[dict],
-           last_freeze_step: int) -> tuple[int, dict]:
-    """The prefix for the next round, and what to log about how it was reached."""
+           history: FreezeHistory) -> tuple[int, dict, FreezeHistory]:
+    """The prefix for the next round, what to log about how it was reached, and the history
+    the next round's decision starts from."""
     info: dict = {}
+    tested = False
     if policy.uses_votes:
         votes = [p for p in pushes if p.get("vote") is not None]
         if votes:
+            tested = True
             weights = [vote_weight(policy.vote_weights, p["vote"], p["loss"]) for p in votes]
             proposals = [p["vote"].frozen_blocks for p in votes]
             proposed = maths.combine_votes(proposals, weights, policy.quorum, stats.frozen_blocks)
@@ -81,12 +97,19 @@ def decide(policy: FreezePolicy, engine, stats: RoundStats, pushes: list[dict],
             proposed = stats.frozen_blocks
     else:
         decision: Decision = engine.decide(stats)
-        proposed = decision.frozen_blocks
-        if decision.tested:
+        proposed, tested = decision.frozen_blocks, decision.tested
+        if tested:
             info["eta"] = list(decision.eta)
-    frozen = maths.apply_guards(proposed, stats.frozen_blocks, stats.step, last_freeze_step, stats.num_blocks,
-                                warmup_steps=policy.warmup_steps, min_gap=policy.min_gap,
-                                freeze_head=policy.freeze_head, max_fraction=policy.max_fraction)
     if proposed != stats.frozen_blocks:
         info["proposed"] = proposed
-    return frozen, info
+    if tested:
+        history = dataclasses.replace(history, proposals=(*history.proposals, proposed)[-policy.patience:])
+        if policy.patience > 1:
+            proposed = maths.sustained(history.proposals, stats.frozen_blocks, policy.patience)
+            info["sustained"] = proposed
+    frozen = maths.apply_guards(proposed, stats.frozen_blocks, stats.step, history.last_freeze_step,
+                                stats.num_blocks, warmup_steps=policy.warmup_steps, min_gap=policy.min_gap,
+                                freeze_head=policy.freeze_head, max_fraction=policy.max_fraction)
+    if frozen > stats.frozen_blocks:
+        history = dataclasses.replace(history, last_freeze_step=stats.step + 1)
+    return frozen, info, history

@@ -36,7 +36,7 @@ from ps.errors import (
     UnknownWorker,
 )
 from ps.optim import Optimizer, make_optimizer
-from ps.policy import FreezePolicy, decide
+from ps.policy import FreezeHistory, FreezePolicy, decide
 from ps.schedule import learning_rate
 from ps.store import BlockStore, ReceivedPush, as_bytes
 
@@ -114,7 +114,7 @@ class ParameterServer:
         self._step = 0
         self._total_steps = 0
         self._steps_per_epoch = 0
-        self._last_freeze_step = -1
+        self._freeze_history = FreezeHistory()
         self._weight = 0.0
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
         # Accepted pushes are summed in rank order (float addition is not associative, and
@@ -342,11 +342,11 @@ class ParameterServer:
         frozen_before = self._freeze.frozen_blocks
         stats = RoundStats(step=step, num_blocks=len(self._blocks), frozen_blocks=frozen_before,
                            total_steps=self._total_steps, steps_per_epoch=self._steps_per_epoch, grads=grads)
-        frozen, decision_info = decide(self.policy, self.engine, stats, pushes, self._last_freeze_step)
+        frozen, decision_info, self._freeze_history = decide(self.policy, self.engine, stats, pushes,
+                                                             self._freeze_history)
         norms = self._store.apply(active, weight, lr)
         if frozen > frozen_before:
             self._set_frozen(frozen, since_step=step + 1)
-            self._last_freeze_step = step + 1
             self._on_record(self._freeze_record(step, frozen_before, frozen, decision_info, len(pushes)))
         now = time.monotonic()
         record = {
@@ -466,7 +466,8 @@ class ParameterServer:
                 raise FailedPrecondition("nothing to checkpoint before the initial values arrived")
             return {"manifest": self._manifest.SerializeToString(), "step": self._step,
                     "total_steps": self._total_steps, "steps_per_epoch": self._steps_per_epoch,
-                    "last_freeze_step": self._last_freeze_step,
+                    "last_freeze_step": self._freeze_history.last_freeze_step,
+                    "freeze_proposals": list(self._freeze_history.proposals),
                     "freeze": [self._freeze.frozen_blocks, self._freeze.version, self._freeze.since_step],
                     "engine_config": self.policy.engine_config().SerializeToString(),
                     "engine": self.engine.state_dict(), **self._store.state()}
@@ -496,7 +497,10 @@ class ParameterServer:
             self._store.freeze(range(0, frozen))
             self._freeze = pb.FreezeState(frozen_blocks=frozen, version=version, since_step=since)
             self._step, self._total_steps = int(state["step"]), int(state["total_steps"])
-            self._steps_per_epoch, self._last_freeze_step = int(state["steps_per_epoch"]), int(state["last_freeze_step"])
+            self._steps_per_epoch = int(state["steps_per_epoch"])
+            # Checkpoints from before the patience guard hold no proposals: the guard starts over.
+            self._freeze_history = FreezeHistory(int(state["last_freeze_step"]),
+                                                 tuple(int(k) for k in state.get("freeze_proposals", ())))
             self._initialized = True
             self._waiting_since = time.monotonic()
             log.info("[PS] restored step %d: %d blocks, %d frozen", self._step, len(blocks), frozen)

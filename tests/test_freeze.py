@@ -8,6 +8,7 @@ import torch
 
 from freeze import maths
 from freeze.engines import (
+    Decision,
     EngineSpec,
     GradNormFreeze,
     LinearFreeze,
@@ -18,7 +19,7 @@ from freeze.engines import (
     make_engine,
 )
 from proto import freezeps_pb2 as pb
-from ps.policy import FreezePolicy, decide, vote_weight
+from ps.policy import FreezeHistory, FreezePolicy, decide, vote_weight
 
 NAN = math.nan
 
@@ -95,6 +96,55 @@ def test_guards():
     assert g(0, 2, step=10, last_freeze_step=-1, num_blocks=4) == 2  # never shrinks
 
 
+def test_sustained_takes_what_the_last_tests_all_proposed():
+    assert maths.sustained([3], 0, 1) == 3
+    assert maths.sustained([3], 0, 2) == 0  # one test is not enough
+    assert maths.sustained([3, 1], 0, 2) == 1  # both proposed at least 1
+    assert maths.sustained([0, 3, 2], 1, 2) == 2  # only the last two count
+    assert maths.sustained([0, 0], 1, 2) == 1  # never shrinks
+    with pytest.raises(ValueError):
+        maths.sustained([1], 0, 0)
+
+
+def test_patience_freezes_only_what_consecutive_tests_proposed():
+    """A central engine whose tests propose 2, 0, 2, 2, 3, 3: with patience 2 nothing freezes on
+    the lone 2, then 2 at the second 2 in a row, 3 at the second 3."""
+    class Scripted:  # an engine that proposes a fixed sequence at each test (every round here)
+        def __init__(self, proposals):
+            self.proposals = iter(proposals)
+
+        def decide(self, stats):
+            return Decision(max(stats.frozen_blocks, next(self.proposals)), tested=True)
+
+    policy = FreezePolicy(EngineSpec("gradnorm", interval=1), patience=2)
+    engine, history, frozen, seen = Scripted([2, 0, 2, 2, 3, 3]), FreezeHistory(), 0, []
+    for step in range(6):
+        frozen, info, history = decide(policy, engine, _stats(step, {}, num_blocks=6, frozen=frozen), [], history)
+        seen.append(frozen)
+    assert seen == [0, 0, 0, 2, 2, 3] and history.last_freeze_step == 6 and history.proposals == (3, 3)
+    assert info == {"eta": [], "proposed": 3, "sustained": 3}
+    # Without patience the same sequence freezes at the first test.
+    first = decide(FreezePolicy(EngineSpec("gradnorm", interval=1)), Scripted([2]), _stats(0, {}, num_blocks=6),
+                   [], FreezeHistory())
+    assert first[0] == 2 and "sustained" not in first[1]
+    with pytest.raises(ValueError, match="patience counts tests"):
+        FreezePolicy(EngineSpec("static", blocks=2), patience=2).validate()
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        FreezePolicy(EngineSpec("gradnorm"), patience=0).validate()
+
+
+def test_patience_counts_a_round_of_votes_as_one_test():
+    policy = FreezePolicy(EngineSpec("gradnorm"), votes=True, vote_weights="equal", patience=2)
+    votes = [{"worker": w, "rank": r, "loss": 1.0, "vote": pb.Vote(frozen_blocks=2)} for r, w in enumerate("ab")]
+    no_vote = [{"worker": w, "rank": r, "loss": 1.0, "vote": None} for r, w in enumerate("ab")]
+    frozen, _, history = decide(policy, None, _stats(3, {}, num_blocks=4), votes, FreezeHistory())
+    assert frozen == 0 and history.proposals == (2,)
+    frozen, _, history = decide(policy, None, _stats(4, {}, num_blocks=4), no_vote, history)  # not a test
+    assert frozen == 0 and history.proposals == (2,)
+    frozen, _, history = decide(policy, None, _stats(7, {}, num_blocks=4), votes, history)
+    assert frozen == 2 and history.last_freeze_step == 8
+
+
 def test_gradnorm_engine_on_a_gradient_sequence():
     # Block 0's gradient stops changing after the first interval; block 1's keeps halving.
     engine = GradNormFreeze(interval=2, variant="min")
@@ -142,8 +192,8 @@ def test_votes_decide_with_weights_and_are_logged():
     pushes = [{"worker": "a", "rank": 0, "loss": 1.0, "vote": pb.Vote(frozen_blocks=2, shard_size=300)},
               {"worker": "b", "rank": 1, "loss": 1.0, "vote": pb.Vote(frozen_blocks=0, shard_size=100)},
               {"worker": "c", "rank": 2, "loss": 1.0, "vote": None}]  # c missed this test
-    frozen, info = decide(policy, None, _stats(9, {}, num_blocks=4), pushes, last_freeze_step=-1)
+    frozen, info, _ = decide(policy, None, _stats(9, {}, num_blocks=4), pushes, FreezeHistory())
     assert frozen == 2 and [v["proposal"] for v in info["votes"]] == [2, 0]
     equal = FreezePolicy(EngineSpec("gradnorm"), votes=True, vote_weights="equal", quorum=0.6)
-    assert decide(equal, None, _stats(9, {}, num_blocks=4), pushes, -1)[0] == 0
+    assert decide(equal, None, _stats(9, {}, num_blocks=4), pushes, FreezeHistory())[0] == 0
     assert vote_weight("loss", pb.Vote(), 2.5) == 2.5 and vote_weight("balance", pb.Vote(label_balance=0.3), 1) == 0.3
