@@ -53,6 +53,9 @@ CONFIGS = {
     "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, "--cache-memory-bytes", str(1 << 30)],
     # The top half stays trainable (MiniLM: embeddings and layer0-2 may freeze; layer3-5 and the head never).
     "ps-gradnorm-half": ["--mode", "ps", *ADAPTIVE, "--freeze-max-fraction", "0.5"],
+    # A prefix freezes once two tests in a row proposed it: one noisy test freezes nothing.
+    "ps-gradnorm-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2"],
+    "ps-gradnorm-votes-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes", "--freeze-patience", "2"],
 }
 
 

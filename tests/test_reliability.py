@@ -18,13 +18,13 @@ import torch
 
 from bench.soak import serial_training
 from freezeps.launch import free_port
-from freeze.engines import GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
+from freeze.engines import EngineSpec, GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
 from proto.service import ParameterServerClient
 from proto.transport import iter_chunks
 from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
-from ps.policy import FreezePolicy
+from ps.policy import FreezeHistory, FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from tests.conftest import run_workers, worker_settings
 from worker.client import PSClient
@@ -112,6 +112,22 @@ def test_engine_state_survives_a_checkpoint(tmp_path, make):
     assert sum(d.tested for d in decisions) == 6
 
 
+def test_freeze_guards_memory_survives_a_checkpoint():
+    """The patience guard's last proposals and the last freeze step go into the PS's snapshot
+    and come back on restore; a snapshot from before the guard existed starts it over."""
+    policy = FreezePolicy(EngineSpec("gradnorm", interval=2), patience=2)
+    server, _, _ = _joined_server(1, 1, policy)
+    server._freeze_history = FreezeHistory(last_freeze_step=3, proposals=(1, 2))  # as after some tests
+    state = server.snapshot()
+    again = ParameterServer(ServerSettings(num_workers=1, chunk_bytes=1 << 20), policy, lambda r: None)
+    again.restore(state)
+    assert again._freeze_history == FreezeHistory(3, (1, 2))
+    older = {k: v for k, v in state.items() if k != "freeze_proposals"}
+    oldest = ParameterServer(ServerSettings(num_workers=1, chunk_bytes=1 << 20), policy, lambda r: None)
+    oldest.restore(older)
+    assert oldest._freeze_history == FreezeHistory(3, ())
+
+
 def test_stateless_engine_refuses_foreign_state():
     assert NoFreeze().state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):
@@ -119,11 +135,12 @@ def test_stateless_engine_refuses_foreign_state():
 
 
 # -- deadlines -------------------------------------------------------------------------------
-def _joined_server(num_workers: int, joins: int, **settings) -> tuple[ParameterServer, list[str], FlatModel]:
+def _joined_server(num_workers: int, joins: int, policy: FreezePolicy = FreezePolicy(),
+                   **settings) -> tuple[ParameterServer, list[str], FlatModel]:
     """A server with `joins` workers joined and the first one's Init done."""
     records: list = []
     server = ParameterServer(ServerSettings(num_workers=num_workers, chunk_bytes=1 << 20, **settings),
-                             FreezePolicy(), records.append)
+                             policy, records.append)
     server.records = records
     flat = FlatModel(build_model("mlp", 4))
     ids = [server.join(pb.JoinRequest(worker_name=f"w{i}", manifest=flat.manifest)).worker_id for i in range(joins)]
