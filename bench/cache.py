@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import machine
 from bench.compare import ADAPTIVE, WORKLOADS
 from freezeps.report import format_cache, summarize_run
 from worker.cache import ActivationCache
@@ -220,8 +220,7 @@ def main() -> None:
                         help="where the whole runs go (a new folder: freezeps run refuses one that holds a run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
-               f"threads, torch {torch.__version__}", "repeats": args.repeats, "threads": args.threads,
+    results = {"date": date.today().isoformat(), "machine": machine.describe(), "repeats": args.repeats, "threads": args.threads,
                "steps": [row for name in args.models.split(",") for row in step_times(name, args.repeats)]}
     command = "python -m bench.cache " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)

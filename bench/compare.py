@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
+from bench import machine
 from freezeps.report import summarize_run, write_comparison
 
 WORKLOADS = {
@@ -120,7 +120,7 @@ def main() -> None:
             for r in results]
     (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
-            f"Machine: {platform.machine()}, 2 vCPU, 24 GB, no GPU. Command: `python -m bench.compare "
+            f"Machine: {machine.describe()}. Command: `python -m bench.compare "
             f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`" +
             (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
     notes = out / "notes.md"

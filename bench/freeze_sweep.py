@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
+from bench import machine
 from freezeps.report import summarize_run, write_comparison
 
 COMMON = ["--num-workers", "4", "--epochs", "2", "--train-samples", "24576", "--test-samples", "1000",
@@ -60,7 +60,7 @@ def write_report(results: list[dict], out: Path) -> None:
     title = f"Freeze engines side by side ({date.today().isoformat()})"
     path = write_comparison(results, out, title, baseline="none")
     lines = [path.read_text().rstrip(), "",
-             f"Machine: {platform.machine()}, 2 vCPU, no GPU. Command: `python -m bench.freeze_sweep --out {out}`.",
+             f"Machine: {machine.describe()}. Command: `python -m bench.freeze_sweep --out {out}`.",
              "Workload: EfficientNet-Lite0 (ImageNet weights) on 24,576 Fashion-MNIST samples, 4 workers x 1 thread, "
              "2 epochs of 96 rounds, batch 64 per worker, SGD lr 0.1; test accuracy on 1,000 test samples every "
              "48 rounds. Common flags: `" + " ".join(COMMON) + "`."]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import socket
 import statistics
 import tempfile
@@ -26,6 +25,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from bench import machine
 
 
 def _ps_process(port_q, num_workers: int, chunk_bytes: int, rounds: int, auth):
@@ -276,7 +277,7 @@ def main() -> None:
     bare, bare_cpu = bench_bare_grpc(nbytes, args.workers, args.rounds, args.chunk_bytes)
     tcp = bench_tcp(nbytes, args.workers, args.rounds)
     result = {
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {mp.cpu_count()} cpus",
+        "date": date.today().isoformat(), "machine": machine.describe(),
         "model": args.model, "model_bytes": nbytes, "workers": args.workers, "rounds": args.rounds,
         "chunk_bytes": args.chunk_bytes,
         "freezeps_round_s": statistics.median(ours), "raw_tcp_round_s": statistics.median(tcp),

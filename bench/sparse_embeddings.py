@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -23,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import machine
 from freezeps.config import Config
-from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from proto.transport import iter_chunks
+from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import build_model, text_model_folder
 from worker.text import TextSettings
@@ -105,8 +104,7 @@ def main() -> None:
               f"grad rows = ids minus padding: {all(c['nonzero_rows_are_ids_but_padding'] for c in r['checked_batches'])}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"command": "python -m bench.sparse_embeddings --out " + str(args.out), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1)}
+        meta = {"command": "python -m bench.sparse_embeddings --out " + str(args.out), "machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1)}
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         (args.out / "README.md").write_text(_readme(meta, results))
 
@@ -114,7 +112,7 @@ def main() -> None:
 def _readme(meta: dict, results: list[dict]) -> str:
     lines = [
         "# Row-sparse embedding pushes: measured bytes", "",
-        f"`{meta['command']}` on {meta['cpus']} CPUs ({meta['machine']}), {meta['date']}, {meta['seconds']:.0f} s.",
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']}, {meta['seconds']:.0f} s.",
         "MiniLM-L6 (pretrained), 4 workers, IID shards, the batch order a run uses; every worker batch of "
         "one epoch. *Distinct ids* bound the word-embedding rows a push carries (the padding row's "
         "gradient is zero); the *checked* batches ran a real backward and the real encoder "

@@ -48,7 +48,7 @@ from ps.schedule import learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import build_model
-from worker.train import input_channels, evaluate
+from worker.train import evaluate, input_channels
 
 
 def _block_bytes(model) -> list[int]:

@@ -8,10 +8,10 @@ past its deadline), "resume" (with the rounds lost since the checkpoint) and
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -31,8 +31,8 @@ from ps.errors import (
     InvalidArgument,
     PSError,
     RunFull,
-    TooLarge,
     Timeout,
+    TooLarge,
     UnknownWorker,
 )
 from ps.optim import Optimizer, make_optimizer

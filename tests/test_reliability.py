@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from bench.soak import serial_training
-from freezeps.launch import free_port
 from freeze.engines import EngineSpec, GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
+from freezeps.launch import free_port
 from proto import freezeps_pb2 as pb
 from proto.codec import encode_header
 from proto.service import ParameterServerClient

@@ -1,0 +1,36 @@
+"""What a benchmark ran on, in one line for its results: the CPU model matters as much as the
+count (this project's 2-vCPU machines have been Intel and AMD hosts, whose kernels differ in
+speed and, for some convolutions, in rounding, so a seeded run may freeze at other steps)."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def describe() -> str:
+    """e.g. 'x86_64, AMD EPYC, 2 CPUs, 24 GB, no GPU, torch 2.14.1+cu130'."""
+    parts = [platform.machine(), cpu_model(), f"{os.cpu_count()} CPUs"]
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB")
+    torch = sys.modules.get("torch")  # asked only where the bench has loaded it
+    if torch is not None and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    else:
+        parts.append("no GPU")
+    try:
+        parts.append(f"torch {metadata.version('torch')}")
+    except metadata.PackageNotFoundError:
+        pass
+    return ", ".join(parts)
