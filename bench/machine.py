@@ -20,7 +20,7 @@ def cpu_model() -> str:
 
 
 def describe() -> str:
-    """e.g. 'x86_64, AMD EPYC, 2 CPUs, 24 GB, no GPU, torch 2.14.1+cu130'."""
+    """e.g. 'x86_64, AMD EPYC, 2 CPUs, 24 GB, no GPU, torch 2.14.1'."""
     parts = [platform.machine(), cpu_model(), f"{os.cpu_count()} CPUs"]
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB")
