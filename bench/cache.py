@@ -3,8 +3,8 @@
     python -m bench.cache --out docs/results/cache [--models resnet18,efficientnet_lite0] [--runs efficientnet,minilm-rt]
 
 Part 1, per model and frozen depth d (batch 64, 32x32 inputs, `--threads` torch threads,
-weights random: speed does not depend on them), the median over at least `--repeats` steps
-(more for short steps, taken in turns) of
+weights random: speed does not depend on them), over `--repeats` turns, each turn the steps of
+each kind in a fresh order:
   - full: the prefix's forward under no_grad, then the active blocks' forward and backward
     (a worker's step without the cache);
   - cached: the prefix's output from a warm memory cache, then the same forward and backward.
@@ -16,7 +16,8 @@ weights random: speed does not depend on them), the median over at least `--repe
   - gather: the rows gathered (one index_select) from one tensor that holds them all, then the
     same forward and backward: what a cache that copies each batch out must at least pay;
   - suffix: the forward and backward alone on a tensor already in place: the physical limit.
-Goal: (cached + arrange) <= 1.1 x suffix at every depth.
+Goal: (cached + arrange) <= 1.1 x suffix at every depth, the ratio taken within each turn
+(median over the turns).
 
 Part 2: adaptive `freezeps run`s (a PS and 4 workers on this machine) without and with the
 cache, everything else equal, per workload (WHOLE_RUNS): training time, hit rate, cache bytes.
@@ -50,32 +51,43 @@ BATCH, SIDE, WARM_BATCHES = 64, 32, 4
 SHARD = 3072  # a worker's shard in the EfficientNet whole run: 12,288 samples over 4 workers
 
 
-def _time(fns: list, repeats: int, run: int = 2) -> list[float]:
-    """Median seconds of each of `fns` over at least `repeats` timed steps each (more, up to
-    800, when a step is short, for about 3 s in all), taken in turns so that drift of the
-    machine hits all alike.
+def _time(fns: list, turns: int, kept_s: float = 0.05) -> np.ndarray:
+    """Seconds of each of `fns` per turn, shape (turns, len(fns)).
 
-    A turn runs each of them `run` times in a row, in a fresh order each turn, and keeps all
-    but the first of those: a training run at a frozen depth takes one kind of step after
-    another, and a short step right after a long one of another kind finds the CPU caches cold
-    (in a fixed order of single steps, the cached step, always after the full one, measured
-    0.90 ms against the suffix-only step's 0.52 ms at ResNet-18's depth 6). Runs are short
-    and turns many, so that the machine's drift over seconds is shared out evenly (runs of 5
-    in 6 turns put EfficientNet-Lite0's cached and suffix-only steps 0.86-1.23x apart)."""
-    t0 = time.perf_counter()
-    for fn in fns:  # warm-up: allocator, kernel selection
+    A turn runs each of them in a fresh order, each several times in a row, and keeps the mean
+    of all but the first of those: a training run at a frozen depth takes one kind of step
+    after another, and a short step right after a long one of another kind finds the CPU caches
+    cold (in a fixed order of single steps, the cached step, always after the full one,
+    measured 0.90 ms against the suffix-only step's 0.52 ms at ResNet-18's depth 6). A kind's
+    kept runs last about `kept_s` per turn (one for a long step, up to 50 for a step under a
+    millisecond, whose single timings jitter by a quarter). Turns are short and many, so that
+    the machine's drift over seconds is shared out evenly (runs of 5 in 6 turns put
+    EfficientNet-Lite0's cached and suffix-only steps 0.86-1.23x apart); ratios between kinds
+    are taken within each turn (see `_paired`)."""
+    kept = []
+    for fn in fns:  # warm-up: allocator, kernel selection; and how long a step takes
         fn()
-    turns = -(-max(repeats, min(800, int(3.0 / (time.perf_counter() - t0)))) // (run - 1))
-    times = [[] for _ in fns]
+        t0 = time.perf_counter()
+        fn()
+        kept.append(max(1, min(50, round(kept_s / (time.perf_counter() - t0)))))
+    times = np.zeros((turns, len(fns)))
     order = np.random.default_rng(0)
-    for _ in range(turns):
+    for turn in range(turns):
         for i in order.permutation(len(fns)):
-            for k in range(run):
-                t0 = time.perf_counter()
+            fns[i]()
+            t0 = time.perf_counter()
+            for _ in range(kept[i]):
                 fns[i]()
-                if k:
-                    times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            times[turn, i] = (time.perf_counter() - t0) / kept[i]
+    return times
+
+
+def _paired(numerator: np.ndarray, denominator: np.ndarray) -> tuple[float, float, float]:
+    """Median and quartiles of numerator/denominator taken turn by turn: steps of 70-420 ms
+    drift by +-10% over a minute on a shared host, and a ratio of two steps taken seconds apart
+    in the same turn cancels most of that drift, where a ratio of two medians does not."""
+    q1, median, q3 = np.percentile(numerator / denominator, [25, 50, 75])
+    return float(median), float(q1), float(q3)
 
 
 def _arrange_time(entry: torch.Tensor, repeats: int) -> float:
@@ -122,23 +134,27 @@ def step_times(name: str, repeats: int) -> list[dict]:
         for ids in batches:
             every_row[torch.from_numpy(ids)] = h[int(ids[0])]
         gathered = torch.empty_like(h[int(epoch[0])])
-        full, warm, gather, suffix = _time([
+        times = _time([
             lambda: step(lambda ids: model.prefix(images[ids])),
             lambda: step(lambda ids: cached.outputs(ids, lambda r: images[ids[r]])),
             lambda: step(lambda ids: torch.index_select(every_row, 0, torch.from_numpy(ids), out=gathered)),
             lambda: step(lambda ids: h[int(ids[0])])], repeats)
         assert cached.counters.computed == len(images), "the timed cached steps must all be hits"
         assert cached.store.stats.views * BATCH == cached.counters.cached, "each cached step must read a view"
+        full, warm, gather, suffix = np.median(times, axis=0)
+        cost = times[:, 1] + arrange_s
+        cost_ratio, cost_q1, cost_q3 = _paired(cost, times[:, 3])
         entry = every_row[0].numel() * every_row.element_size()
-        cost = warm + arrange_s
-        rows.append({"model": name, "depth": depth, "frozen": model.block_names[depth - 1], "full_ms": full * 1e3,
-                     "cached_ms": warm * 1e3, "arrange_ms": arrange_s * 1e3, "gather_ms": gather * 1e3,
-                     "suffix_ms": suffix * 1e3, "cached_over_suffix": cost / suffix,
-                     "gather_over_suffix": gather / suffix, "speedup": full / cost, "entry_bytes": entry})
+        rows.append({"model": name, "depth": depth, "frozen": model.block_names[depth - 1],
+                     "full_ms": full * 1e3, "cached_ms": warm * 1e3, "arrange_ms": arrange_s * 1e3,
+                     "gather_ms": gather * 1e3, "suffix_ms": suffix * 1e3, "cached_over_suffix": cost_ratio,
+                     "cached_over_suffix_quartiles": [cost_q1, cost_q3],
+                     "gather_over_suffix": _paired(times[:, 2], times[:, 3])[0],
+                     "speedup": _paired(times[:, 0], cost)[0], "entry_bytes": entry})
         print(f"[cache] {name} depth {depth:2d}: full {full * 1e3:7.1f} ms, cached {warm * 1e3:8.2f} + arrange "
               f"{arrange_s * 1e3:6.3f} ms, gather {gather * 1e3:8.2f} ms, suffix {suffix * 1e3:8.2f} ms, "
-              f"(cached + arrange)/suffix {cost / suffix:.2f}, gather/suffix {gather / suffix:.2f}, entry {entry} B",
-              flush=True)
+              f"(cached + arrange)/suffix {cost_ratio:.2f} ({cost_q1:.2f}-{cost_q3:.2f}), "
+              f"gather/suffix {rows[-1]['gather_over_suffix']:.2f}, entry {entry} B", flush=True)
     return rows
 
 
@@ -173,16 +189,20 @@ def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
 def write_readme(results: dict, out: Path, command: str) -> None:
     lines = ["# Activation cache: step time per frozen depth, and whole adaptive runs", "",
              f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
-             "## Step time per frozen depth (batch 64, 32x32, median of at least "
-             f"{results['repeats']} steps of each kind, each timed after one of its kind, {results['threads']} threads)",
-             "",
-             "| model | depth | last frozen | full ms | cached ms | arrange ms per step | gather-only ms | suffix-only ms "
-             "| (cached + arrange) / suffix | gather / suffix | speed-up | entry bytes |",
+             "## Step time per frozen depth (batch 64, 32x32, "
+             f"{results['repeats']} turns, each turn the steps of each kind in a fresh order, each timed after one "
+             f"of its kind, {results['threads']} threads)", "",
+             "Times are medians over the turns; ratios are medians of the ratio within each turn (quartiles in "
+             "brackets), which cancels the host's drift between turns.", "",
+             "| model | depth | last frozen | full ms | cached ms | arrange ms per step | gather-only ms "
+             "| suffix-only ms | (cached + arrange) / suffix | gather / suffix | speed-up | entry bytes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["steps"]:
-        lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | {r['cached_ms']:.2f} | "
-                     f"{r['arrange_ms']:.3f} | {r['gather_ms']:.2f} | {r['suffix_ms']:.2f} | "
-                     f"{r['cached_over_suffix']:.2f} | {r['gather_over_suffix']:.2f} | {r['speedup']:.2f}x | "
+        q1, q3 = r["cached_over_suffix_quartiles"]
+        lines.append(f"| {r['model']} | {r['depth']} | {r['frozen']} | {r['full_ms']:.1f} | "
+                     f"{r['cached_ms']:.2f} | {r['arrange_ms']:.3f} | {r['gather_ms']:.2f} | {r['suffix_ms']:.2f} | "
+                     f"{r['cached_over_suffix']:.2f} [{q1:.2f}, {q3:.2f}] | {r['gather_over_suffix']:.2f} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['entry_bytes']} |")
     for workload, (plain, cached) in results.get("runs", {}).items():
         run_args, cache_args = WHOLE_RUNS[workload]
@@ -212,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results/cache"))
     parser.add_argument("--models", default="resnet18,efficientnet_lite0")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default=",".join(WHOLE_RUNS),
                         help=f"whole runs, of {', '.join(WHOLE_RUNS)}; '' for part 1 only")
