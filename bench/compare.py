@@ -70,6 +70,20 @@ def _without_report_from(argv: list[str]) -> list[str]:
     return out
 
 
+def _where_and_when(runs_dir: Path, rebuilding: bool) -> dict:
+    """The date and machine of the runs in `runs_dir`: noted there when the bench starts them,
+    read back when a report is rebuilt from them (possibly on another day and machine)."""
+    noted = runs_dir / "bench.json"
+    if rebuilding:
+        if noted.is_file():
+            return json.loads(noted.read_text())
+        return {"date": "date not recorded", "machine": "not recorded with these runs"}
+    made = {"date": date.today().isoformat(), "machine": machine.describe()}
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    noted.write_text(json.dumps(made))
+    return made
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -97,6 +111,7 @@ def main() -> None:
         common += net
     runs_dir = args.report_from or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    made = _where_and_when(runs_dir, rebuilding=args.report_from is not None)
     results, groups = [], {}
     # Seed-major: a run interrupted late still leaves every configuration's first seeds.
     for seed in seeds or [None]:
@@ -113,14 +128,14 @@ def main() -> None:
             groups.setdefault(name, []).append(results[-1])
             print(f"[compare] {run}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
-    title = f"{args.workload}: {', '.join(names)} ({date.today().isoformat()}, {args.network}" + \
+    title = f"{args.workload}: {', '.join(names)} ({made['date']}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
     path = write_comparison(results, out, title, baseline=names[0], groups=groups)
     slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
             for r in results]
     (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
-            f"Machine: {machine.describe()}. Command: `python -m bench.compare "
+            f"Machine: {made['machine']}. Command: `python -m bench.compare "
             f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`" +
             (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
     notes = out / "notes.md"

@@ -148,3 +148,15 @@ def test_seeded_comparison_has_one_table_per_seed_against_that_seeds_baseline(tm
     assert text.index("Over seeds") < text.index("## Seed 0") < text.index("## Seed 1")
     seed1 = text[text.index("## Seed 1"):]
     assert "against `none-s1`" in seed1 and "| frozen-s1 |" in seed1 and "| frozen-s0 |" not in seed1
+
+
+def test_a_rebuilt_comparison_names_the_date_and_machine_of_its_runs(tmp_path, monkeypatch):
+    from bench import compare
+
+    made = compare._where_and_when(tmp_path / "runs", rebuilding=False)
+    monkeypatch.setattr(compare.machine, "describe", lambda: "another machine")
+    assert compare._where_and_when(tmp_path / "runs", rebuilding=True) == made
+    assert made["machine"] != "another machine"
+    older = tmp_path / "older"  # runs made before the bench noted anything
+    older.mkdir()
+    assert "not recorded" in compare._where_and_when(older, rebuilding=True)["machine"]
