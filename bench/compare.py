@@ -56,6 +56,10 @@ CONFIGS = {
     # A prefix freezes once two tests in a row proposed it: one noisy test freezes nothing.
     "ps-gradnorm-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2"],
     "ps-gradnorm-votes-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes", "--freeze-patience", "2"],
+    # Both guards: only the bottom half may freeze, and only what two tests in a row proposed.
+    "ps-gradnorm-patience-half": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2", "--freeze-max-fraction", "0.5"],
+    "ps-gradnorm-patience-half-cache": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2",
+                                        "--freeze-max-fraction", "0.5", "--cache-memory-bytes", str(1 << 30)],
 }
 
 
