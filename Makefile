@@ -26,7 +26,7 @@ sweep:          ## run every freeze engine on the default workload (about 45 min
 	scripts/setup.sh
 	.venv/bin/python -m bench.freeze_sweep $(ARGS)
 
-cache-bench:    ## step time per frozen depth with and without the activation cache, and whole adaptive runs on two workloads (about 40 minutes)
+cache-bench:    ## step time per frozen depth with and without the activation cache, and whole adaptive runs on two workloads (about 50 minutes)
 	scripts/setup.sh
 	.venv/bin/python -m bench.cache $(ARGS)
 
