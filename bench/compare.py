@@ -39,6 +39,9 @@ WORKLOADS = {
 # The seed's ResNet-18 groups: conv1, bn1, layer1, layer2, layer3, layer4, fc.
 ADAPTIVE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-warmup", "8",
             "--freeze-interval", "4"]
+# Both guards: only the bottom half may freeze, and only what two tests in a row proposed.
+GUARDED = [*ADAPTIVE, "--freeze-patience", "2", "--freeze-max-fraction", "0.5"]
+CACHE = ["--cache-memory-bytes", str(1 << 30)]
 CONFIGS = {
     "ps-none": ["--mode", "ps", "--freeze", "none"],
     "ddp-none": ["--mode", "ddp", "--freeze", "none"],
@@ -50,16 +53,14 @@ CONFIGS = {
     "ddp-gradnorm": ["--mode", "ddp", *ADAPTIVE],
     "single-none": ["--mode", "single", "--freeze", "none"],
     "ps-gradnorm-votes": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes"],
-    "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, "--cache-memory-bytes", str(1 << 30)],
+    "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, *CACHE],
     # The top half stays trainable (MiniLM: embeddings and layer0-2 may freeze; layer3-5 and the head never).
     "ps-gradnorm-half": ["--mode", "ps", *ADAPTIVE, "--freeze-max-fraction", "0.5"],
     # A prefix freezes once two tests in a row proposed it: one noisy test freezes nothing.
     "ps-gradnorm-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2"],
     "ps-gradnorm-votes-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes", "--freeze-patience", "2"],
-    # Both guards: only the bottom half may freeze, and only what two tests in a row proposed.
-    "ps-gradnorm-patience-half": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2", "--freeze-max-fraction", "0.5"],
-    "ps-gradnorm-patience-half-cache": ["--mode", "ps", *ADAPTIVE, "--freeze-patience", "2",
-                                        "--freeze-max-fraction", "0.5", "--cache-memory-bytes", str(1 << 30)],
+    "ps-gradnorm-patience-half": ["--mode", "ps", *GUARDED],
+    "ps-gradnorm-patience-half-cache": ["--mode", "ps", *GUARDED, *CACHE],
 }
 
 
