@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import os
 import sys
 import time
@@ -136,7 +137,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             by_block_total[name] = by_block_total.get(name, 0) + n * workers
         allreduce["in"] += sum(moved.values()) * workers
         allreduce["out"] += sum(moved.values()) * workers
-        losses = torch.tensor([float(loss)])
+        losses = torch.tensor([loss.item()])
         if not single:
             dist.all_reduce(losses)  # for the log only: the mean training loss of the step
             losses /= world
@@ -228,19 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         train(cfg, 0, 1, run_dir, single=True)
         return 0
+    # CI twice saw a rank end with SIGABRT ("terminate called without an active exception") and
+    # no other output; never reproduced here (140 pairs of ranks under load). faulthandler puts
+    # every thread's Python stack into the rank's log should it happen again.
+    faulthandler.enable()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
         train(cfg, args.rank, args.world, run_dir)
-        # Leave together: rank 0 evaluates and saves after the last step, and a rank that tore
-        # the gloo group down meanwhile was seen to abort in CI ("terminate called without an
-        # active exception", SIGABRT).
-        dist.barrier()
+        dist.barrier()  # leave together: rank 0 still evaluates and saves after the last step
     finally:
         dist.destroy_process_group()
-    return 0
-
+    print(f"rank {args.rank}: done", file=sys.stderr, flush=True)
+    # Everything is written and closed, but gloo's loop and work threads outlive
+    # destroy_process_group; the interpreter's teardown with them still running is the likely
+    # place of that abort, so the rank leaves without it.
+    sys.stdout.flush()
+    os._exit(0)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,7 +185,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _report_failure(what: str, proc: subprocess.Popen, log_file: Path) -> None:
-    tail = log_file.read_text().strip().splitlines()[-5:]
+    tail = log_file.read_text().strip().splitlines()[-30:]
     print(f"freezeps run: {what} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)
 
 
