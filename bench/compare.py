@@ -42,6 +42,9 @@ ADAPTIVE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-
 # Both guards: only the bottom half may freeze, and only what two tests in a row proposed.
 GUARDED = [*ADAPTIVE, "--freeze-patience", "2", "--freeze-max-fraction", "0.5"]
 CACHE = ["--cache-memory-bytes", str(1 << 30)]
+# AutoFreeze's own rule and cadence (REFERENCE 1.2): L1 norms, the 50th percentile, 20 tests per run.
+AUTOFREEZE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-percentile", "50",
+              "--freeze-norm", "1", "--freeze-interval", "0", "--freeze-warmup", "0"]
 CONFIGS = {
     "ps-none": ["--mode", "ps", "--freeze", "none"],
     "ddp-none": ["--mode", "ddp", "--freeze", "none"],
@@ -61,6 +64,7 @@ CONFIGS = {
     "ps-gradnorm-votes-patience": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes", "--freeze-patience", "2"],
     "ps-gradnorm-patience-half": ["--mode", "ps", *GUARDED],
     "ps-gradnorm-patience-half-cache": ["--mode", "ps", *GUARDED, *CACHE],
+    "ps-autofreeze": ["--mode", "ps", *AUTOFREEZE],
 }
 
 

@@ -69,7 +69,7 @@ class EngineSpec:
     name: str = "none"
     blocks: int = 0  # static
     from_step: int = 0  # static
-    interval: int = 10  # gradnorm, threshold: rounds per test (T)
+    interval: int = 10  # gradnorm, threshold: rounds per test (T); 0: AutoFreeze's, total_steps // 20
     variant: str = "percentile"  # gradnorm: min | percentile
     percentile: float = 50.0  # gradnorm percentile
     norm: int = 2  # gradnorm, threshold: 1 or 2
@@ -83,8 +83,8 @@ class EngineSpec:
     def validate(self) -> "EngineSpec":
         if self.name not in ENGINES:
             raise ValueError(f"unknown freeze engine {self.name!r}; choose one of {ENGINES}")
-        if self.interval < 1:
-            raise ValueError("freeze interval must be >= 1")
+        if self.interval < 0:
+            raise ValueError("freeze interval must be >= 1, or 0 for AutoFreeze's (total_steps // 20)")
         if self.variant not in ("min", "percentile"):
             raise ValueError(f"gradnorm variant must be min or percentile, got {self.variant!r}")
         if self.norm not in (1, 2):
@@ -151,6 +151,12 @@ class LinearFreeze(_Stateless):
         return Decision(max(stats.frozen_blocks, wanted))
 
 
+def rounds_per_test(interval: int, total_steps: int) -> int:
+    """Rounds per test: `interval`, or with 0 AutoFreeze's cadence of 20 tests per run (its code
+    tests every epochs * steps_per_epoch / 20 steps), so a test spans the same share of any run."""
+    return interval or max(1, total_steps // 20)
+
+
 class _IntervalEngine:
     """Accumulates each active block's signed gradient over `interval` rounds (Δ_T)."""
 
@@ -173,7 +179,7 @@ class _IntervalEngine:
             else:
                 self._acc[b] = [g.detach().clone() for g in grads]
         self._rounds += 1
-        return self._rounds % self.interval == 0
+        return self._rounds % rounds_per_test(self.interval, stats.total_steps) == 0
 
     def _take(self) -> dict[int, list[torch.Tensor]]:
         acc, self._acc = self._acc, {}

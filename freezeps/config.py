@@ -55,7 +55,8 @@ class Config:
     freeze: str = _f("static", "freeze engine", (PS, RUN), ENGINES)
     freeze_blocks: int = _f(15, "static: leading blocks to freeze", (PS, RUN))
     freeze_step: int = _f(96, "static: first step at which they are frozen (0 = from the start)", (PS, RUN))
-    freeze_interval: int = _f(10, "gradnorm, threshold: rounds per test (gradients are summed over them)", (PS, RUN))
+    freeze_interval: int = _f(10, "gradnorm, threshold: rounds per test (gradients are summed over them); "
+                                  "0 = AutoFreeze's, 20 tests per run", (PS, RUN))
     freeze_variant: str = _f("percentile", "gradnorm: the seed's min rule or AutoFreeze's percentile rule",
                              (PS, RUN), ("min", "percentile"))
     freeze_percentile: float = _f(50.0, "gradnorm percentile rule: the percentile of the active blocks' eta",

@@ -17,6 +17,7 @@ from freeze.engines import (
     StaticFreeze,
     ThresholdFreeze,
     make_engine,
+    rounds_per_test,
 )
 from proto import freezeps_pb2 as pb
 from ps.policy import FreezeHistory, FreezePolicy, decide, vote_weight
@@ -156,6 +157,15 @@ def test_gradnorm_engine_on_a_gradient_sequence():
     assert decisions[3].frozen_blocks == 1
 
 
+def test_interval_zero_tests_twenty_times_per_run_as_autofreeze():
+    """interval 0: a test every total_steps // 20 rounds (AutoFreeze's cadence), at least every round."""
+    assert [rounds_per_test(0, total) for total in (360, 64, 10, 0)] == [18, 3, 1, 1]
+    assert rounds_per_test(7, 360) == 7
+    engine = make_engine(EngineSpec("gradnorm", interval=0))
+    tested = [s for s in range(120) if engine.decide(_stats(s, {0: [1.0], 1: [1.0]}, total=120)).tested]
+    assert tested == list(range(5, 120, 6))
+
+
 def test_gradnorm_zero_gradients_and_one_block():
     engine = GradNormFreeze(interval=1, variant="percentile")
     for s in range(3):
@@ -182,7 +192,7 @@ def test_simple_engines_and_spec_validation():
     with pytest.raises(ValueError, match="last must train"):
         StaticFreeze(blocks=7).initial(7)
     assert LinearFreeze().decide(_stats(9, {}, num_blocks=5, spe=10)).frozen_blocks == 1
-    for bad in (EngineSpec("sometimes"), EngineSpec("gradnorm", interval=0), EngineSpec("static")):
+    for bad in (EngineSpec("sometimes"), EngineSpec("gradnorm", interval=-1), EngineSpec("static")):
         with pytest.raises(ValueError):
             make_engine(bad)
 
