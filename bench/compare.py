@@ -65,6 +65,7 @@ CONFIGS = {
     "ps-gradnorm-patience-half": ["--mode", "ps", *GUARDED],
     "ps-gradnorm-patience-half-cache": ["--mode", "ps", *GUARDED, *CACHE],
     "ps-autofreeze": ["--mode", "ps", *AUTOFREEZE],
+    "ps-autofreeze-half": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5"],
 }
 
 
