@@ -248,5 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     os._exit(0)
 
+
 if __name__ == "__main__":
     sys.exit(main())
