@@ -66,6 +66,7 @@ CONFIGS = {
     "ps-gradnorm-patience-half-cache": ["--mode", "ps", *GUARDED, *CACHE],
     "ps-autofreeze": ["--mode", "ps", *AUTOFREEZE],
     "ps-autofreeze-half": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5"],
+    "ps-autofreeze-half-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5", *CACHE],
 }
 
 
