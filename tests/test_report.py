@@ -2,6 +2,7 @@
 run of 16 steps in network namespaces, the first block frozen from step 8)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -160,3 +161,32 @@ def test_a_rebuilt_comparison_names_the_date_and_machine_of_its_runs(tmp_path, m
     older = tmp_path / "older"  # runs made before the bench noted anything
     older.mkdir()
     assert "not recorded" in compare._where_and_when(older, rebuilding=True)["machine"]
+
+
+def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(tmp_path):
+    from bench import pool
+    facts = summarize_run(FIXTURE)
+
+    def folder(name, runs):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(runs))
+        return tmp_path / name
+
+    def run(name, seed, accuracy, **config):
+        return {**facts, "name": name, "accuracy": accuracy,
+                "config": {**facts["config"], "seed": seed, "run_dir": f"runs/{name}", **config}}
+
+    first = folder("first", [run("none", 0, 0.80), run("frozen", 0, 0.79)])
+    second = folder("second", [run("none-s1", 1, 0.70), run("frozen-s1", 1, 0.67)])
+    groups = pool.pool([second, first])
+    assert [r["config"]["seed"] for r in groups["frozen"]] == [0, 1]
+    pool.main([str(first), str(second), "--baseline", "none", "--out", str(tmp_path / "pooled")])
+    row = next(line for line in (tmp_path / "pooled" / "README.md").read_text().splitlines()
+               if line.startswith("| frozen"))
+    assert row.split("|")[2].strip() == "0, 1" and row.split("|")[4].strip() == "-2.00 ± 1.41"
+    assert "](../first/README.md)" in (tmp_path / "pooled" / "README.md").read_text()
+    with pytest.raises(ValueError, match="seed 0 comes twice"):
+        pool.pool([first, first])
+    other = folder("other", [run("frozen-s2", 2, 0.7, lr=0.5)])
+    with pytest.raises(ValueError, match="differs from other runs of frozen in lr"):
+        pool.pool([first, other])

@@ -1,0 +1,79 @@
+"""One over-seeds table from several bench.compare results folders.
+
+    python -m bench.pool --baseline ps-none --out docs/results/text-rt-full-seeds \
+        docs/results/text-rt-full docs/results/text-rt-full-seed1 docs/results/text-rt-full-seed2
+
+Long runs are made one seed per invocation (an invocation of the full Rotten Tomatoes pair
+takes 35 minutes), so their seeds sit in separate folders. This reads each folder's
+results.json, groups the runs by configuration (a run's name less its `-sN`), and writes
+OUT/README.md: freezeps.report's over-seeds table, differences paired by seed. A configuration's
+runs must have the same settings but for the seed (a different workload is refused), every
+seed of a configuration needs a baseline run of that seed, and no (configuration, seed) may
+come twice. The date, machine and command of each run are in its folder's README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from freezeps.report import seeds_markdown
+
+# Settings that name a run rather than define it.
+PER_RUN = ("seed", "run_dir")
+
+
+def configuration(run_name: str) -> str:
+    """The configuration a run belongs to: its name less bench.compare's `-sN` seed suffix."""
+    return re.sub(r"-s\d+$", "", run_name)
+
+
+def pool(folders: list[Path]) -> dict[str, list[dict]]:
+    """Configuration -> its runs from every folder's results.json, ordered by seed."""
+    groups: dict[str, dict[int, dict]] = {}
+    settings: dict[str, dict] = {}
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise ValueError(f"{folder}: no results.json (is it a bench.compare --out folder?)")
+        for run in json.loads(path.read_text()):
+            name, seed = configuration(run["name"]), run["config"].get("seed")
+            defined = {k: v for k, v in run["config"].items() if k not in PER_RUN}
+            if settings.setdefault(name, defined) != defined:
+                differ = sorted(k for k in defined.keys() | settings[name].keys()
+                                if defined.get(k) != settings[name].get(k))
+                raise ValueError(f"{folder}: {run['name']} differs from other runs of {name} in {', '.join(differ)}")
+            if seed in groups.setdefault(name, {}):
+                raise ValueError(f"{folder}: {name} with seed {seed} comes twice")
+            groups[name][seed] = run
+    return {name: [runs[s] for s in sorted(runs)] for name, runs in groups.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", type=Path, nargs="+", help="bench.compare --out folders")
+    parser.add_argument("--baseline", required=True, help="the configuration differences are taken to")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    groups = pool(args.folders)
+    if args.baseline not in groups:
+        raise SystemExit(f"no run of the baseline `{args.baseline}` in {', '.join(map(str, args.folders))}")
+    groups = {args.baseline: groups.pop(args.baseline), **groups}
+    text = [f"# {', '.join(groups)} over seeds", "", seeds_markdown(groups, args.baseline), "",
+            "Runs from: " + ", ".join(f"[{f.name}]({Path(os.path.relpath(f, args.out)) / 'README.md'})"
+                                  for f in args.folders) +
+            " (each folder's README names its machine, date and command). "
+            f"Pooled with `python -m bench.pool {' '.join(sys.argv[1:] if argv is None else argv)}`."]
+    notes = args.out / "notes.md"
+    if notes.is_file():
+        text += ["", notes.read_text().rstrip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "README.md").write_text("\n".join(text) + "\n")
+    print((args.out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
