@@ -72,6 +72,8 @@ def summarize_run(run_dir: Path) -> dict:
     keys = [k for k in worker_sums[0]["phases_s"]] if worker_sums else list(PHASES)
     phases = {k: sum(w["phases_s"].get(k, 0.0) for w in worker_sums) / steps for k in keys}
     rounds = applied_rounds(ps)
+    if rounds and all("optimizer_s" in r for r in rounds):  # a PS run: the optimizer runs once per round, there
+        phases["ps_optimizer_s"] = sum(r["optimizer_s"] for r in rounds) / len(rounds)
     names = [b["name"] for b in summary["blocks"]]
     # Time axis: the PS's clock, from the start of round 0.
     t0 = rounds[0]["time"] - rounds[0]["round_s"] if rounds else 0.0
@@ -260,6 +262,18 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def evaluations_markdown(runs: list[dict]) -> str:
+    """Test accuracy at each evaluation, one row per run, one column per epoch evaluated
+    (fractions of an epoch where evaluations came mid-epoch); "-" where a run has none."""
+    epochs = sorted({epoch for r in runs for epoch, _ in r["accuracy_by_epoch"]})
+    lines = ["Test accuracy at each evaluation, by epoch:", "",
+             "| run | " + " | ".join(f"{e:g}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+    for r in runs:
+        at = dict(r["accuracy_by_epoch"])
+        lines.append(f"| {r['name']} | " + " | ".join(f"{at[e]:.4f}" if e in at else "-" for e in epochs) + " |")
+    return "\n".join(lines)
+
+
 def _mean_sd(values: list[float], fmt: str) -> str:
     mean = f"{statistics.fmean(values):{fmt}}"
     return f"{mean} ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else mean
@@ -296,6 +310,14 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def _tables(runs: list[dict], baseline: str | None) -> list[str]:
+    """The comparison and, where the runs were evaluated, their accuracy at each evaluation."""
+    text = [comparison_markdown(runs, baseline), ""]
+    if any(r["accuracy_by_epoch"] for r in runs):
+        text += [evaluations_markdown(runs), ""]
+    return text
+
+
 def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | None = None,
                      groups: dict[str, list[dict]] | None = None) -> Path:
     """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path.
@@ -314,10 +336,9 @@ def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | No
         text += [seeds_markdown(groups, base_group), ""]
         for base in groups[base_group]:
             seed = base["config"].get("seed")
-            text += [f"## Seed {seed}", "",
-                     comparison_markdown([r for r in runs if r["config"].get("seed") == seed], base["name"]), ""]
+            text += [f"## Seed {seed}", "", *_tables([r for r in runs if r["config"].get("seed") == seed], base["name"])]
     else:
-        text += [comparison_markdown(runs, baseline), ""]
+        text += _tables(runs, baseline)
     text += [f"![{name}]({path.name})" for name, path in images.items()]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")

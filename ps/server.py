@@ -344,13 +344,16 @@ class ParameterServer:
                            total_steps=self._total_steps, steps_per_epoch=self._steps_per_epoch, grads=grads)
         frozen, decision_info, self._freeze_history = decide(self.policy, self.engine, stats, pushes,
                                                              self._freeze_history)
+        applying = time.perf_counter()
         norms = self._store.apply(active, weight, lr)
+        optimizer_s = time.perf_counter() - applying
         if frozen > frozen_before:
             self._set_frozen(frozen, since_step=step + 1)
             self._on_record(self._freeze_record(step, frozen_before, frozen, decision_info, len(pushes)))
         now = time.monotonic()
         record = {
             "event": "round", "step": step, "round_s": round(now - self._round_started, 6), "lr": lr,
+            "optimizer_s": round(optimizer_s, 6),  # the optimizer step (and buffer averaging) on this PS
             "frozen_blocks": frozen_before, "samples": int(self._weight),
             "loss": sum(p["loss"] * p["batch_size"] for p in pushes) / self._weight,
             "workers": {p["worker"]: {k: v for k, v in p.items() if k not in ("worker", "vote")} for p in pushes},

@@ -25,6 +25,7 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
     freezes = [r for r in records if r["event"] == "freeze"]
     assert [(f["step"], f["from"], f["to"]) for f in freezes] == [(freeze_at, 0, 2)]
     assert [r["step"] for r in rounds] == list(range(steps))
+    assert all(0 < r["optimizer_s"] < r["round_s"] for r in rounds)  # the PS times its optimizer step
     for r in rounds:
         push = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Push"]["in"].items()}
         pull = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Pull"]["out"].items() if k != "-1"}

@@ -34,6 +34,27 @@ def test_facts_of_a_run():
     assert len(facts["wire_per_step"]) == 16
 
 
+def test_ps_optimizer_time_and_accuracy_by_evaluation(tmp_path):
+    from freezeps.report import evaluations_markdown
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    assert "ps_optimizer_s" not in summarize_run(run)["phase_ms_per_step"]  # logged before the PS timed it
+    records = [json.loads(line) for line in (run / "ps.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["event"] == "round"]
+    for i, r in enumerate(rounds):
+        r["optimizer_s"] = 0.001 * (i + 1)
+    (run / "ps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    facts = summarize_run(run)
+    assert facts["phase_ms_per_step"]["ps_optimizer_s"] == pytest.approx(1000 * 0.001 * (len(rounds) + 1) / 2)
+    other = {**facts, "name": "other", "accuracy_by_epoch": [(0.5, 0.25), (1.0, 0.5)]}
+    table = evaluations_markdown([facts, other]).splitlines()
+    epochs = sorted({e for e, _ in facts["accuracy_by_epoch"]} | {0.5, 1.0})
+    assert table[2] == "| run | " + " | ".join(f"{e:g}" for e in epochs) + " |"
+    row = table[5].split("|")[1:-1]
+    assert row[0].strip() == "other"
+    assert [c.strip() for c in row[1:]] == [{0.5: "0.2500", 1.0: "0.5000"}.get(e, "-") for e in epochs]
+
+
 def test_text_report(capsys):
     assert main(["report", str(FIXTURE)]) == 0
     out = capsys.readouterr().out
