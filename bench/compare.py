@@ -6,7 +6,7 @@
     python -m bench.compare --workload minilm-rt --steps 0 --eval-every 0 --seeds 0,1,2 \
         --only ps-none,ps-gradnorm --out docs/results/text-rt-seeds
     python -m bench.compare --workload resnet18-seed --steps 0 --eval-every 0 \
-        --only ps-none,ps-static-1,ps-static-2,ps-static-3,ps-static-4,ps-static-5,ps-static-6,ps-gradnorm-min \
+        --only ps-none,ps-static-1,ps-static-2,ps-static-3,ps-static-4,ps-static-5,ps-static-6,ps-gradnorm-min,ddp-none \
         --out docs/results/seed-resnet18
 
 Each configuration is one `freezeps run` with the same model, data, seed and steps; only
