@@ -162,9 +162,16 @@ def main() -> None:
             f"Machine: {made['machine']}. Command: `python -m bench.compare "
             f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`" +
             (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
+    write_readme(out, text)
+
+
+def write_readme(out: Path, text: list[str]) -> None:
+    """OUT/README.md: `text`, then the hand-written reading of the results in OUT/notes.md when
+    there is one (a rebuilt report keeps it); printed as well."""
     notes = out / "notes.md"
     if notes.is_file():
-        text += ["", notes.read_text().rstrip()]
+        text = [*text, "", notes.read_text().rstrip()]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text("\n".join(text) + "\n")
     print((out / "README.md").read_text())
 

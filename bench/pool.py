@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from bench.compare import write_readme
 from freezeps.report import seeds_markdown
 
 # Settings that name a run rather than define it.
@@ -67,12 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                                   for f in args.folders) +
             " (each folder's README names its machine, date and command). "
             f"Pooled with `python -m bench.pool {' '.join(sys.argv[1:] if argv is None else argv)}`."]
-    notes = args.out / "notes.md"
-    if notes.is_file():
-        text += ["", notes.read_text().rstrip()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "README.md").write_text("\n".join(text) + "\n")
-    print((args.out / "README.md").read_text())
+    write_readme(args.out, text)
 
 
 if __name__ == "__main__":
