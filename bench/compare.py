@@ -5,6 +5,8 @@
         --only ps-none,ps-gradnorm,ps-gradnorm-votes,ps-gradnorm-cache --out docs/results/text-rt
     python -m bench.compare --workload minilm-rt --steps 0 --eval-every 0 --seeds 0,1,2 \
         --only ps-none,ps-gradnorm --out docs/results/text-rt-seeds
+    python -m bench.compare --network netns --link-rate 1gbit --link-offload --steps 24 --model resnet18-fine \
+        --only ps-none,ps-none-shards2,ps-none-shards3,ddp-none --out docs/results/compare-1gbit-shards
     python -m bench.compare --workload resnet18-seed --steps 0 --eval-every 0 \
         --only ps-none,ps-static-1,ps-static-2,ps-static-3,ps-static-4,ps-static-5,ps-static-6,ps-gradnorm-min,ddp-none \
         --out docs/results/seed-resnet18
@@ -68,6 +70,9 @@ CONFIGS = {
     "ps-gradnorm-min": ["--mode", "ps", "--freeze", "gradnorm", "--freeze-variant", "min", "--freeze-interval", "0",
                         "--freeze-warmup", "0"],
     "single-none": ["--mode", "single", "--freeze", "none"],
+    # The PS split into k shards, each owning a contiguous block range of roughly equal bytes (ps-lite style):
+    # with --network netns each shard has its own link, so N workers no longer share one PS's bandwidth.
+    **{f"ps-none-shards{k}": ["--mode", "ps", "--freeze", "none", "--ps-shards", str(k)] for k in (2, 3, 4)},
     "ps-gradnorm-votes": ["--mode", "ps", *ADAPTIVE, "--freeze-decision", "votes"],
     "ps-gradnorm-cache": ["--mode", "ps", *ADAPTIVE, *CACHE],
     # The top half stays trainable (MiniLM: embeddings and layer0-2 may freeze; layer3-5 and the head never).

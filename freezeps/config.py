@@ -18,6 +18,7 @@ from proto.transport import MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
+from ps.server import SHARDED_CENTRAL
 from worker.cached_prefix import AUGMENT_REFUSED
 from worker.data import DATASETS
 from worker.models import MODELS, TEXT_MODELS
@@ -86,6 +87,9 @@ class Config:
                                  "and the round completes without it", (PS, RUN))
     start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
                                 "initial values arrived starts with those present", (PS, RUN))
+    ps_shards: int = _f(1, "PS shards: separate PS processes, each owning a contiguous range of blocks of roughly "
+                        "equal bytes (ps-lite style); run: one per shard (with netns, each on its own link)", (PS, RUN))
+    ps_shard: int = _f(0, "which of the ps_shards this PS is, 0-based", (PS,))
     max_model_bytes: int = _f(4 << 30, "largest model (tensor bytes) the PS accepts from the first Join; it "
                               "allocates about 3x this", (PS, RUN))
     checkpoint_dir: str = _f("", "folder for the PS's checkpoints; empty: none (run: RUN_DIR/checkpoints when "
@@ -101,7 +105,8 @@ class Config:
     params_out: str = _f("", "save the final parameters here ({tensor name: tensor}, torch.save); empty: "
                          "not saved (run: RUN_DIR/params.pt)", (PS,))
     # -- worker ----------------------------------------------------------------------------
-    ps_address: str = _f("127.0.0.1:50051", "PS address a worker connects to, host:port", (WORKER,))
+    ps_address: str = _f("127.0.0.1:50051", "PS address a worker connects to, host:port; with several PS shards, "
+                         "theirs in shard order, comma-separated", (WORKER,))
     model: str = _f("efficientnet_lite0", "model", (WORKER, RUN), tuple(sorted(MODELS)))
     weights: str = _f("imagenet", "initial weights: pretrained (imagenet for the vision models), random, a "
                       "state_dict file, or for bert a Hugging Face folder", (WORKER, RUN))
@@ -180,7 +185,7 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
-        positive = ("num_workers", "chunk_bytes", "batch_size", "epochs", "image_size", "max_seq_len", "connect_retries",
+        positive = ("num_workers", "chunk_bytes", "ps_shards", "batch_size", "epochs", "image_size", "max_seq_len", "connect_retries",
                 "checkpoint_keep", "max_model_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -198,6 +203,13 @@ class Config:
         if self.round_timeout_s <= self.worker_timeout_s:
             raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
+        if not 0 <= self.ps_shard < self.ps_shards:
+            raise ValueError(f"ps_shard {self.ps_shard} must be in 0..ps_shards-1 ({self.ps_shards} shards)")
+        if self.ps_shards > 1 and self.mode != "ps":
+            raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
+        if self.ps_shards > 1 and freeze_policy(self).needs_gradients:
+            raise ValueError(f"ps_shards {self.ps_shards} with freeze {self.freeze!r}: {SHARDED_CENTRAL}")
+        ps_addresses(self)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
@@ -228,6 +240,16 @@ def freeze_policy(cfg: Config) -> FreezePolicy:
                         quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
                         patience=cfg.freeze_patience,
                         freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
+
+
+def ps_addresses(cfg: Config) -> list[str]:
+    """The PS shards' addresses, in shard order (ValueError when one is not host:port)."""
+    addresses = [a.strip() for a in cfg.ps_address.split(",")]
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"ps_address: {a!r} is not host:port")
+    return addresses
 
 
 def auth_for(cfg: Config, role: str) -> Auth:

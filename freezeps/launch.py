@@ -82,7 +82,8 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(_toml(cfg))
     if cfg.network == "loopback":
-        return _run_processes(cfg, run_dir, Placement.loopback(free_port(), cfg.num_workers))
+        return _run_processes(cfg, run_dir, Placement.loopback([free_port() for _ in range(cfg.ps_shards)],
+                                                               cfg.num_workers))
     if cfg.mode == "single":
         print("freezeps run: --mode single has no network; use --network loopback", file=sys.stderr)
         return 2
@@ -91,7 +92,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
         print(f"freezeps run: --network netns is not available here: {reason}", file=sys.stderr)
         return 2
     try:
-        with netns.Topology(cfg.num_workers, link_shape(cfg)) as topology:
+        with netns.Topology(cfg.num_workers, link_shape(cfg), servers=cfg.ps_shards) as topology:
             placement = Placement.in_namespaces(topology, port=50051)
             before = topology.counters()
             code = _run_processes(cfg, run_dir, placement, after=lambda: _write_wire(run_dir, topology, before, cfg))
@@ -111,13 +112,13 @@ class RunSecrets:
     launcher: Auth
 
     @classmethod
-    def make(cls, cfg: Config, run_dir: Path, ps_host: str) -> "RunSecrets":
+    def make(cls, cfg: Config, run_dir: Path, ps_hosts: list[str]) -> "RunSecrets":
         folder = run_dir / "secrets"
         token = cfg.token_file or str(folder / "token")
         ca, ps_cert, ps_key, client_cert, client_key = (
             str(folder / name) for name in ("ca.pem", "ps.pem", "ps.key", "worker.pem", "worker.key"))
         if cfg.tls or not cfg.token_file:
-            make_secrets(folder, [ps_host], ["worker"] if cfg.tls_client_auth else [], token=not cfg.token_file)
+            make_secrets(folder, ps_hosts, ["worker"] if cfg.tls_client_auth else [], token=not cfg.token_file)
         ps, worker = ["--token-file", token], ["--token-file", token]
         if cfg.tls:
             ps += ["--tls", "--tls-cert", ps_cert, "--tls-key", ps_key]
@@ -136,23 +137,31 @@ class RunSecrets:
 @dataclass(frozen=True)
 class Placement:
     """Where each process of a run lives and which addresses it uses."""
-    listen: str  # what the PS binds, and where the launcher asks it for its status
-    worker_ps_address: list[str]
-    ps_prefix: list[str]  # argv prefix that starts a process in its place (ip netns exec ...)
+    listen: list[str]  # what each PS shard binds, in shard order; the launcher asks shard 0 for the status
+    worker_ps_address: list[str]  # each worker's --ps-address: every shard's, comma-separated
+    ps_prefix: list[list[str]]  # per shard: argv prefix that starts a process in its place (ip netns exec ...)
     worker_prefix: list[list[str]]
     ddp_master: str  # DDP's rendezvous: rank 0's host and a free port
     interface: str  # the network interface gloo uses
 
     @classmethod
-    def loopback(cls, port: int, workers: int) -> "Placement":
-        address = f"127.0.0.1:{port}"
-        return cls(address, [address] * workers, [], [[]] * workers, f"127.0.0.1:{free_port()}", "lo")
+    def loopback(cls, ports: list[int], workers: int) -> "Placement":
+        listen = [f"127.0.0.1:{port}" for port in ports]
+        return cls(listen, [",".join(listen)] * workers, [[]] * len(ports), [[]] * workers,
+                   f"127.0.0.1:{free_port()}", "lo")
 
     @classmethod
     def in_namespaces(cls, topology: netns.Topology, port: int) -> "Placement":
-        address = f"{topology.ps_ip}:{port}"
-        return cls(address, [address] * topology.workers, topology.exec_prefix(topology.ps),
+        listen = [f"{topology.server_ip(i)}:{port}" for i in range(topology.servers)]
+        return cls(listen, [",".join(listen)] * topology.workers, [topology.exec_prefix(ns) for ns in topology.ps_ns],
                    [topology.exec_prefix(ns) for ns in topology.worker_ns], f"{topology.worker_ip(0)}:29500", "eth0")
+
+
+def shard_file(name: str, shard: int) -> str:
+    """A PS shard's file in the run folder: shard 0 keeps the plain name (ps.jsonl), shard i
+    gets ps-shardI.jsonl."""
+    stem, dot, ext = name.partition(".")
+    return name if shard == 0 else f"{stem}-shard{shard}{dot}{ext}"
 
 
 def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Config) -> None:
@@ -168,7 +177,8 @@ def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Conf
         "wire_bytes": sum(link["tx_bytes"] for link in links.values()),
         "workers_tx_bytes": sum(w["tx_bytes"] for w in workers),
         "workers_rx_bytes": sum(w["rx_bytes"] for w in workers),
-        "links": {"ps": links[topology.ps], **{f"worker-{i}": w for i, w in enumerate(workers)}},
+        "links": {**{shard_file("ps", i): links[ns] for i, ns in enumerate(topology.ps_ns)},
+                  **{f"worker-{i}": w for i, w in enumerate(workers)}},
     }
     (run_dir / "wire.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -232,20 +242,24 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
     common = ["--config", str(run_dir / "config.toml")]
     print(f"freezeps run: {cfg.num_workers} workers x {threads} threads, {cfg.model} on {cfg.dataset}, "
           f"freeze {cfg.freeze}, {cfg.network}; logs in {run_dir}", flush=True)
-    host = where.listen.rsplit(":", 1)[0]
+    hosts = sorted({address.rsplit(":", 1)[0] for address in where.listen})
     try:
-        secrets = RunSecrets.make(cfg, run_dir, host)
+        secrets = RunSecrets.make(cfg, run_dir, hosts)
     except (AuthError, OSError) as e:
         print(f"freezeps run: cannot set up the run's credentials: {e}", file=sys.stderr)
         return 2
-    ps_log = open(run_dir / "ps.log", "w")
     wire = ["--count-wire-bytes"] if cfg.network == "netns" else []
-    ps = subprocess.Popen(where.ps_prefix + base + ["ps"] + common + wire + secrets.ps_flags +
-                          ["--listen", where.listen, "--run-log", str(run_dir / "ps.jsonl"),
-                           "--params-out", str(run_dir / "params.pt")] +
-                          (["--checkpoint-dir", str(run_dir / "checkpoints")] if cfg.checkpoint_every else []),
-                          stdout=ps_log, stderr=subprocess.STDOUT)
-    workers, logs = [], [ps_log]
+    servers, logs = [], []
+    for shard, listen in enumerate(where.listen):
+        logs.append(open(run_dir / shard_file("ps.log", shard), "w"))
+        checkpoints = run_dir / shard_file("checkpoints", shard)
+        servers.append(subprocess.Popen(
+            where.ps_prefix[shard] + base + ["ps"] + common + wire + secrets.ps_flags +
+            ["--listen", listen, "--ps-shard", str(shard), "--run-log", str(run_dir / shard_file("ps.jsonl", shard)),
+             "--params-out", str(run_dir / shard_file("params.pt", shard))] +
+            (["--checkpoint-dir", str(checkpoints)] if cfg.checkpoint_every else []),
+            stdout=logs[-1], stderr=subprocess.STDOUT))
+    workers = []
     for i in range(cfg.num_workers):
         log = open(run_dir / f"worker-{i}.log", "w")
         logs.append(log)
@@ -254,13 +268,13 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
             ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)] +
             (["--cache-dir", str(run_dir / "cache")] if cfg.cache_disk_bytes and not cfg.cache_dir else []),
             stdout=log, stderr=subprocess.STDOUT))
-    channel = open_channel(where.listen, secrets.launcher)
+    channel = open_channel(where.listen[0], secrets.launcher)
     stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None
     try:
         while any(w.poll() is None for w in workers):
             failed = next((i for i, w in enumerate(workers) if w.poll() not in (None, 0)), None)
-            if failed is not None or ps.poll() is not None:
+            if failed is not None or any(p.poll() is not None for p in servers):
                 break
             status = _status(stub)
             if status is not None and status.initialized:
@@ -277,13 +291,16 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
             bad = failed if failed is not None else next(i for i, w in enumerate(workers) if w.returncode != 0)
             _report_failure(f"worker {bad}", workers[bad], run_dir / f"worker-{bad}.log")
             return 1
-        if ps.poll() is not None and ps.returncode != 0:
-            print(f"freezeps run: the PS failed; see {run_dir / 'ps.log'}", file=sys.stderr)
+        bad = next((i for i, p in enumerate(servers) if p.poll() not in (None, 0)), None)
+        if bad is not None:
+            _report_failure(f"PS shard {bad}" if len(servers) > 1 else "the PS", servers[bad],
+                            run_dir / shard_file("ps.log", bad))
             return 1
-        ps.wait(timeout=60)
+        for p in servers:
+            p.wait(timeout=60)
         after()
     finally:
-        _stop([*workers, ps])
+        _stop([*workers, *servers])
         channel.close()
         for log in logs:
             log.close()

@@ -104,41 +104,49 @@ def unavailable() -> str | None:
 
 @dataclass
 class Topology:
-    """N worker namespaces and a PS namespace on one bridge. Use as a context manager: the
-    namespaces (and so every link in them) are deleted on exit, also when setup fails midway."""
+    """N worker namespaces and a namespace per PS shard (one by default) on one bridge. Use as
+    a context manager: the namespaces (and so every link in them) are deleted on exit, also
+    when setup fails midway."""
     workers: int
     shape: LinkShape = field(default_factory=LinkShape)
     tag: str = ""
+    servers: int = 1
 
     def __post_init__(self):
         self.shape.validate()
         if self.workers < 1:
             raise ValueError("a topology needs at least one worker")
+        if not 1 <= self.servers <= 8:
+            raise ValueError(f"a topology holds 1 to 8 PS shards, not {self.servers}")
         self.tag = self.tag or f"fz{os.getpid() % 100000}"
         # A second octet from the tag, so that two topologies at once do not share the
         # host's route; namespaces themselves are isolated anyway.
         self._net = f"10.{100 + zlib.crc32(self.tag.encode()) % 100}.0"
         self.switch = f"{self.tag}-sw"
-        self.ps = f"{self.tag}-ps"
+        self.ps_ns = [f"{self.tag}-ps"] + [f"{self.tag}-ps{i}" for i in range(1, self.servers)]
+        self.ps = self.ps_ns[0]
         self.worker_ns = [f"{self.tag}-w{i}" for i in range(self.workers)]
         self.host_link = f"{self.tag}h"
         self._created: list[str] = []
 
-    # Addresses: host .1, PS .2, worker i .(10 + i).
+    # Addresses: host .1, PS shard i .(2 + i), worker i .(10 + i).
     @property
     def host_ip(self) -> str:
         return f"{self._net}.1"
 
     @property
     def ps_ip(self) -> str:
-        return f"{self._net}.2"
+        return self.server_ip(0)
+
+    def server_ip(self, i: int) -> str:
+        return f"{self._net}.{2 + i}"
 
     def worker_ip(self, i: int) -> str:
         return f"{self._net}.{10 + i}"
 
     def endpoints(self) -> list[tuple[str, str, str]]:
-        """(namespace, switch port, address) of the PS and every worker."""
-        return [(self.ps, "ps", self.ps_ip)] + [
+        """(namespace, switch port, address) of every PS shard and every worker."""
+        return [(ns, "ps" if i == 0 else f"ps{i}", self.server_ip(i)) for i, ns in enumerate(self.ps_ns)] + [
             (ns, f"w{i}", self.worker_ip(i)) for i, ns in enumerate(self.worker_ns)]
 
     def __enter__(self) -> "Topology":
@@ -156,7 +164,7 @@ class Topology:
 
     def _setup(self) -> None:
         mtu = str(self.shape.mtu)
-        for ns in [self.switch, self.ps, *self.worker_ns]:
+        for ns in [self.switch, *self.ps_ns, *self.worker_ns]:
             _ip("netns", "add", ns)
             self._created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")

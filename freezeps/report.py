@@ -57,11 +57,64 @@ def applied_rounds(records: list[dict]) -> list[dict]:
     return rounds
 
 
+def _added(a, b):
+    """Two byte tallies added: numbers added, nested dicts key by key."""
+    if isinstance(a, dict):
+        return {k: _added(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    return a + b
+
+
+SUMMED = ("bytes", "message_bytes", "push_payload", "pull_payload", "push_payload_no_freeze",
+          "pull_payload_no_freeze", "push_by_block", "pull_by_block", "optimizer_state_bytes")
+
+
+def merge_shards(logs: list[list[dict]]) -> list[dict]:
+    """The run logs of a sharded PS as one log: shard 0's records, with each round's bytes and
+    the summary's tallies added over the shards (their blocks are disjoint). A round ends when
+    its last shard ends it, and its optimizer step takes the longest shard's time (they run at
+    once); freezes are shard 0's (every shard makes the same decisions)."""
+    if len(logs) == 1:
+        return logs[0]
+    rounds = [{r["step"]: r for r in applied_rounds(log)} for log in logs]
+    merged = []
+    for step, first in rounds[0].items():
+        same = [shard[step] for shard in rounds if step in shard]
+        if len(same) < len(rounds):
+            raise ValueError(f"round {step} is missing from the logs of {len(rounds) - len(same)} PS shard(s)")
+        record = {**first, "time": max(r["time"] for r in same),
+                  "bytes": {"by_block": _added_all([r["bytes"]["by_block"] for r in same]),
+                            "by_worker": _added_all([r["bytes"]["by_worker"] for r in same])},
+                  "grad_norm": {k: v for r in same for k, v in r["grad_norm"].items()}}
+        if all("optimizer_s" in r for r in same):
+            record["optimizer_s"] = max(r["optimizer_s"] for r in same)
+        merged.append(record)
+    summaries = [next((r for r in reversed(log) if r.get("event") == "summary"), None) for log in logs]
+    if any(s is None for s in summaries):
+        raise FileNotFoundError(f"PS shard {summaries.index(None)} logged no summary: did the run finish?")
+    summary = {**summaries[0], **{k: _added_all([s[k] for s in summaries]) for k in SUMMED if k in summaries[0]},
+               "wall_s": max(s["wall_s"] for s in summaries)}
+    rest = [r for r in logs[0] if r.get("event") not in ("round", "resume", "summary")]
+    return rest + merged + [summary]
+
+
+def _added_all(tallies: list):
+    total = tallies[0]
+    for t in tallies[1:]:
+        total = _added(total, t)
+    return total
+
+
+def ps_logs(run_dir: Path) -> list[list[dict]]:
+    """The PS's run log, or a sharded PS's, shard 0's (ps.jsonl) first."""
+    shards = sorted(run_dir.glob("ps-shard*.jsonl"), key=lambda p: int(p.stem.removeprefix("ps-shard")))
+    return [read_jsonl(run_dir / "ps.jsonl")] + [read_jsonl(p) for p in shards]
+
+
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
-    log_file = run_dir / "ps.jsonl" if (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists() \
-        else run_dir / "ddp.jsonl"
-    ps = read_jsonl(log_file)
+    is_ps = (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists()
+    log_file = run_dir / "ps.jsonl" if is_ps else run_dir / "ddp.jsonl"
+    ps = merge_shards(ps_logs(run_dir)) if is_ps else read_jsonl(log_file)
     summary = next((r for r in reversed(ps) if r.get("event") == "summary"), None)
     if summary is None:
         raise FileNotFoundError(f"{log_file} has no summary record: did the run finish?")
@@ -93,7 +146,7 @@ def summarize_run(run_dir: Path) -> dict:
         wire["message_bytes"] = sum(sum(d.values()) for d in summary["message_bytes"].values())
         wire["wire_per_payload"] = wire["wire_bytes"] / total_payload if total_payload else None
     return {
-        "name": run_dir.name, "mode": summary.get("mode", "ps"), "model": summary["model"], "workers": summary["num_workers"],
+        "name": run_dir.name, "mode": summary.get("mode", "ps"), "ps_shards": summary.get("num_shards", 1), "model": summary["model"], "workers": summary["num_workers"],
         "steps": summary["steps"], "wall_s": summary["wall_s"],
         # Round 0's start to the last round's end: what the modes share (the PS's wall_s also
         # holds the wait for workers to start and join).
@@ -151,7 +204,8 @@ def format_cache(cache: dict, what: str = "activation cache") -> str:
 
 
 def format_report(facts: dict) -> str:
-    lines = [f"{facts['mode']}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
+    mode = f"{facts['mode']} ({facts['ps_shards']} shards)" if facts.get("ps_shards", 1) > 1 else facts["mode"]
+    lines = [f"{mode}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
              f"wall {facts['wall_s']:.1f} s (training {facts['train_s']:.1f} s), {facts['frozen_blocks']} blocks frozen at the end"]
     if facts["accuracy"] is not None:
         curve = ", ".join(f"epoch {e:g}: {a:.4f}" for e, a in facts["accuracy_by_epoch"])
@@ -253,7 +307,8 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         eval_s = f"{r['eval_s']:.1f}" if r.get("eval_s") is not None else "-"
         paired = _paired(r, base)
         vs_base = f"{paired[0]:+.1f} ± {paired[1]:.1f}" if paired else "-"
-        lines.append(f"| {r['name']} | {r['mode']} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
+        mode = f"{r['mode']}, {r['ps_shards']} shards" if r.get("ps_shards", 1) > 1 else r["mode"]
+        lines.append(f"| {r['name']} | {mode} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
                      f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | "
                      f"{eval_s} | {rate} | "
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "

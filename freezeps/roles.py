@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from freezeps.config import PS, WORKER, Config, auth_for, freeze_policy
+from freezeps.config import PS, WORKER, Config, auth_for, freeze_policy, ps_addresses
 from proto.security import AuthError
 from proto.transport import InterfaceCounter
 from ps.checkpoint import CheckpointError, list_checkpoints
@@ -32,12 +32,12 @@ def server_settings(cfg: Config) -> ServerSettings:
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
                           start_timeout_s=cfg.start_timeout_s,
-                          max_model_bytes=cfg.max_model_bytes)
+                          max_model_bytes=cfg.max_model_bytes, shard=cfg.ps_shard, num_shards=cfg.ps_shards)
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
-    return WorkerSettings(ps_address=cfg.ps_address, model=cfg.model, weights=cfg.weights, dataset=cfg.dataset,
+    return WorkerSettings(ps_addresses=tuple(ps_addresses(cfg)), model=cfg.model, weights=cfg.weights, dataset=cfg.dataset,
                           data_dir=Path(cfg.data_dir), download=cfg.download, train_samples=cfg.train_samples,
                           test_samples=cfg.test_samples, image_size=cfg.image_size, augment=cfg.augment,
                           sharding=cfg.sharding, dirichlet_alpha=cfg.dirichlet_alpha, batch_size=cfg.batch_size,

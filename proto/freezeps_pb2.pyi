@@ -87,12 +87,14 @@ class Vote(_message.Message):
     def __init__(self, frozen_blocks: _Optional[int] = ..., eta: _Optional[_Iterable[float]] = ..., shard_size: _Optional[int] = ..., label_balance: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("worker_name", "manifest")
+    __slots__ = ("worker_name", "manifest", "rank")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     manifest: Manifest
-    def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    rank: int
+    def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine")

@@ -168,9 +168,12 @@ def save_params(values: dict, path: Path) -> None:
 
 
 def summarize(run: dict, totals: dict, pushes: int, wall_s: float) -> dict:
-    """The run's bytes per method and direction, next to what every block, dense, every step
-    would have moved."""
+    """The run's bytes per method and direction, next to what every block (of this PS's), dense,
+    every step would have moved."""
     model_bytes = sum(b["bytes"] for b in run["blocks"])
+    # A PS shard's counterfactual is its own blocks': the shards' summaries add up to the model's.
+    first, end = run.get("owned") or (0, len(run["blocks"]))
+    owned_bytes = sum(b["bytes"] for b in run["blocks"][first:end])
     names = {str(i): b["name"] for i, b in enumerate(run["blocks"])}
 
     def payload(method: str, direction: str) -> int:
@@ -184,7 +187,7 @@ def summarize(run: dict, totals: dict, pushes: int, wall_s: float) -> dict:
     return {
         "event": "summary", **run, "wall_s": round(wall_s, 3), "model_bytes": model_bytes,
         "push_payload": payload("Push", "in"), "pull_payload": payload("Pull", "out"),
-        "push_payload_no_freeze": pushes * model_bytes, "pull_payload_no_freeze": pulls * model_bytes,
+        "push_payload_no_freeze": pushes * owned_bytes, "pull_payload_no_freeze": pulls * owned_bytes,
         "push_by_block": per_block("Push", "in"), "pull_by_block": per_block("Pull", "out"),
         "message_bytes": {m: {d: sum(t["message"] for t in v.values()) for d, v in dirs.items()}
                           for m, dirs in totals.items()},

@@ -42,6 +42,11 @@ from ps.store import BlockStore, ReceivedPush, as_bytes
 
 log = logging.getLogger("freezeps.ps")
 
+# Every shard decides from what it holds; a central gradient decision needs all blocks' gradients.
+SHARDED_CENTRAL = ("a central gradient decision needs every block's averaged gradient on one PS: with several "
+                   "PS shards use freeze_decision 'votes' (every shard combines the same votes) or a "
+                   "gradient-blind engine (none, static, linear)")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -69,10 +74,16 @@ class ServerSettings:
     # The PS allocates values, an accumulator and momentum per tensor the first manifest
     # declares: a bound, so that a Join cannot make it allocate without limit.
     max_model_bytes: int = 4 << 30
+    # This PS is shard `shard` of `num_shards`: it owns the shard-th of num_shards contiguous
+    # block ranges of roughly equal bytes (proto/layout.assign_blocks), ps-lite style.
+    shard: int = 0
+    num_shards: int = 1
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
         self.make_optimizer()  # ValueError now, not at the first Join
 
     def make_optimizer(self) -> Optimizer:
@@ -95,6 +106,8 @@ class ParameterServer:
         """on_record gets one "round" record per step and a "freeze" record per freeze."""
         self.settings = settings
         self.policy = policy.validate()
+        if settings.num_shards > 1 and policy.needs_gradients:
+            raise ValueError(SHARDED_CENTRAL)
         self.engine = policy.make_engine()
         self._on_record = on_record
         self._cond = threading.Condition()
@@ -142,6 +155,9 @@ class ParameterServer:
         return pb.FreezeState(frozen_blocks=self._freeze.frozen_blocks, version=self._freeze.version,
                               since_step=self._freeze.since_step)
 
+    def _owned_range(self, blocks: list[BlockLayout]) -> range:
+        return assign_blocks([b.nbytes for b in blocks], self.settings.num_shards)[self.settings.shard]
+
     def _active(self) -> range:
         return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)
 
@@ -160,10 +176,14 @@ class ParameterServer:
                     frozen = self.engine.initial(len(blocks))
                 except ValueError as e:
                     raise FailedPrecondition(f"freeze engine does not fit this model: {e}") from None
+                try:
+                    owned = self._owned_range(blocks)
+                except ValueError as e:
+                    raise FailedPrecondition(f"this model does not fit the PS shards: {e}") from None
                 self._manifest = pb.Manifest()
                 self._manifest.CopyFrom(req.manifest)
                 self._blocks = blocks
-                self._owned = assign_blocks([b.nbytes for b in blocks], 1)[0]  # one PS owns every block
+                self._owned = owned
                 self._store = BlockStore(blocks, self._owned, self.settings.make_optimizer())
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
@@ -173,12 +193,21 @@ class ParameterServer:
             elif req.manifest != self._manifest:
                 raise FailedPrecondition(f"manifest differs from the run's: {_manifest_diff(self._manifest, req.manifest)}")
             again = next((w for w in self._workers.values() if req.worker_name and w.name == req.worker_name), None)
+            if again is not None and req.HasField("rank") and req.rank != again.rank:
+                raise FailedPrecondition(f"worker {req.worker_name!r} holds rank {again.rank} here, asked for {req.rank}")
             if again is not None:  # a retried Join whose reply was lost: same registration
                 return self._join_reply(again, needs_init=self._init_worker == again.worker_id and not self._initialized)
             if len(self._workers) >= self.settings.num_workers:
                 raise RunFull(f"run is full: {len(self._workers)} of {self.settings.num_workers} workers live")
             taken = {w.rank for w in self._workers.values()}
-            rank = next(r for r in itertools.count() if r not in taken)
+            if req.HasField("rank"):  # a later PS shard: the rank shard 0 gave
+                if req.rank >= self.settings.num_workers or req.rank in taken:
+                    why = "out of range" if req.rank >= self.settings.num_workers else "held by another worker"
+                    raise FailedPrecondition(f"rank {req.rank} asked for is {why} (num_workers "
+                                             f"{self.settings.num_workers}, taken {sorted(taken)})")
+                rank = req.rank
+            else:
+                rank = next(r for r in itertools.count() if r not in taken)
             worker_id = f"w{next(self._ids)}-{rank}-{self._incarnation}"
             self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank)
             self._ever_joined += 1
@@ -381,7 +410,7 @@ class ParameterServer:
 
     def _set_frozen(self, frozen: int, since_step: int) -> None:
         before = self._freeze.frozen_blocks
-        self._store.freeze(range(before, frozen))
+        self._store.freeze(range(max(before, self._owned.start), min(frozen, self._owned.stop)))
         self._freeze = pb.FreezeState(frozen_blocks=frozen, version=self._freeze.version + 1, since_step=since_step)
         log.info("[PS.Freeze] blocks %s frozen from step %d", [b.name for b in self._blocks[:frozen]], since_step)
 
@@ -473,6 +502,7 @@ class ParameterServer:
                     "freeze_proposals": list(self._freeze_history.proposals),
                     "freeze": [self._freeze.frozen_blocks, self._freeze.version, self._freeze.since_step],
                     "engine_config": self.policy.engine_config().SerializeToString(),
+                    "shard": [self.settings.shard, self.settings.num_shards],
                     "engine": self.engine.state_dict(), **self._store.state()}
 
     def restore(self, state: dict) -> None:
@@ -489,7 +519,11 @@ class ParameterServer:
                 blocks = layout_from_manifest(manifest)
             except ManifestError as e:
                 raise ValueError(f"bad manifest in checkpoint: {e}") from None
-            owned = assign_blocks([b.nbytes for b in blocks], 1)[0]
+            shard = tuple(int(x) for x in state.get("shard", (0, 1)))  # before shards: the only PS
+            if shard != (self.settings.shard, self.settings.num_shards):
+                raise ValueError(f"the checkpoint is of PS shard {shard[0]} of {shard[1]}; this PS is shard "
+                                 f"{self.settings.shard} of {self.settings.num_shards}")
+            owned = self._owned_range(blocks)
             store = BlockStore(blocks, owned, self.settings.make_optimizer())
             store.load_state(state)
             frozen, version, since = (int(x) for x in state["freeze"])
@@ -497,7 +531,7 @@ class ParameterServer:
                 raise ValueError(f"checkpoint freezes {frozen} of {len(blocks)} blocks")
             self.engine.load_state_dict(state["engine"])
             self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
-            self._store.freeze(range(0, frozen))
+            self._store.freeze(range(owned.start, min(frozen, owned.stop)))
             self._freeze = pb.FreezeState(frozen_blocks=frozen, version=version, since_step=since)
             self._step, self._total_steps = int(state["step"]), int(state["total_steps"])
             self._steps_per_epoch = int(state["steps_per_epoch"])
@@ -540,6 +574,8 @@ class ParameterServer:
         with self._cond:
             return {"model": self._manifest.model if self._manifest else "",
                     "blocks": [{"name": b.name, "bytes": b.nbytes} for b in self._blocks],
+                    "shard": self.settings.shard, "num_shards": self.settings.num_shards,
+                    "owned": [self._owned.start, self._owned.stop],
                     "num_workers": self.settings.num_workers, "steps": self._step,
                     "frozen_blocks": self._freeze.frozen_blocks, "freeze_since_step": self._freeze.since_step,
                     "workers_dropped": self._dropped, "abandoned": self._abandoned,

@@ -97,8 +97,9 @@ def one_worker_run():
         yield run
 
 
-def worker_settings(address: str, **overrides) -> WorkerSettings:
-    base = dict(ps_address=address, model="mlp", weights="random", dataset="synthetic", data_dir=Path("data"),
+def worker_settings(address: str | tuple[str, ...], **overrides) -> WorkerSettings:
+    """A tiny worker against the PS at `address` (or the shards at a tuple of addresses)."""
+    base = dict(ps_addresses=(address,) if isinstance(address, str) else address, model="mlp", weights="random", dataset="synthetic", data_dir=Path("data"),
                 download=False, train_samples=0, test_samples=0, image_size=8, augment=False, sharding="iid",
                 dirichlet_alpha=0.5, batch_size=16, epochs=1, steps=6, seed=0, threads=1, evaluate=False, eval_every=0,
                 log_dir=None, connect_retries=3, rpc_timeout_s=30.0)

@@ -32,13 +32,15 @@ def _links() -> set[str]:
     return {link["ifname"] for link in json.loads(out)}
 
 
-def test_setup_and_teardown():
-    with Topology(2, tag="fzt1") as t:
-        assert {t.switch, t.ps, *t.worker_ns} <= _namespaces()
+@pytest.mark.parametrize("servers", [1, 3])
+def test_setup_and_teardown(servers):
+    with Topology(2, tag="fzt1", servers=servers) as t:
+        assert len(t.ps_ns) == servers and t.ps == t.ps_ns[0]
+        assert {t.switch, *t.ps_ns, *t.worker_ns} <= _namespaces()
         assert t.host_link in _links()
         counters = t.counters()
-        assert set(counters) == {t.ps, *t.worker_ns}
-    assert not {t.switch, t.ps, *t.worker_ns} & _namespaces()
+        assert set(counters) == {*t.ps_ns, *t.worker_ns}
+    assert not {t.switch, *t.ps_ns, *t.worker_ns} & _namespaces()
     assert t.host_link not in _links()
 
 
@@ -124,19 +126,24 @@ def test_shaping_installs_a_token_bucket_both_ways():
             assert "tbf" in qdisc and "500Mbit" in qdisc
 
 
-def test_a_run_across_namespaces(tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_run_across_namespaces(tmp_path, shards):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "freezeps", "run", "--network", "netns", "--model", "mlp",
                            "--image-size", "8", "--weights", "random", "--dataset", "synthetic",
-                           "--num-workers", "2", "--steps", "6", "--freeze", "none", "--run-dir", str(run_dir)],
+                           "--num-workers", "2", "--steps", "6", "--freeze", "none", "--run-dir", str(run_dir),
+                           "--ps-shards", str(shards)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wire/payload" in proc.stdout
     wire = json.loads((run_dir / "wire.json").read_text())
-    assert set(wire["links"]) == {"ps", "worker-0", "worker-1"}
-    rounds = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines()]
-    rounds = [r for r in rounds if r.get("event") == "round"]
-    assert len(rounds) == 6 and all(r["wire"]["rx_bytes"] > 0 for r in rounds)
+    servers = {"ps", "ps-shard1"} if shards == 2 else {"ps"}
+    assert set(wire["links"]) == {*servers, "worker-0", "worker-1"}
+    for server in servers:  # each shard on its own link, carrying its own blocks
+        assert wire["links"][server]["rx_bytes"] > 0
+        rounds = [json.loads(line) for line in (run_dir / f"{server}.jsonl").read_text().splitlines()]
+        rounds = [r for r in rounds if r.get("event") == "round"]
+        assert len(rounds) == 6 and all(r["wire"]["rx_bytes"] > 0 for r in rounds)
 
 
 def _unit_env(template: str, paths: dict[str, str], **overrides: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The worker's side of the wire: one gRPC channel to the PS and a method per RPC.
+"""The worker's side of the wire: one gRPC channel to a PS and a method per RPC (PSClient),
+and the same methods over every shard of a sharded PS (ShardedClient).
 
 Every message sent or received passes through the transport's meter.
 """
@@ -6,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -31,12 +33,16 @@ class ConnectError(RuntimeError):
     """The PS could not be reached within the retry budget."""
 
 
+class ShardMismatch(RuntimeError):
+    """The PS shards disagree on where the run is (step, freeze state or workers)."""
+
+
 class PSClient:
     def __init__(self, address: str, *, auth: Auth = Auth(),
                  connect_retries: int = 8, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-                 rpc_timeout_s: float = 600.0):
+                 rpc_timeout_s: float = 600.0, meter: ByteMeter | None = None):
         self.address = address
-        self.meter = ByteMeter()
+        self.meter = meter or ByteMeter()
         self._channel = open_channel(address, auth)
         self._stub = ParameterServerClient(self._channel)
         self._retries = connect_retries
@@ -52,9 +58,10 @@ class PSClient:
     def close(self) -> None:
         self._channel.close()
 
-    def join(self, manifest: pb.Manifest, name: str) -> pb.JoinReply:
-        """Join, retrying with exponential backoff while the PS is unreachable."""
-        request = pb.JoinRequest(worker_name=name, manifest=manifest)
+    def join(self, manifest: pb.Manifest, name: str, rank: int | None = None) -> pb.JoinReply:
+        """Join, retrying with exponential backoff while the PS is unreachable. `rank`: the
+        one PS shard 0 gave (for the other shards)."""
+        request = pb.JoinRequest(worker_name=name, manifest=manifest, rank=rank)
         delay, started = self._backoff, time.monotonic()
         for attempt in range(1, self._retries + 1):
             try:
@@ -131,3 +138,106 @@ class PSClient:
         reply = self._stub.Leave(request, timeout=30.0, metadata=self._metadata())
         self.meter.count("Leave", "in", self.worker_id, reply)
         return reply
+
+
+class ShardedClient:
+    """A PSClient per PS shard, in shard order, behind PSClient's methods; one meter for all.
+
+    Join goes to shard 0 first, and the rank it gives is asked of the others, so that a rank
+    (and the data shard it stands for) is the same everywhere. A pull or push goes to every
+    shard at once, each with the blocks it owns; the headers of every shard still travel
+    when it owns nothing left to train, since each shard completes its own rounds and makes
+    the freeze decision from them. The shards must agree on the step and the freeze state
+    (they decide the same from the same inputs); if they do not, ShardMismatch.
+    """
+
+    def __init__(self, addresses: Sequence[str], **client_options):
+        if not addresses:
+            raise ValueError("no PS address")
+        self.meter = ByteMeter()
+        self.shards = [PSClient(a, meter=self.meter, **client_options) for a in addresses]
+        self._owned: list[range] = []
+        self._needs_init: list[bool] = []
+        # One shard: calls run in the caller's thread, as with a PSClient.
+        self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
+
+    @property
+    def address(self) -> str:
+        return ",".join(c.address for c in self.shards)
+
+    @property
+    def worker_id(self) -> str:
+        return self.shards[0].worker_id
+
+    def _each(self, call: Callable[[int, PSClient], object]) -> list:
+        """call(shard, client) for every shard, in parallel; the first error is raised once all ended."""
+        if self._pool is None:
+            return [call(0, self.shards[0])]
+        futures = [self._pool.submit(call, i, c) for i, c in enumerate(self.shards)]
+        errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return [f.result() for f in futures]
+
+    def _agree(self, what: str, values: list) -> None:
+        if any(v != values[0] for v in values[1:]):
+            raise ShardMismatch(f"the PS shards disagree on {what}: " +
+                                "; ".join(f"shard {i}: {str(v).strip() or 'unset'}" for i, v in enumerate(values)))
+
+    def join(self, manifest: pb.Manifest, name: str) -> pb.JoinReply:
+        first = self.shards[0].join(manifest, name)
+        replies = [first] + [c.join(manifest, name, rank=first.rank) for c in self.shards[1:]]
+        self._agree("the step", [r.step for r in replies])
+        self._agree("the freeze state", [r.freeze for r in replies])
+        self._agree("the number of workers", [r.num_workers for r in replies])
+        self._owned = [range(r.owned.first, r.owned.end) for r in replies]
+        if any(a.stop != b.start for a, b in zip(self._owned, self._owned[1:])) or self._owned[0].start != 0:
+            raise ShardMismatch(f"the PS shards' blocks do not follow each other: {self._owned} (are the addresses "
+                                f"in shard order, each shard told the same number of shards?)")
+        self._needs_init = [r.needs_init for r in replies]
+        merged = pb.JoinReply()
+        merged.CopyFrom(first)
+        merged.owned.CopyFrom(pb.BlockRange(first=0, end=self._owned[-1].stop))
+        merged.needs_init = any(self._needs_init)
+        return merged
+
+    def init(self, flat: FlatModel, owned: range, total_steps: int, steps_per_epoch: int = 0) -> pb.PushReply:
+        """Upload the initial values to every shard that asked this worker for them."""
+        replies = self._each(lambda i, c: c.init(flat, _within(owned, self._owned[i]), total_steps, steps_per_epoch)
+                             if self._needs_init[i] else None)
+        return next(r for r in replies if r is not None)
+
+    def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
+        started = time.perf_counter()
+        pulled = self._each(lambda i, c: c.pull(step, frozen_blocks, flat))
+        headers = [h for h, _, _ in pulled]
+        self._agree("the step", [h.step for h in headers])
+        self._agree("the freeze state", [h.freeze for h in headers])
+        wait_s = max(w for _, w, _ in pulled)
+        merged = pb.PullHeader(step=headers[0].step, freeze=headers[0].freeze,
+                               blocks=[b for h in headers for b in h.blocks])
+        return merged, wait_s, time.perf_counter() - started - wait_s
+
+    def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
+        def push_to(i: int, client: PSClient) -> pb.PushReply:
+            own = pb.PushHeader()
+            own.CopyFrom(header)  # each shard's copy gets that shard's worker id
+            return client.push(own, flat, _within(blocks, self._owned[i]))
+        return self._each(push_to)[0]
+
+    def status(self) -> pb.StatusReply:
+        return self.shards[0].status()
+
+    def leave(self) -> pb.LeaveReply:
+        return self._each(lambda i, c: c.leave())[0]
+
+    def close(self) -> None:
+        for c in self.shards:
+            c.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _within(blocks: range, owned: range) -> range:
+    return range(max(blocks.start, owned.start), max(min(blocks.stop, owned.stop), max(blocks.start, owned.start)))

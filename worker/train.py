@@ -31,7 +31,7 @@ from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from proto.security import Auth
 from worker.cached_prefix import AUGMENT_REFUSED, CachedPrefix, CacheSettings
-from worker.client import PSClient
+from worker.client import PSClient, ShardedClient
 from worker.data import (
     batch_order,
     label_balance,
@@ -49,7 +49,7 @@ log = logging.getLogger("freezeps.worker")
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    ps_address: str
+    ps_addresses: tuple[str, ...]  # the PS's, or its shards' in shard order
     model: str
     weights: str
     dataset: str
@@ -96,7 +96,7 @@ class Membership:
     voter: object  # this worker's freeze engine in votes mode, else None
 
 
-def join_run(client: PSClient, flat: FlatModel, name: str, train, settings: WorkerSettings,
+def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train, settings: WorkerSettings,
              total_steps, steps_per_epoch) -> Membership:
     """Join (and Init, when the PS asks for the first values); total_steps and steps_per_epoch
     are functions of the number of workers, which Join tells."""
@@ -148,7 +148,7 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
             "test_set": hashlib.sha256(ds.sample_ids(np.arange(len(ds))).astype(np.int64).tobytes()).hexdigest()[:16]}
 
 
-def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict:
+def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None = None) -> dict:
     """Train until the planned steps are done; returns this worker's summary."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -159,8 +159,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | None = None) -> dict
     model = build_model(settings.model, train.num_classes, settings.weights)
     channels = input_channels(model)
     flat = FlatModel(model, settings.sparse_push)
-    client = client or PSClient(settings.ps_address, connect_retries=settings.connect_retries,
-                                rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
+    client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
+                                     rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # Join. Every worker plans the same steps, from the global sample count.
