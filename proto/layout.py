@@ -101,22 +101,32 @@ def model_bytes(blocks: list[BlockLayout]) -> int:
 
 
 def assign_blocks(block_bytes: list[int], num_servers: int) -> list[range]:
-    """Split blocks 0..B-1 into `num_servers` contiguous ranges of roughly equal bytes.
+    """Split blocks 0..B-1 into `num_servers` contiguous, non-empty ranges whose largest holds
+    as few bytes as can be (the linear partition problem, solved exactly).
 
     ps-lite gives each server a key range; here the keys are blocks in forward order, so a
-    growing frozen prefix empties the first servers' ranges first. Every range is non-empty.
+    growing frozen prefix empties the first servers' ranges first. Every round moves each
+    server's bytes over its own link, so the largest range sets the round's time.
     """
-    if not 1 <= num_servers <= len(block_bytes):
-        raise ValueError(f"cannot split {len(block_bytes)} blocks over {num_servers} servers")
-    total = sum(block_bytes)
-    ranges, start, acc = [], 0, 0
-    for i, nbytes in enumerate(block_bytes):
-        acc += nbytes
-        left_servers = num_servers - len(ranges) - 1
-        left_blocks = len(block_bytes) - i - 1
-        target = total * (len(ranges) + 1) / num_servers
-        if left_servers and (acc >= target or left_blocks == left_servers):
-            ranges.append(range(start, i + 1))
-            start = i + 1
-    ranges.append(range(start, len(block_bytes)))
-    return ranges
+    blocks = len(block_bytes)
+    if not 1 <= num_servers <= blocks:
+        raise ValueError(f"cannot split {blocks} blocks over {num_servers} servers")
+    prefix = [0]
+    for nbytes in block_bytes:
+        prefix.append(prefix[-1] + nbytes)
+    # best[k][j]: the smallest possible largest range when blocks [0, j) go to k servers;
+    # cut[k][j]: where the k-th range starts in that split.
+    best = [[float("inf")] * (blocks + 1) for _ in range(num_servers + 1)]
+    cut = [[0] * (blocks + 1) for _ in range(num_servers + 1)]
+    best[0][0] = 0
+    for k in range(1, num_servers + 1):
+        for j in range(k, blocks - (num_servers - k) + 1):
+            for i in range(k - 1, j):
+                largest = max(best[k - 1][i], prefix[j] - prefix[i])
+                if largest < best[k][j]:
+                    best[k][j], cut[k][j] = largest, i
+    ranges, end = [], blocks
+    for k in range(num_servers, 0, -1):
+        ranges.append(range(cut[k][end], end))
+        end = cut[k][end]
+    return ranges[::-1]

@@ -119,6 +119,29 @@ def test_assign_blocks_contiguous_and_balanced():
     assert assign_blocks([1] * 4, 4) == [range(i, i + 1) for i in range(4)]
     with pytest.raises(ValueError):
         assign_blocks([1, 2], 3)
+    # The largest range is as small as can be: resnet18-fine (MB) in three, where cutting at a third
+    # of the bytes would put conv1..layer4.0 (25.9) on one server.
+    fine = [0, 0, 3, 3, 9, 12, 37, 47, 147, 189, 1]
+    three = assign_blocks(fine, 3)
+    assert [sum(fine[i] for i in r) for r in three] == [111, 147, 190]
+    assert assign_blocks([5, 1, 1, 1, 5], 3) == [range(0, 1), range(1, 4), range(4, 5)]
+    assert assign_blocks([0, 0, 9], 3) == [range(0, 1), range(1, 2), range(2, 3)]  # empty blocks still one each
+
+
+def test_assign_blocks_is_optimal_against_every_split():
+    import itertools
+
+    from proto.layout import assign_blocks
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 100, size=int(rng.integers(1, 8))).tolist()
+        servers = int(rng.integers(1, len(sizes) + 1))
+        got = assign_blocks(sizes, servers)
+        assert got[0].start == 0 and got[-1].stop == len(sizes) and all(len(r) for r in got)
+        assert all(a.stop == b.start for a, b in zip(got, got[1:]))
+        best = min(max(sum(sizes[a:b]) for a, b in zip((0, *cuts), (*cuts, len(sizes))))
+                   for cuts in itertools.combinations(range(1, len(sizes)), servers - 1))
+        assert max(sum(sizes[i] for i in r) for r in got) == best
 
 
 # -- row-sparse tensors ------------------------------------------------------------------------
