@@ -1,5 +1,6 @@
-"""`freezeps run`: one PS and N workers as separate processes on this machine, over loopback
-or (--network netns) each in its own network namespace on an emulated switch.
+"""`freezeps run`: a PS (or one process per PS shard) and N workers as separate processes on
+this machine, over loopback or (--network netns) each in its own network namespace on an
+emulated switch.
 
 The merged configuration is written to RUN_DIR/config.toml and every process reads it,
 so the run folder alone says how the run was made. Progress comes from the PS's Status RPC.
