@@ -207,8 +207,6 @@ class Config:
             raise ValueError(f"ps_shard {self.ps_shard} must be in 0..ps_shards-1 ({self.ps_shards} shards)")
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
-        if self.ps_shards > 1 and freeze_policy(self).needs_gradients:
-            raise ValueError(f"ps_shards {self.ps_shards} with freeze {self.freeze!r}: {SHARDED_CENTRAL}")
         ps_addresses(self)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
@@ -223,7 +221,9 @@ class Config:
             raise ValueError("tls_cert, tls_key, tls_ca and tls_client_auth only apply with tls on")
         make_optimizer(self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov,
                        betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_eps)
-        freeze_policy(self)  # validates the engine and the guards
+        policy = freeze_policy(self)  # validates the engine and the guards
+        if self.ps_shards > 1 and policy.needs_gradients:
+            raise ValueError(f"ps_shards {self.ps_shards} with freeze {self.freeze!r}: {SHARDED_CENTRAL}")
         link_shape(self)
         return self
 

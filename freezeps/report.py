@@ -6,6 +6,7 @@ worker-RANK.jsonl, config.toml, and with --network netns wire.json (the links' c
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -98,10 +99,7 @@ def merge_shards(logs: list[list[dict]]) -> list[dict]:
 
 
 def _added_all(tallies: list):
-    total = tallies[0]
-    for t in tallies[1:]:
-        total = _added(total, t)
-    return total
+    return functools.reduce(_added, tallies)
 
 
 def ps_logs(run_dir: Path) -> list[list[dict]]:

@@ -240,4 +240,6 @@ class ShardedClient:
 
 
 def _within(blocks: range, owned: range) -> range:
-    return range(max(blocks.start, owned.start), max(min(blocks.stop, owned.stop), max(blocks.start, owned.start)))
+    """The blocks of `blocks` that `owned` holds (an empty range when none)."""
+    start = max(blocks.start, owned.start)
+    return range(start, max(start, min(blocks.stop, owned.stop)))
