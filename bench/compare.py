@@ -12,7 +12,8 @@
         --out docs/results/seed-resnet18
 
 Each configuration is one `freezeps run` with the same model, data, seed and steps; only
---mode and the freeze settings differ. Writes OUT/report.md and the plots (`freezeps report`),
+--mode and the freeze settings differ. Flags the bench does not know (`--epochs 4`, `--freeze-warmup 86`)
+go to every run after the configuration's, so they win. Writes OUT/report.md and the plots (`freezeps report`),
 OUT/results.json (the facts of each run, without the per-step curves) and OUT/README.md
 (the report, the command, the machine, the date, and OUT/notes.md when there is one).
 """
@@ -88,6 +89,14 @@ CONFIGS = {
 }
 
 
+def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:
+    """One `freezeps run`: the workload's flags, the configuration's, then the flags the bench did not
+    know (so `--epochs 4` or `--freeze-warmup 86` given to the bench win over both), then the seed.
+    A flag given twice takes its last value."""
+    cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], *extra, "--run-dir", str(run_dir)]
+    return cmd + ([] if seed is None else ["--seed", str(seed)])
+
+
 def _without_report_from(argv: list[str]) -> list[str]:
     """The command line that runs the benchmark: a rebuilt report names how its runs were made."""
     out, skip = [], False
@@ -135,7 +144,7 @@ def main() -> None:
         net += ["--link-rate", args.link_rate]
     if args.link_offload:
         net += ["--link-offload"]
-    common = [*WORKLOADS[args.workload], "--steps", str(args.steps), "--eval-every", str(args.eval_every), *extra]
+    common = [*WORKLOADS[args.workload], "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
     if args.network == "netns":
         common += net
     runs_dir = args.report_from or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
@@ -148,8 +157,7 @@ def main() -> None:
             if args.network == "netns" and CONFIGS[name][1] == "single":
                 continue  # one process has no network
             run = name if seed is None else f"{name}-s{seed}"
-            cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], "--run-dir", str(runs_dir / run)]
-            cmd += [] if seed is None else ["--seed", str(seed)]
+            cmd = run_command(common, name, extra, runs_dir / run, seed)
             if args.report_from is None:
                 print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
@@ -165,8 +173,9 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
             f"Machine: {made['machine']}. Command: `python -m bench.compare "
-            f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`" +
-            (", then each run's `--seed N` (the last one counts)." if seeds else ".")]
+            f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`, then the "
+            "configuration's" + (f", then `{' '.join(extra)}`" if extra else "") +
+            (", then each run's `--seed N`" if seeds else "") + " (the last one counts)."]
     write_readme(out, text)
 
 

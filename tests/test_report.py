@@ -211,3 +211,18 @@ def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(t
     other = folder("other", [run("frozen-s2", 2, 0.7, lr=0.5)])
     with pytest.raises(ValueError, match="differs from other runs of frozen in lr"):
         pool.pool([first, other])
+
+
+def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
+    from bench import compare
+    from freezeps.cli import build_parser, config_from_args
+
+    common = [*compare.WORKLOADS["minilm-r8"], "--steps", "0"]
+    cmd = compare.run_command(common, "ps-autofreeze-half", ["--freeze-warmup", "86", "--epochs", "4"],
+                              tmp_path / "run", seed=1)
+    assert cmd[1:4] == ["-m", "freezeps", "run"]
+    cfg = config_from_args(build_parser().parse_args(cmd[3:]))
+    assert (cfg.freeze_warmup, cfg.epochs, cfg.seed, cfg.freeze_max_fraction) == (86, 4, 1, 0.5)
+    plain = config_from_args(build_parser().parse_args(compare.run_command(common, "ps-autofreeze-half", [],
+                                                                           tmp_path / "run", seed=None)[3:]))
+    assert (plain.freeze_warmup, plain.epochs, plain.seed) == (0, 2, 0)
