@@ -81,10 +81,12 @@ class Config:
                               "workers vote from their own", (PS, RUN), ("central", "votes"))
     vote_weights: str = _f("shard", "weight of a worker's vote", (PS, RUN), VOTE_WEIGHTS)
     vote_quorum: float = _f(0.5, "fraction of the total vote weight a prefix needs", (PS, RUN))
-    round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds (more than worker_timeout_s)",
+    round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds (more than worker_timeout_s); "
+                                "a Heartbeat from any worker restarts it",
                                 (PS, RUN))
-    worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began is dropped "
-                                 "and the round completes without it", (PS, RUN))
+    worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began (or after "
+                                 "its last Heartbeat, sent while it evaluates) is dropped and the round completes "
+                                 "without it", (PS, RUN))
     start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
                                 "initial values arrived starts with those present", (PS, RUN))
     ps_shards: int = _f(1, "PS shards: separate PS processes, each owning a contiguous range of blocks of roughly "

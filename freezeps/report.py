@@ -175,6 +175,9 @@ def summarize_run(run_dir: Path) -> dict:
         "frozen_over_time": [(r["time"] - t0, r["frozen_blocks"]) for r in rounds],
         "freezes": [{k: f.get(k) for k in ("step", "epoch", "from", "to", "blocks")}
                     for f in ps if f.get("event") == "freeze" and not f.get("initial")],
+        # Workers the PS dropped for not pushing in time: the rounds went on without them until
+        # they joined again, so the run trained on fewer samples than planned.
+        "drops": [{"step": d["step"], "rank": d["rank"]} for d in ps if d.get("event") == "drop"],
         "cache": cache_facts([w["cache"] for w in worker_sums if "cache" in w]),
         "eval_cache": cache_facts([w["eval_cache"] for w in worker_sums if "eval_cache" in w]),
     }
@@ -212,6 +215,8 @@ def format_report(facts: dict) -> str:
         lines.append(f"last round's training loss {facts['final_loss']:.4f}")
     lines.append("time per step and worker: " + ", ".join(
         f"{k.removesuffix('_s')} {v:.1f} ms" for k, v in facts["phase_ms_per_step"].items()))
+    if facts.get("drops"):
+        lines.append(f"workers dropped: {format_drops(facts['drops'])}")
     if facts.get("cache"):
         lines.append(format_cache(facts["cache"]))
     if facts.get("eval_cache"):
@@ -363,9 +368,18 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def format_drops(drops: list[dict]) -> str:
+    return "; ".join(f"rank {d['rank']} at step {d['step']}" for d in drops)
+
+
 def _tables(runs: list[dict], baseline: str | None) -> list[str]:
-    """The comparison and, where the runs were evaluated, their accuracy at each evaluation."""
+    """The comparison, any workers dropped, and, where the runs were evaluated, their accuracy
+    at each evaluation."""
     text = [comparison_markdown(runs, baseline), ""]
+    dropped = [r for r in runs if r.get("drops")]
+    if dropped:
+        text += ["Workers dropped (the rounds went on without them until they joined again): " +
+                 ", ".join(f"{r['name']}: {format_drops(r['drops'])}" for r in dropped) + ".", ""]
     if any(r["accuracy_by_epoch"] for r in runs):
         text += [evaluations_markdown(runs), ""]
     return text

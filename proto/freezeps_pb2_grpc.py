@@ -64,6 +64,11 @@ class ParameterServerStub:
                 request_serializer=proto_dot_freezeps__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=proto_dot_freezeps__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/freezeps.ParameterServer/Heartbeat',
+                request_serializer=proto_dot_freezeps__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=proto_dot_freezeps__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -116,6 +121,17 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Say that this worker is alive and still working towards its next push (it is
+        evaluating the model, say). The PS restarts the worker's drop timer
+        (JoinReply.worker_timeout_s), and pulls waiting for the round wait on: a round
+        held up by a worker that keeps sending these is slow, not stuck. A worker busy
+        that long between pushes sends one well within worker_timeout_s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +164,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=proto_dot_freezeps__pb2.LeaveRequest.FromString,
                     response_serializer=proto_dot_freezeps__pb2.LeaveReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=proto_dot_freezeps__pb2.HeartbeatRequest.FromString,
+                    response_serializer=proto_dot_freezeps__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +333,33 @@ class ParameterServer:
             '/freezeps.ParameterServer/Leave',
             proto_dot_freezeps__pb2.LeaveRequest.SerializeToString,
             proto_dot_freezeps__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freezeps.ParameterServer/Heartbeat',
+            proto_dot_freezeps__pb2.HeartbeatRequest.SerializeToString,
+            proto_dot_freezeps__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,7 +22,7 @@ def _frame_bytes(frame) -> bytes:
 
 
 def server_handler(servicer) -> grpc.GenericRpcHandler:
-    """Route the service's methods to `servicer`'s Join/Init/Pull/Push/Status/Leave."""
+    """Route the service's methods to `servicer`'s Join/Init/Pull/Push/Status/Leave/Heartbeat."""
     def unary(fn, req):
         return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                    response_serializer=lambda m: m.SerializeToString())
@@ -35,6 +35,7 @@ def server_handler(servicer) -> grpc.GenericRpcHandler:
                                                      response_serializer=_frame_bytes),
         "Status": unary(servicer.Status, pb.StatusRequest),
         "Leave": unary(servicer.Leave, pb.LeaveRequest),
+        "Heartbeat": unary(servicer.Heartbeat, pb.HeartbeatRequest),
     })
 
 
@@ -48,6 +49,7 @@ class ParameterServerClient:
         self.Join = unary("Join", pb.JoinReply)
         self.Status = unary("Status", pb.StatusReply)
         self.Leave = unary("Leave", pb.LeaveReply)
+        self.Heartbeat = unary("Heartbeat", pb.HeartbeatReply)
         self.Init = channel.stream_unary(f"/{SERVICE}/Init", request_serializer=_frame_bytes,
                                          response_deserializer=pb.PushReply.FromString)
         self.Push = channel.stream_unary(f"/{SERVICE}/Push", request_serializer=_frame_bytes,

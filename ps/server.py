@@ -98,6 +98,7 @@ class _Worker:
     rank: int
     pushing: bool = False
     pushed_step: int = -1
+    alive_at: float = float("-inf")  # its last Heartbeat (time.monotonic)
 
 
 class ParameterServer:
@@ -137,6 +138,7 @@ class ParameterServer:
         self._summed: set[tuple[int, str]] = set()
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
+        self._last_heartbeat = float("-inf")  # any worker's (time.monotonic): waiting pulls wait on from it
         self._waiting_since = time.monotonic()  # initialized, not started: when the wait for workers began
         self._empty_since: float | None = None  # started, no live worker: since when
         self._abandoned = False  # every worker gone for worker_timeout_s before the last step
@@ -224,7 +226,7 @@ class ParameterServer:
                             needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
                             owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
                             chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps,
-                            engine=self.policy.engine_config())
+                            engine=self.policy.engine_config(), worker_timeout_s=self.settings.worker_timeout_s)
 
     def init(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
@@ -267,7 +269,8 @@ class ParameterServer:
             if req.step > self._step + 1 or req.step < self._step:
                 raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
             while not (self._started and self._step >= req.step):
-                left = deadline - time.monotonic()
+                # A worker that says it is busy holds the round up legitimately: wait on.
+                left = max(deadline, self._last_heartbeat + self.settings.round_timeout_s) - time.monotonic()
                 if left <= 0:
                     raise Timeout(f"step {req.step} not ready after {self.settings.round_timeout_s:.0f} s "
                                   f"(server at step {self._step}, {len(self._workers)} workers live)")
@@ -424,6 +427,14 @@ class ParameterServer:
             self._cond.notify_all()
             return pb.LeaveReply(freeze=self._freeze_copy())
 
+    def heartbeat(self, req: pb.HeartbeatRequest, now: float | None = None) -> pb.HeartbeatReply:
+        """The worker is alive and working towards its push: its drop timer starts over."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            self._worker(req.worker_id).alive_at = now  # NOT_FOUND for an unknown (or dropped) id
+            self._last_heartbeat = now
+            return pb.HeartbeatReply(step=self._step)
+
     def _done(self) -> bool:
         """Every worker that joined has left after the last step, or all were gone for too long
         (call with the lock held)."""
@@ -436,7 +447,7 @@ class ParameterServer:
         dropped workers' ids.
 
         - A worker that has not pushed the current step worker_timeout_s after the round
-          began is dropped (it may Join again); the round completes with the pushes that
+          began, or after its last Heartbeat if that came later, is dropped (it may Join again); the round completes with the pushes that
           arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
           After the last step, one that has not left by then is let go ("gone"), not dropped.
         - A run (or a resumed run) waiting start_timeout_s for its workers starts with those present.
@@ -469,7 +480,8 @@ class ParameterServer:
                 return []
             if now - self._round_started <= limit:
                 return []
-            late = [w for w in self._workers.values() if w.pushed_step != self._step]
+            late = [w for w in self._workers.values()
+                    if w.pushed_step != self._step and now - max(self._round_started, w.alive_at) > limit]
             finished = self._total_steps and self._step >= self._total_steps
             for w in late:
                 del self._workers[w.worker_id]
@@ -482,7 +494,9 @@ class ParameterServer:
                 log.warning("[PS] dropped %s (rank %d): no push for step %d after %.0f s",
                             w.worker_id, w.rank, self._step, now - self._round_started)
                 self._on_record({"event": "drop", "step": self._step, "worker": w.worker_id, "rank": w.rank,
-                                 "reason": f"no push {now - self._round_started:.1f} s after the round began"})
+                                 "reason": f"no push {now - self._round_started:.1f} s after the round began"
+                                           + (f", {now - w.alive_at:.1f} s after its last heartbeat"
+                                              if w.alive_at > self._round_started else "")})
             if late:
                 self._maybe_complete_round()
                 self._cond.notify_all()

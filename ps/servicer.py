@@ -75,6 +75,9 @@ class ParameterServerServicer:
     def Leave(self, request, context):
         return self._unary("Leave", self._ps.leave, request, context)
 
+    def Heartbeat(self, request, context):
+        return self._unary("Heartbeat", self._ps.heartbeat, request, context)
+
 
 def _log_refused(method: str, code: grpc.StatusCode) -> None:
     log.warning("[PS.auth] refused a call to %s: %s", method, code.name)

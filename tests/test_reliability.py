@@ -24,6 +24,7 @@ from proto.codec import encode_header
 from proto.service import ParameterServerClient
 from proto.transport import iter_chunks
 from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
+from ps.errors import UnknownWorker
 from ps.policy import FreezeHistory, FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from tests.conftest import run_workers, worker_settings
@@ -181,6 +182,53 @@ def test_worker_that_never_leaves_after_the_last_step_is_let_go_not_dropped():
     server.enforce_deadlines(time.monotonic() + 6)
     assert server.wait_done(0.01) and server.describe()["workers_dropped"] == 0
     assert server.records[-1] == {"event": "gone", "step": 5, "worker": ids[1], "rank": 1}
+
+
+def test_heartbeat_restarts_a_workers_drop_timer():
+    """A worker that has not pushed but says it is busy (a Heartbeat) is kept until
+    worker_timeout_s after its last Heartbeat; an unknown id gets NOT_FOUND."""
+    server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
+    started = server._round_started
+    frames = [encode_header(pb.PushHeader(worker_id=ids[0], step=0, batch_size=4))]
+    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
+    server.push(iter(frames))
+    assert server.heartbeat(pb.HeartbeatRequest(worker_id=ids[1]), now=started + 4).step == 0
+    assert server.enforce_deadlines(started + 8) == []  # 8 s into the round, 4 s after the Heartbeat
+    assert server.enforce_deadlines(started + 9.5) == [ids[1]]
+    drop = next(r for r in server.records if r["event"] == "drop")
+    assert drop["reason"] == "no push 9.5 s after the round began, 5.5 s after its last heartbeat"
+    assert server.status().step == 1  # the round completed without it
+    with pytest.raises(UnknownWorker, match="Join"):
+        server.heartbeat(pb.HeartbeatRequest(worker_id=ids[1]))
+
+
+def test_an_evaluation_longer_than_the_timeouts_neither_drops_the_evaluator_nor_fails_the_others(
+        ps_factory, tmp_path, monkeypatch):
+    """Rank 0 evaluates while the others wait for its next push. Its evaluation here takes
+    longer than worker_timeout_s and round_timeout_s together; its Heartbeats keep it in the
+    run and the others' pulls waiting, so every worker trains every step."""
+    import worker.train
+    make_batch = worker.train.make_batch
+
+    def slow_evaluation_batches(*args, **kwargs):
+        if "augment" in kwargs:  # evaluate() passes augment=False by name; training passes it in place
+            time.sleep(1.0)
+        return make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(worker.train, "make_batch", slow_evaluation_batches)
+    monkeypatch.setattr(worker.train, "EVAL_BATCH", 4)  # 24 test samples: 6 batches, 6 s an evaluation
+    log_path = tmp_path / "ps.jsonl"
+    with ps_factory(2, log_path=log_path, worker_timeout_s=2.0, round_timeout_s=3.0) as ps:
+        # Each may evaluate; the one that gets rank 0 does.
+        settings = [worker_settings(ps.address, steps=4, evaluate=True, eval_every=2, test_samples=24)] * 2
+        summaries = run_workers(settings)
+        assert ps.server.step == 4 and ps.server.describe()["workers_dropped"] == 0
+    assert [s["steps"] for s in summaries] == [4, 4] and all(s["rejoins"] == 0 for s in summaries)
+    evaluator = next(s for s in summaries if s["evals"])
+    assert [e["step"] for e in evaluator["evals"]] == [2, 4] and min(e["eval_s"] for e in evaluator["evals"]) > 5.5
+    assert sum(t["messages"] for t in evaluator["bytes"]["Heartbeat"]["out"].values()) >= 4  # counted like all bytes
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert not [r for r in records if r["event"] == "drop"]
 
 
 class _StallingClient(PSClient):

@@ -51,6 +51,8 @@ class PSClient:
         self._timeout = rpc_timeout_s
         self.worker_id = ""
         self.chunk_bytes = 0
+        self._heartbeat_every_s = 0.0  # a quarter of the PS's worker_timeout_s, from Join
+        self._last_heartbeat = float("-inf")
 
     def _metadata(self):
         return ((WORKER_METADATA, self.worker_id or "?"),)
@@ -69,6 +71,7 @@ class PSClient:
                 reply = self._stub.Join(request, timeout=max(delay, 5.0), metadata=((WORKER_METADATA, name),))
                 self.meter.count("Join", "in", name, reply)
                 self.worker_id, self.chunk_bytes = reply.worker_id, reply.chunk_bytes
+                self._heartbeat_every_s = reply.worker_timeout_s / 4
                 return reply
             except grpc.RpcError as e:
                 # UNAVAILABLE is also "the run is full": a slot frees when the PS drops the
@@ -131,6 +134,18 @@ class PSClient:
 
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=10.0)
+
+    def heartbeat(self) -> None:
+        """Tell the PS this worker is alive while it works without pushing (evaluating): call it
+        often; a Heartbeat goes out when a quarter of the PS's worker_timeout_s has passed since
+        the last one, so the PS does not drop the worker for being slow."""
+        if time.monotonic() - self._last_heartbeat < self._heartbeat_every_s:
+            return
+        request = pb.HeartbeatRequest(worker_id=self.worker_id)
+        self.meter.count("Heartbeat", "out", self.worker_id, request)
+        reply = self._stub.Heartbeat(request, timeout=30.0, metadata=self._metadata())
+        self.meter.count("Heartbeat", "in", self.worker_id, reply)
+        self._last_heartbeat = time.monotonic()
 
     def leave(self) -> pb.LeaveReply:
         request = pb.LeaveRequest(worker_id=self.worker_id)
@@ -228,6 +243,9 @@ class ShardedClient:
 
     def status(self) -> pb.StatusReply:
         return self.shards[0].status()
+
+    def heartbeat(self) -> None:
+        self._each(lambda i, c: c.heartbeat())
 
     def leave(self) -> pb.LeaveReply:
         return self._each(lambda i, c: c.leave())[0]

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,8 @@ EVAL_BATCH = 256
 
 
 def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, step: int,
-             steps_per_epoch: int, cached: CachedPrefix | None = None) -> dict:
+             steps_per_epoch: int, cached: CachedPrefix | None = None,
+             heartbeat: Callable[[], None] = lambda: None) -> dict:
     """The `eval` record of the model at `step` on the whole of `ds`.
 
     `wrong` lists the misclassified test samples by their index in the whole split, and
@@ -124,6 +126,8 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
     same test set can be compared sample by sample (freezeps.report.paired_difference).
     `cached`: the frozen prefix's outputs for `ds` from the activation cache, where it can be
     (the test samples' input is the same at every evaluation). `eval_s` is the time it took.
+    `heartbeat` is called after every batch: the other workers wait for this one's next push
+    meanwhile, and a large test set takes longer than the PS waits for a silent worker.
     """
     started = time.perf_counter()
     model.eval()
@@ -138,6 +142,7 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
             out = model.suffix(h)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             wrong += ds.sample_ids(idx)[(out.argmax(1) != y).numpy()].tolist()
+            heartbeat()
     if cached:
         cached.end_epoch()  # every test sample was asked for
     model.train()
@@ -162,6 +167,15 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
                                      rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def keep_alive() -> None:
+        """A Heartbeat while rank 0 evaluates. Advisory: if the PS dropped this worker or is
+        restarting, the next pull finds out and joins again."""
+        try:
+            client.heartbeat()
+        except grpc.RpcError as e:
+            if e.code() not in REJOIN_CODES:
+                raise
 
     # Join. Every worker plans the same steps, from the global sample count.
     def steps_per_epoch_for(world: int) -> int:
@@ -223,7 +237,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 cached.follow(frozen, len(member.shard))
             due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
             if settings.evaluate and rank == 0 and step > 0 and due:
-                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached))
+                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
+                                      keep_alive))
                 runlog.write(evals[-1])
 
             if step // steps_per_epoch != epoch:
@@ -282,7 +297,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             steps_done += 1
         if settings.evaluate and rank == 0 and total_steps > 0:
             header, _, _ = client.pull(step, frozen, flat)
-            evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached))
+            evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
+                                  keep_alive))
             runlog.write(evals[-1])
     finally:
         try:
