@@ -369,7 +369,12 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
 
 
 def format_drops(drops: list[dict]) -> str:
-    return "; ".join(f"rank {d['rank']} at step {d['step']}" for d in drops)
+    """"rank 0 at steps 85, 170; rank 2 at step 9": each rank's drops in one place."""
+    steps: dict[int, list[int]] = {}
+    for d in drops:
+        steps.setdefault(d["rank"], []).append(d["step"])
+    return "; ".join(f"rank {rank} at step{'s' * (len(at) > 1)} {', '.join(map(str, at))}"
+                     for rank, at in sorted(steps.items()))
 
 
 def _tables(runs: list[dict], baseline: str | None) -> list[str]:
@@ -378,8 +383,8 @@ def _tables(runs: list[dict], baseline: str | None) -> list[str]:
     text = [comparison_markdown(runs, baseline), ""]
     dropped = [r for r in runs if r.get("drops")]
     if dropped:
-        text += ["Workers dropped (the rounds went on without them until they joined again): " +
-                 ", ".join(f"{r['name']}: {format_drops(r['drops'])}" for r in dropped) + ".", ""]
+        text += ["Workers dropped (the rounds went on without them until they joined again):", "",
+                 *[f"- {r['name']}: {format_drops(r['drops'])}" for r in dropped], ""]
     if any(r["accuracy_by_epoch"] for r in runs):
         text += [evaluations_markdown(runs), ""]
     return text

@@ -56,18 +56,22 @@ def test_ps_optimizer_time_and_accuracy_by_evaluation(tmp_path):
 
 
 def test_workers_the_ps_dropped_show_in_the_facts_and_both_reports(tmp_path, capsys):
+    from freezeps.report import format_drops
     run = tmp_path / "dropped"
     shutil.copytree(FIXTURE, run)
     assert summarize_run(run)["drops"] == []
     with (run / "ps.jsonl").open("a") as f:  # as the PS logs a drop
         f.write(json.dumps({"event": "drop", "step": 5, "worker": "w0-0-x", "rank": 0,
                             "reason": "no push 120.3 s after the round began"}) + "\n")
-    assert summarize_run(run)["drops"] == [{"step": 5, "rank": 0}]
+        f.write(json.dumps({"event": "drop", "step": 9, "worker": "w2-0-x", "rank": 0,
+                            "reason": "no push 120.1 s after the round began"}) + "\n")
+    assert summarize_run(run)["drops"] == [{"step": 5, "rank": 0}, {"step": 9, "rank": 0}]
     assert main(["report", str(run)]) == 0
-    assert "workers dropped: rank 0 at step 5" in capsys.readouterr().out
+    assert "workers dropped: rank 0 at steps 5, 9" in capsys.readouterr().out
     assert main(["report", str(FIXTURE), str(run), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "report.md").read_text()
-    assert "Workers dropped (the rounds went on without them until they joined again): dropped: rank 0 at step 5." in text
+    assert "Workers dropped (the rounds went on without them until they joined again):\n\n- dropped: rank 0 at steps 5, 9\n" in text
+    assert format_drops([{"step": 3, "rank": 2}, {"step": 1, "rank": 0}]) == "rank 0 at step 1; rank 2 at step 3"
 
 
 def test_text_report(capsys):
