@@ -447,8 +447,8 @@ class ParameterServer:
         dropped workers' ids.
 
         - A worker that has not pushed the current step worker_timeout_s after the round
-          began, or after its last Heartbeat if that came later, is dropped (it may Join again); the round completes with the pushes that
-          arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
+          began, or after its last Heartbeat if that came later, is dropped (it may Join
+          again); the round completes with the pushes that arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
           After the last step, one that has not left by then is let go ("gone"), not dropped.
         - A run (or a resumed run) waiting start_timeout_s for its workers starts with those present.
         - A run whose workers are all gone that long before its last step is abandoned.
