@@ -138,7 +138,6 @@ class ParameterServer:
         self._summed: set[tuple[int, str]] = set()
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
-        self._last_heartbeat = float("-inf")  # any worker's (time.monotonic): waiting pulls wait on from it
         self._waiting_since = time.monotonic()  # initialized, not started: when the wait for workers began
         self._empty_since: float | None = None  # started, no live worker: since when
         self._abandoned = False  # every worker gone for worker_timeout_s before the last step
@@ -269,8 +268,9 @@ class ParameterServer:
             if req.step > self._step + 1 or req.step < self._step:
                 raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
             while not (self._started and self._step >= req.step):
-                # A worker that says it is busy holds the round up legitimately: wait on.
-                left = max(deadline, self._last_heartbeat + self.settings.round_timeout_s) - time.monotonic()
+                # A live worker that says it is busy holds the round up legitimately: wait on.
+                busy = max((w.alive_at for w in self._workers.values()), default=float("-inf"))
+                left = max(deadline, busy + self.settings.round_timeout_s) - time.monotonic()
                 if left <= 0:
                     raise Timeout(f"step {req.step} not ready after {self.settings.round_timeout_s:.0f} s "
                                   f"(server at step {self._step}, {len(self._workers)} workers live)")
@@ -432,7 +432,6 @@ class ParameterServer:
         now = time.monotonic() if now is None else now
         with self._cond:
             self._worker(req.worker_id).alive_at = now  # NOT_FOUND for an unknown (or dropped) id
-            self._last_heartbeat = now
             return pb.HeartbeatReply(step=self._step)
 
     def _done(self) -> bool:

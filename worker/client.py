@@ -141,17 +141,17 @@ class PSClient:
         the last one, so the PS does not drop the worker for being slow."""
         if time.monotonic() - self._last_heartbeat < self._heartbeat_every_s:
             return
-        request = pb.HeartbeatRequest(worker_id=self.worker_id)
-        self.meter.count("Heartbeat", "out", self.worker_id, request)
-        reply = self._stub.Heartbeat(request, timeout=30.0, metadata=self._metadata())
-        self.meter.count("Heartbeat", "in", self.worker_id, reply)
+        self._unary("Heartbeat", pb.HeartbeatRequest(worker_id=self.worker_id))
         self._last_heartbeat = time.monotonic()
 
     def leave(self) -> pb.LeaveReply:
-        request = pb.LeaveRequest(worker_id=self.worker_id)
-        self.meter.count("Leave", "out", self.worker_id, request)
-        reply = self._stub.Leave(request, timeout=30.0, metadata=self._metadata())
-        self.meter.count("Leave", "in", self.worker_id, reply)
+        return self._unary("Leave", pb.LeaveRequest(worker_id=self.worker_id))
+
+    def _unary(self, method: str, request):
+        """A small unary call after Join, both messages counted."""
+        self.meter.count(method, "out", self.worker_id, request)
+        reply = getattr(self._stub, method)(request, timeout=30.0, metadata=self._metadata())
+        self.meter.count(method, "in", self.worker_id, reply)
         return reply
 
 
