@@ -16,11 +16,16 @@ Each configuration is one `freezeps run` with the same model, data, seed and ste
 go to every run after the configuration's, so they win. Writes OUT/report.md and the plots (`freezeps report`),
 OUT/results.json (the facts of each run, without the per-step curves) and OUT/README.md
 (the report, the command, the machine, the date, and OUT/notes.md when there is one).
+
+The runs go to a new runs/compare-DATE-TIME folder, or with `--runs-dir` to a given one: a
+run that finished there is kept and not run again, so a bench that was stopped goes on where it
+stopped, and a configuration can be added to earlier runs on the same machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +89,7 @@ CONFIGS = {
     "ps-gradnorm-patience-half": ["--mode", "ps", *GUARDED],
     "ps-gradnorm-patience-half-cache": ["--mode", "ps", *GUARDED, *CACHE],
     "ps-autofreeze": ["--mode", "ps", *AUTOFREEZE],
+    "ps-autofreeze-cache": ["--mode", "ps", *AUTOFREEZE, *CACHE],
     "ps-autofreeze-half": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5"],
     "ps-autofreeze-half-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5", *CACHE],
 }
@@ -110,16 +116,31 @@ def _without_report_from(argv: list[str]) -> list[str]:
 
 def _where_and_when(runs_dir: Path, rebuilding: bool) -> dict:
     """The date and machine of the runs in `runs_dir`: noted there when the bench starts them,
-    read back when a report is rebuilt from them (possibly on another day and machine)."""
+    read back when a report is rebuilt from them (possibly on another day and machine). Runs
+    added to a folder must come from the machine its first runs came from; their dates span."""
     noted = runs_dir / "bench.json"
+    earlier = json.loads(noted.read_text()) if noted.is_file() else None
     if rebuilding:
-        if noted.is_file():
-            return json.loads(noted.read_text())
-        return {"date": "date not recorded", "machine": "not recorded with these runs"}
+        return earlier or {"date": "date not recorded", "machine": "not recorded with these runs"}
     made = {"date": date.today().isoformat(), "machine": machine.describe()}
+    if earlier is not None:
+        if earlier["machine"] != made["machine"]:
+            raise ValueError(f"{runs_dir} holds runs from another machine ({earlier['machine']}); this is "
+                             f"{made['machine']}: their times do not compare")
+        first = earlier["date"].split(" to ")[0]
+        made["date"] = first if first == made["date"] else f"{first} to {made['date']}"
     runs_dir.mkdir(parents=True, exist_ok=True)
     noted.write_text(json.dumps(made))
     return made
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that ended (its PS or DDP log has its summary)."""
+    try:
+        summarize_run(run_dir)
+    except (FileNotFoundError, ValueError):  # no summary yet, or a line cut short
+        return False
+    return True
 
 
 def main() -> None:
@@ -133,6 +154,9 @@ def main() -> None:
                         "(default: the workload's seed); the report adds mean ± sd over them")
     parser.add_argument("--report-from", type=Path, default=None,
                         help="rebuild the report from this earlier runs/compare-* folder instead of running")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="run into this folder (default: a new runs/compare-DATE-TIME); runs that finished "
+                        "there are kept, not run again")
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
     parser.add_argument("--link-mtu", type=int, default=1500)
@@ -147,7 +171,9 @@ def main() -> None:
     common = [*WORKLOADS[args.workload], "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
     if args.network == "netns":
         common += net
-    runs_dir = args.report_from or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
+    if args.report_from and args.runs_dir:
+        parser.error("--report-from rebuilds a report without running: it takes no --runs-dir")
+    runs_dir = args.report_from or args.runs_dir or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
     seeds = [int(s) for s in args.seeds.split(",") if s]
     made = _where_and_when(runs_dir, rebuilding=args.report_from is not None)
     results, groups = [], {}
@@ -158,7 +184,11 @@ def main() -> None:
                 continue  # one process has no network
             run = name if seed is None else f"{name}-s{seed}"
             cmd = run_command(common, name, extra, runs_dir / run, seed)
-            if args.report_from is None:
+            if args.report_from is None and _finished(runs_dir / run):
+                print(f"[compare] {run}: finished in {runs_dir}, not run again", flush=True)
+            elif args.report_from is None:
+                if (runs_dir / run).exists():  # a run that was stopped: its logs would mix with the new one's
+                    shutil.rmtree(runs_dir / run)
                 print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
             results.append(summarize_run(runs_dir / run))

@@ -134,9 +134,11 @@ class Config:
     threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
                            "when that is smaller than the matrix", (WORKER, RUN))
-    evaluate: bool = _f(True, "rank 0 measures test accuracy at each epoch end", (WORKER, RUN))
-    eval_every: int = _f(0, "rank 0 also measures test accuracy every this many steps; 0 = epoch ends only",
+    evaluate: bool = _f(True, "measure test accuracy at each epoch end", (WORKER, RUN))
+    eval_every: int = _f(0, "also measure test accuracy every this many steps; 0 = epoch ends only",
                          (WORKER, RUN))
+    eval_split: bool = _f(True, "every worker scores its 1/N of the test set, all at once (the report adds the "
+                          "shares up); off: rank 0 scores all of it while the others wait", (WORKER, RUN))
     log_dir: str = _f("", "folder for the worker's log worker-RANK.jsonl; empty: none", (WORKER,))
     connect_retries: int = _f(8, "join attempts (exponential backoff) before giving up", (WORKER, RUN))
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))

@@ -49,7 +49,7 @@ from ps.schedule import learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import build_model
-from worker.train import evaluate, input_channels
+from worker.train import eval_share, evaluate, input_channels
 
 
 def _block_bytes(model) -> list[int]:
@@ -66,8 +66,10 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     torch.manual_seed(cfg.seed)
     text = text_settings(cfg)
     train_set = load_dataset(cfg.dataset, Path(cfg.data_dir), True, cfg.download, cfg.train_samples, cfg.seed, text)
+    # This rank's share of the test set at each evaluation (None: it does not evaluate), as in the PS mode.
+    share = eval_share(cfg.evaluate, cfg.eval_split, rank, 1 if single else world)
     test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed, text) \
-        if cfg.evaluate and rank == 0 else None
+        if share else None
     model = build_model(cfg.model, train_set.num_classes, cfg.weights)
     channels = input_channels(model)
     names = model.block_names
@@ -97,9 +99,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     by_block_total: dict[str, int] = {}
     history, started, evals = FreezeHistory(), time.perf_counter(), []
     for step in range(total_steps):
-        if cfg.evaluate and rank == 0 and step > 0 and (
-                step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            evals.append(evaluate(model, test_set, cfg, channels, step, steps_per_epoch))
+        if share and step > 0 and (step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            evals.append(evaluate(model, test_set, cfg, channels, step, steps_per_epoch, share=share))
             wlog.write(evals[-1])
         t0 = time.perf_counter()
         epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * cfg.batch_size
@@ -162,8 +163,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             model.train()
             if not single:  # DDP over the parameters that still train
                 net = _ddp(model)
-    if cfg.evaluate and rank == 0 and total_steps > 0:
-        evals.append(evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch))
+    if share and total_steps > 0:
+        evals.append(evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, share=share))
         wlog.write(evals[-1])
     wall = time.perf_counter() - started
     wlog.write({"event": "worker_summary", "rank": rank, "steps": total_steps, "wall_s": wall,

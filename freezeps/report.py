@@ -108,6 +108,44 @@ def ps_logs(run_dir: Path) -> list[list[dict]]:
     return [read_jsonl(run_dir / "ps.jsonl")] + [read_jsonl(p) for p in shards]
 
 
+def merge_evals(records: list[dict]) -> list[dict]:
+    """One evaluation per step from the workers' `eval` records, each scoring its share
+    `(rank, world)` of the test set (worker.train.evaluate): the misclassified samples and the
+    losses added up over the shares; its time is the last share's end, its `eval_s` the longest
+    share's (they ran at once).
+
+    A share scored twice (a worker that rejoined) counts once, the later. Where the shares do
+    not cover the test set (a worker dropped before it scored), the step keeps what was scored:
+    `scored` says how much, and it has no `test_set`, so it is never paired sample by sample
+    with another run. A record without a share (logged before the split) is a whole evaluation.
+    """
+    by_step: dict[int, dict[tuple[int, int], dict]] = {}
+    for r in records:
+        rank, world = r.get("share", (0, 1))
+        by_step.setdefault(r["step"], {})[(rank, world)] = r
+    merged = []
+    for step in sorted(by_step):
+        shares = list(by_step[step].values())
+        if len(shares) == 1 and "share" not in shares[0]:
+            merged.append({**shares[0], "scored": shares[0].get("test_samples")})
+            continue
+        # Shares of different world sizes overlap (a run that changed size): the world that scored most.
+        worlds: dict[int, list[dict]] = {}
+        for r in shares:
+            worlds.setdefault(r["share"][1], []).append(r)
+        parts = max(worlds.values(), key=lambda rs: sum(r["scored"] for r in rs))
+        scored = sum(r["scored"] for r in parts)
+        wrong = sorted(w for r in parts for w in r["wrong"])
+        whole = scored == parts[0]["test_samples"]
+        merged.append({**{k: v for k, v in parts[0].items() if k != "share"}, "shares": len(parts), "scored": scored,
+                       "accuracy": 1 - len(wrong) / scored if scored else 0.0,
+                       "loss": sum(r["loss"] * r["scored"] for r in parts) / scored if scored else 0.0,
+                       "wrong": wrong, "time": max(r["time"] for r in parts),
+                       "eval_s": max(r["eval_s"] for r in parts),
+                       "test_set": parts[0]["test_set"] if whole else None})
+    return merged
+
+
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
     is_ps = (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists()
@@ -117,7 +155,7 @@ def summarize_run(run_dir: Path) -> dict:
     if summary is None:
         raise FileNotFoundError(f"{log_file} has no summary record: did the run finish?")
     workers = [read_jsonl(p) for p in sorted(run_dir.glob("worker-*.jsonl"))]
-    evals = [r for w in workers for r in w if r.get("event") == "eval"]
+    evals = merge_evals([r for w in workers for r in w if r.get("event") == "eval"])
     worker_sums = [r for w in workers for r in w if r.get("event") == "worker_summary"]
     steps = sum(w["steps"] for w in worker_sums) or 1
     keys = [k for k in worker_sums[0]["phases_s"]] if worker_sums else list(PHASES)
@@ -149,7 +187,7 @@ def summarize_run(run_dir: Path) -> dict:
         # Round 0's start to the last round's end: what the modes share (the PS's wall_s also
         # holds the wait for workers to start and join).
         "train_s": rounds[-1]["time"] - t0 if rounds else 0.0, "frozen_blocks": summary["frozen_blocks"],
-        # Evaluations inside the training time (the other workers wait for the evaluator); None
+        # Evaluations inside the training time (the rounds wait for the evaluators); None
         # for runs logged before evaluations were timed.
         "eval_s": sum(e["eval_s"] for e in evals if e["step"] < summary["steps"])
         if all("eval_s" in e for e in evals) else None,
@@ -159,7 +197,7 @@ def summarize_run(run_dir: Path) -> dict:
         "accuracy_by_epoch": [(round(e["epoch"], 3), e["accuracy"]) for e in evals],
         # The last evaluation's misclassified test samples (None from runs logged before they were kept).
         "test_wrong": evals[-1].get("wrong") if evals else None,
-        "test_samples": evals[-1].get("test_samples") if evals else None,
+        "test_samples": evals[-1]["scored"] if evals else None,
         "test_set": evals[-1].get("test_set") if evals else None,
         "final_loss": rounds[-1]["loss"] if rounds else None,
         "phase_ms_per_step": {k: v * 1000 for k, v in phases.items()},
@@ -178,6 +216,9 @@ def summarize_run(run_dir: Path) -> dict:
         # Workers the PS dropped for not pushing in time: the rounds went on without them until
         # they joined again, so the run trained on fewer samples than planned.
         "drops": [{"step": d["step"], "rank": d["rank"]} for d in ps if d.get("event") == "drop"],
+        # Evaluations whose shares did not cover the test set: their accuracy is over fewer samples.
+        "partial_evals": [{"step": e["step"], "scored": e["scored"], "test_samples": e["test_samples"]}
+                          for e in evals if "shares" in e and e["scored"] < e["test_samples"]],
         "cache": cache_facts([w["cache"] for w in worker_sums if "cache" in w]),
         "eval_cache": cache_facts([w["eval_cache"] for w in worker_sums if "eval_cache" in w]),
     }
@@ -204,9 +245,13 @@ def format_cache(cache: dict, what: str = "activation cache") -> str:
             f"{store['memory_evictions'] + store['disk_evictions']} evictions, {store['corrupt']} corrupt entries")
 
 
+def _mode(facts: dict) -> str:
+    """"ps", "ddp", or "ps, 2 shards"."""
+    return f"{facts['mode']}, {facts['ps_shards']} shards" if facts.get("ps_shards", 1) > 1 else facts["mode"]
+
+
 def format_report(facts: dict) -> str:
-    mode = f"{facts['mode']} ({facts['ps_shards']} shards)" if facts.get("ps_shards", 1) > 1 else facts["mode"]
-    lines = [f"{mode}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
+    lines = [f"{_mode(facts)}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
              f"wall {facts['wall_s']:.1f} s (training {facts['train_s']:.1f} s), {facts['frozen_blocks']} blocks frozen at the end"]
     if facts["accuracy"] is not None:
         curve = ", ".join(f"epoch {e:g}: {a:.4f}" for e, a in facts["accuracy_by_epoch"])
@@ -217,6 +262,9 @@ def format_report(facts: dict) -> str:
         f"{k.removesuffix('_s')} {v:.1f} ms" for k, v in facts["phase_ms_per_step"].items()))
     if facts.get("drops"):
         lines.append(f"workers dropped: {format_drops(facts['drops'])}")
+    if facts.get("partial_evals"):
+        lines.append("evaluations short of shares: " + ", ".join(
+            f"step {e['step']} scored {e['scored']} of {e['test_samples']} test samples" for e in facts["partial_evals"]))
     if facts.get("cache"):
         lines.append(format_cache(facts["cache"]))
     if facts.get("eval_cache"):
@@ -272,7 +320,8 @@ def paired_difference(wrong: Sequence[int], base_wrong: Sequence[int], samples: 
 def _paired(r: dict, base: dict) -> tuple[float, float] | None:
     """paired_difference of two run summaries, or None when either lacks its errors or they were
     scored on different test samples."""
-    if r["test_wrong"] is None or base["test_wrong"] is None or r["test_set"] != base["test_set"]:
+    if r["test_wrong"] is None or base["test_wrong"] is None or r["test_set"] is None \
+            or r["test_set"] != base["test_set"]:
         return None
     return paired_difference(r["test_wrong"], base["test_wrong"], r["test_samples"])
 
@@ -310,8 +359,7 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         eval_s = f"{r['eval_s']:.1f}" if r.get("eval_s") is not None else "-"
         paired = _paired(r, base)
         vs_base = f"{paired[0]:+.1f} ± {paired[1]:.1f}" if paired else "-"
-        mode = f"{r['mode']}, {r['ps_shards']} shards" if r.get("ps_shards", 1) > 1 else r["mode"]
-        lines.append(f"| {r['name']} | {mode} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
+        lines.append(f"| {r['name']} | {_mode(r)} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
                      f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | "
                      f"{eval_s} | {rate} | "
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "

@@ -11,6 +11,7 @@ import torch
 
 from freeze.engines import EngineSpec
 from freezeps.config import load_config
+from freezeps.report import merge_evals
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.cache import ActivationCache
@@ -249,11 +250,13 @@ def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(
         assert cache_report["store"]["memory_evictions"] > 0 and cache_report["store"]["prefetched"] > 0
         assert cache_report["store"]["memory_bytes"] <= 1 << 16
         assert [d["depth"] for d in cache_report["decisions"]] == [1, 2]
-    # The evaluator reads the test samples' prefix outputs from the cache too, and scores the same.
-    evaluator, plain_evaluator = (next(s for s in ss if s["rank"] == 0) for ss in (summaries, plain_summaries))
-    assert [(e["step"], e["wrong"]) for e in evaluator["evals"]] == \
-        [(e["step"], e["wrong"]) for e in plain_evaluator["evals"]]
-    assert len(evaluator["evals"]) == 5 and evaluator["eval_cache"]["cached"] >= 3 * 300
+    # The evaluators read their test samples' prefix outputs from the cache too, and score the same.
+    evals, plain_evals = (merge_evals([json.loads(line) for w in (0, 1)
+                                       for line in (tmp_path / run / f"worker-{w}.jsonl").read_text().splitlines()
+                                       if json.loads(line)["event"] == "eval"]) for run in ("cached", "plain"))
+    assert [(e["step"], e["wrong"]) for e in evals] == [(e["step"], e["wrong"]) for e in plain_evals]
+    assert len(evals) == 5 and all(e["scored"] == 300 and e["shares"] == 2 for e in evals)
+    assert sum(s["eval_cache"]["cached"] for s in summaries) >= 3 * 300
     steps = [json.loads(line) for line in (tmp_path / "cached" / "worker-0.jsonl").read_text().splitlines()]
     assert any(r.get("cache", {}).get("cached") == 16 for r in steps if r["event"] == "step")
     # Memory only: each epoch's entries are laid out in its order ahead, and each batch of the

@@ -65,6 +65,11 @@ def test_run_end_to_end(tmp_path):
     # One evaluation falls inside the training time (step 32; the last one comes after it).
     assert 0 < facts["eval_s"] < facts["train_s"]
     assert facts["accuracy"] > 0.4  # 4 classes: well above chance after 2 epochs
+    # Both workers scored their half of the test set at each evaluation; the report added them up.
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (run_dir / f"worker-{rank}.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["share"]) for r in records if r["event"] == "eval"] == [(32, [rank, 2]), (64, [rank, 2])]
+    assert facts["test_samples"] == 512 and not facts["partial_evals"]
     assert facts["push_payload"] < facts["push_payload_no_freeze"]
     assert facts["push_by_block"]["fc1"] == 16 * 2 * next(b["bytes"] for b in facts["blocks"] if b["name"] == "fc1")
     # The activation cache: on from the freeze (measured to pay), its disk tier in the run folder.

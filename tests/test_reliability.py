@@ -219,8 +219,9 @@ def test_an_evaluation_longer_than_the_timeouts_neither_drops_the_evaluator_nor_
     monkeypatch.setattr(worker.train, "EVAL_BATCH", 4)  # 24 test samples: 6 batches, 6 s an evaluation
     log_path = tmp_path / "ps.jsonl"
     with ps_factory(2, log_path=log_path, worker_timeout_s=2.0, round_timeout_s=3.0) as ps:
-        # Each may evaluate; the one that gets rank 0 does.
-        settings = [worker_settings(ps.address, steps=4, evaluate=True, eval_every=2, test_samples=24)] * 2
+        # Each may evaluate; the one that gets rank 0 does, all of the test set.
+        settings = [worker_settings(ps.address, steps=4, evaluate=True, eval_every=2, test_samples=24,
+                                    eval_split=False)] * 2
         summaries = run_workers(settings)
         assert ps.server.step == 4 and ps.server.describe()["workers_dropped"] == 0
     assert [s["steps"] for s in summaries] == [4, 4] and all(s["rejoins"] == 0 for s in summaries)

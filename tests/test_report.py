@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from freezeps.cli import main
-from freezeps.report import comparison_markdown, paired_difference, seeds_markdown, summarize_run, time_to_accuracy
+from freezeps.report import (
+    _paired,
+    comparison_markdown,
+    format_report,
+    merge_evals,
+    paired_difference,
+    seeds_markdown,
+    summarize_run,
+    time_to_accuracy,
+)
+from worker.data import load_dataset
+from worker.models import build_model
+from worker.train import evaluate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-small"
 
@@ -203,6 +217,37 @@ def test_a_rebuilt_comparison_names_the_date_and_machine_of_its_runs(tmp_path, m
     assert "not recorded" in compare._where_and_when(older, rebuilding=True)["machine"]
 
 
+def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_path, monkeypatch):
+    from bench import compare
+
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURE, runs / "ps-none")  # finished: its PS log has the summary
+    (runs / "ps-gradnorm").mkdir()  # stopped midway: a round, no summary
+    (runs / "ps-gradnorm" / "ps.jsonl").write_text(json.dumps({"event": "round", "step": 0}) + "\n")
+    (runs / "ps-gradnorm" / "worker-7.jsonl").write_text("")
+    (runs / "bench.json").write_text(json.dumps({"date": "2026-01-01", "machine": compare.machine.describe()}))
+    ran = []
+
+    def fake_run(cmd, **kwargs):  # a `freezeps run` that makes the fixture's run where it is told
+        ran.append(cmd)
+        shutil.copytree(FIXTURE, Path(cmd[cmd.index("--run-dir") + 1]))
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    argv = ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), "--only", "ps-none,ps-gradnorm"]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    assert [cmd[cmd.index("--run-dir") + 1] for cmd in ran] == [str(runs / "ps-gradnorm")]
+    assert not (runs / "ps-gradnorm" / "worker-7.jsonl").exists()  # the stopped run's logs did not mix in
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| ps-none |" in readme and "| ps-gradnorm |" in readme
+    assert json.loads((runs / "bench.json").read_text())["date"].startswith("2026-01-01 to ")
+    compare.main()  # everything finished: nothing runs again
+    assert len(ran) == 1
+    monkeypatch.setattr(compare.machine, "describe", lambda: "another machine")
+    with pytest.raises(ValueError, match="runs from another machine"):
+        compare.main()
+
+
 def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(tmp_path):
     from bench import pool
     facts = summarize_run(FIXTURE)
@@ -245,3 +290,60 @@ def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
     plain = config_from_args(build_parser().parse_args(compare.run_command(common, "ps-autofreeze-half", [],
                                                                            tmp_path / "run", seed=None)[3:]))
     assert (plain.freeze_warmup, plain.epochs, plain.seed) == (0, 2, 0)
+
+
+def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):
+    return {"event": "eval", "step": step, "epoch": 1.0, "share": [rank, world], "scored": scored, "wrong": wrong,
+            "accuracy": 1 - len(wrong) / scored, "loss": loss, "time": time, "eval_s": eval_s,
+            "test_samples": test_samples, "test_set": "abc"}
+
+
+def test_evaluation_shares_merge_into_one_evaluation_per_step():
+    merged = merge_evals([_share(4, 1, 2, [3, 7], 5, loss=2.0, time=101.0, eval_s=3.0),
+                          _share(4, 0, 2, [0], 5, loss=1.0, time=100.0, eval_s=2.0),
+                          _share(8, 0, 2, [0, 2], 5), _share(8, 1, 2, [9], 5)])
+    assert [e["step"] for e in merged] == [4, 8]
+    first = merged[0]
+    assert first["wrong"] == [0, 3, 7] and first["scored"] == 10 and first["accuracy"] == pytest.approx(0.7)
+    assert first["loss"] == pytest.approx(1.5) and first["shares"] == 2 and "share" not in first
+    # The shares ran at once: the evaluation ended with the last and took as long as the longest.
+    assert first["time"] == 101.0 and first["eval_s"] == 3.0 and first["test_set"] == "abc"
+    assert merged[1]["accuracy"] == pytest.approx(0.7)
+
+
+def test_an_evaluation_short_of_a_share_says_so_and_is_not_paired():
+    # Rank 1 scored step 4 twice (it rejoined): the later counts once. Rank 2 never scored step 4.
+    merged = merge_evals([_share(4, 0, 3, [0], 4, test_samples=10), _share(4, 1, 3, [1, 4], 3, test_samples=10),
+                          _share(4, 1, 3, [4], 3, test_samples=10)])
+    assert len(merged) == 1
+    assert merged[0]["scored"] == 7 and merged[0]["wrong"] == [0, 4] and merged[0]["test_set"] is None
+    assert merged[0]["accuracy"] == pytest.approx(5 / 7)
+    facts = {"test_wrong": [0, 4], "test_set": None, "test_samples": 7}
+    assert _paired(facts, facts) is None
+    text = format_report({**summarize_run(FIXTURE), "partial_evals": [{"step": 4, "scored": 7, "test_samples": 10}]})
+    assert "evaluations short of shares: step 4 scored 7 of 10 test samples" in text
+    # Shares of two world sizes at one step overlap: the world that scored more is kept.
+    mixed = merge_evals([_share(2, 0, 2, [0], 5), _share(2, 1, 2, [1], 5), _share(2, 0, 3, [0, 3], 4)])
+    assert mixed[0]["scored"] == 10 and mixed[0]["wrong"] == [0, 1]
+
+
+def test_a_record_from_before_the_split_is_a_whole_evaluation():
+    old = {"event": "eval", "step": 4, "epoch": 1.0, "accuracy": 0.9, "loss": 0.3, "time": 5.0, "test_samples": 10}
+    assert merge_evals([old]) == [{**old, "scored": 10}]
+
+
+def test_the_shares_of_a_models_evaluation_score_what_one_worker_scoring_all_does():
+    """worker.train.evaluate on shares (rank, 3) for every rank, merged, is evaluate on everything."""
+    ds = load_dataset("synthetic", Path("data"), False, False, 70, 0)
+    model = build_model("mlp", ds.num_classes)
+    settings = SimpleNamespace(image_size=8)
+    whole = evaluate(model, ds, settings, 3, step=5, steps_per_epoch=5)
+    shares = [{**evaluate(model, ds, settings, 3, step=5, steps_per_epoch=5, share=(r, 3)), "time": 0.0}
+              for r in range(3)]
+    assert sorted(s["scored"] for s in shares) == [23, 23, 24]
+    merged = merge_evals(shares)[0]
+    assert merged["scored"] == whole["test_samples"] == 70 and merged["test_set"] == whole["test_set"]
+    assert merged["wrong"] == sorted(whole["wrong"]) and merged["accuracy"] == pytest.approx(whole["accuracy"])
+    assert merged["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="rank must be in"):
+        evaluate(model, ds, settings, 3, step=5, steps_per_epoch=5, share=(3, 3))

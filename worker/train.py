@@ -67,7 +67,7 @@ class WorkerSettings:
     steps: int  # 0: epochs x steps per epoch
     seed: int
     threads: int
-    evaluate: bool  # rank 0 measures test accuracy each epoch
+    evaluate: bool  # test accuracy is measured at each epoch end
     eval_every: int  # and every this many steps (0: epoch ends only)
     log_dir: Path | None
     connect_retries: int
@@ -77,6 +77,7 @@ class WorkerSettings:
     cache: CacheSettings | None = None  # the activation cache; None: none
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
+    eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
 
     def __post_init__(self):
         if self.cache is not None and self.augment:
@@ -116,27 +117,42 @@ def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train
 EVAL_BATCH = 256
 
 
+def eval_share(evaluate: bool, split: bool, rank: int, world: int) -> tuple[int, int] | None:
+    """Which share `(rank, world)` of the test set this worker scores at an evaluation, or None
+    where it does not evaluate: with `split` every worker scores its own, all at once; without,
+    rank 0 scores all of it while the others wait for its next push."""
+    if not evaluate or not (split or rank == 0):
+        return None
+    return (rank, world) if split else (0, 1)
+
+
 def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, step: int,
              steps_per_epoch: int, cached: CachedPrefix | None = None,
-             heartbeat: Callable[[], None] = lambda: None) -> dict:
-    """The `eval` record of the model at `step` on the whole of `ds`.
+             heartbeat: Callable[[], None] = lambda: None, share: tuple[int, int] = (0, 1)) -> dict:
+    """The `eval` record of the model at `step` on share `share = (rank, world)` of `ds`: every
+    world-th test sample from the rank-th, so the world's shares cover the test set once and
+    freezeps.report.merge_evals adds them up into one evaluation.
 
-    `wrong` lists the misclassified test samples by their index in the whole split, and
-    `test_set` names the samples scored (a digest of their indices), so two runs scored on the
+    `wrong` lists the share's misclassified test samples by their index in the whole split, and
+    `test_set` names the whole test set (a digest of its indices), so two runs scored on the
     same test set can be compared sample by sample (freezeps.report.paired_difference).
     `cached`: the frozen prefix's outputs for `ds` from the activation cache, where it can be
     (the test samples' input is the same at every evaluation). `eval_s` is the time it took.
-    `heartbeat` is called after every batch: the other workers wait for this one's next push
+    `heartbeat` is called after every batch: the PS waits for this worker's next push
     meanwhile, and a large test set takes longer than the PS waits for a silent worker.
     """
+    rank, world = share
+    if not 0 <= rank < world:
+        raise ValueError(f"evaluation share {rank} of {world}: the rank must be in [0, world)")
     started = time.perf_counter()
+    positions = np.arange(rank, len(ds), world)
     model.eval()
     if cached:
-        cached.follow(model.frozen, len(ds))
+        cached.follow(model.frozen, len(positions))
     wrong, loss_sum = [], 0.0
     with torch.no_grad():
-        for start in range(0, len(ds), EVAL_BATCH):
-            idx = np.arange(start, min(start + EVAL_BATCH, len(ds)))
+        for start in range(0, len(positions), EVAL_BATCH):
+            idx = positions[start:start + EVAL_BATCH]
             x, y = make_batch(ds, idx, settings.image_size, channels, augment=False)
             h = cached.outputs(ds.sample_ids(idx), lambda rows, x=x: x[rows]) if cached else model.prefix(x)
             out = model.suffix(h)
@@ -146,10 +162,13 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
     if cached:
         cached.end_epoch()  # every test sample was asked for
     model.train()
-    acc, loss = 1 - len(wrong) / len(ds), loss_sum / len(ds)
-    log.info("[Worker] step %d: test accuracy %.4f, loss %.4f", step, acc, loss)
+    scored = max(len(positions), 1)
+    acc, loss = 1 - len(wrong) / scored, loss_sum / scored
+    log.info("[Worker] step %d: test accuracy %.4f, loss %.4f on %d of %d test samples", step, acc, loss,
+             len(positions), len(ds))
     return {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss,
-            "eval_s": time.perf_counter() - started, "test_samples": len(ds), "wrong": wrong,
+            "eval_s": time.perf_counter() - started, "share": [rank, world], "scored": len(positions),
+            "test_samples": len(ds), "wrong": wrong,
             "test_set": hashlib.sha256(ds.sample_ids(np.arange(len(ds))).astype(np.int64).tobytes()).hexdigest()[:16]}
 
 
@@ -169,7 +188,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def keep_alive() -> None:
-        """A Heartbeat while rank 0 evaluates. Advisory: if the PS dropped this worker or is
+        """A Heartbeat while this worker evaluates. Advisory: if the PS dropped this worker or is
         restarting, the next pull finds out and joins again."""
         try:
             client.heartbeat()
@@ -236,9 +255,10 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             if cached:
                 cached.follow(frozen, len(member.shard))
             due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
-            if settings.evaluate and rank == 0 and step > 0 and due:
+            share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
+            if share and step > 0 and due:
                 evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
-                                      keep_alive))
+                                      keep_alive, share))
                 runlog.write(evals[-1])
 
             if step // steps_per_epoch != epoch:
@@ -295,10 +315,11 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             runlog.write(record)
             step += 1
             steps_done += 1
-        if settings.evaluate and rank == 0 and total_steps > 0:
+        share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
+        if share and total_steps > 0:
             header, _, _ = client.pull(step, frozen, flat)
             evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
-                                  keep_alive))
+                                  keep_alive, share))
             runlog.write(evals[-1])
     finally:
         try:
