@@ -134,13 +134,12 @@ def _where_and_when(runs_dir: Path, rebuilding: bool) -> dict:
     return made
 
 
-def _finished(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a run that ended (its PS or DDP log has its summary)."""
+def _finished_facts(run_dir: Path) -> dict | None:
+    """The facts of the run in `run_dir` if it ended (its PS or DDP log has its summary), else None."""
     try:
-        summarize_run(run_dir)
+        return summarize_run(run_dir)
     except (FileNotFoundError, ValueError):  # no summary yet, or a line cut short
-        return False
-    return True
+        return None
 
 
 def main() -> None:
@@ -184,14 +183,15 @@ def main() -> None:
                 continue  # one process has no network
             run = name if seed is None else f"{name}-s{seed}"
             cmd = run_command(common, name, extra, runs_dir / run, seed)
-            if args.report_from is None and _finished(runs_dir / run):
+            facts = _finished_facts(runs_dir / run) if args.report_from is None else None
+            if facts is not None:
                 print(f"[compare] {run}: finished in {runs_dir}, not run again", flush=True)
             elif args.report_from is None:
                 if (runs_dir / run).exists():  # a run that was stopped: its logs would mix with the new one's
                     shutil.rmtree(runs_dir / run)
                 print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
-            results.append(summarize_run(runs_dir / run))
+            results.append(facts or summarize_run(runs_dir / run))
             groups.setdefault(name, []).append(results[-1])
             print(f"[compare] {run}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
