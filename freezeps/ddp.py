@@ -49,7 +49,7 @@ from ps.schedule import learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import build_model
-from worker.train import eval_share, evaluate, input_channels
+from worker.train import eval_due, eval_share, evaluate, input_channels
 
 
 def _block_bytes(model) -> list[int]:
@@ -99,7 +99,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     by_block_total: dict[str, int] = {}
     history, started, evals = FreezeHistory(), time.perf_counter(), []
     for step in range(total_steps):
-        if share and step > 0 and (step % steps_per_epoch == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if share and eval_due(step, steps_per_epoch, cfg.eval_every):
             evals.append(evaluate(model, test_set, cfg, channels, step, steps_per_epoch, share=share))
             wlog.write(evals[-1])
         t0 = time.perf_counter()

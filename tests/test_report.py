@@ -24,7 +24,7 @@ from freezeps.report import (
 )
 from worker.data import load_dataset
 from worker.models import build_model
-from worker.train import evaluate
+from worker.train import eval_due, eval_share, evaluate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-small"
 
@@ -347,3 +347,13 @@ def test_the_shares_of_a_models_evaluation_score_what_one_worker_scoring_all_doe
     assert merged["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="rank must be in"):
         evaluate(model, ds, settings, 3, step=5, steps_per_epoch=5, share=(3, 3))
+
+
+def test_who_scores_what_and_when():
+    """Split: every rank scores its own share; not split: rank 0 scores all; none without evaluate.
+    Due at each epoch's end and every eval_every steps, never before the first step."""
+    assert [eval_share(True, True, r, 3) for r in range(3)] == [(0, 3), (1, 3), (2, 3)]
+    assert [eval_share(True, False, r, 3) for r in range(3)] == [(0, 1), None, None]
+    assert eval_share(False, True, 0, 3) is None
+    assert [s for s in range(13) if eval_due(s, steps_per_epoch=5, eval_every=0)] == [5, 10]
+    assert [s for s in range(13) if eval_due(s, steps_per_epoch=5, eval_every=4)] == [4, 5, 8, 10, 12]

@@ -117,6 +117,12 @@ def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train
 EVAL_BATCH = 256
 
 
+def eval_due(step: int, steps_per_epoch: int, eval_every: int) -> bool:
+    """Whether the model is tested before step `step`: at each epoch's end and every `eval_every`
+    steps (0: epoch ends only), never before the first step."""
+    return step > 0 and (step % steps_per_epoch == 0 or bool(eval_every and step % eval_every == 0))
+
+
 def eval_share(evaluate: bool, split: bool, rank: int, world: int) -> tuple[int, int] | None:
     """Which share `(rank, world)` of the test set this worker scores at an evaluation, or None
     where it does not evaluate: with `split` every worker scores its own, all at once; without,
@@ -254,9 +260,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
             if cached:
                 cached.follow(frozen, len(member.shard))
-            due = step % steps_per_epoch == 0 or (settings.eval_every and step % settings.eval_every == 0)
             share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
-            if share and step > 0 and due:
+            if share and eval_due(step, steps_per_epoch, settings.eval_every):
                 evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
                                       keep_alive, share))
                 runlog.write(evals[-1])
