@@ -70,6 +70,8 @@ def test_tokenization_is_cached_on_disk(tmp_path, monkeypatch):
 def test_minilm_loads_offline_and_its_blocks_cover_every_parameter_once():
     import transformers
     model = build_model("minilm", 2, "pretrained")
+    # Built to train (from_pretrained returns eval mode): dropout on from the first step.
+    assert all(m.training for m in model.modules())
     assert model.block_names == ["embeddings", *[f"layer{i}" for i in range(6)], "head"]
     params = [p for block in model.blocks for p in block.parameters()]
     assert len({id(p) for p in params}) == len(params) == len(list(model.parameters()))

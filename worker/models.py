@@ -25,6 +25,10 @@ class BlockModel(nn.Module):
         self.block_names = [n for n, _ in blocks]
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.frozen = 0
+        # A model is built to be trained. The blocks may come from a network in eval mode
+        # (Hugging Face's from_pretrained returns one): left so, BERT would train without dropout
+        # until the first evaluation or freeze set it to train mode.
+        self.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.suffix(self.prefix(x))
