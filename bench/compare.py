@@ -19,7 +19,8 @@ OUT/results.json (the facts of each run, without the per-step curves) and OUT/RE
 
 The runs go to a new runs/compare-DATE-TIME folder, or with `--runs-dir` to a given one: a
 run that finished there is kept and not run again, so a bench that was stopped goes on where it
-stopped, and a configuration can be added to earlier runs on the same machine.
+stopped, and a configuration can be added to earlier runs on the same machine. A finished run
+whose settings (config.toml) differ from what this bench would run is refused, not reused.
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
 from bench import machine
+from freezeps.cli import build_parser, config_from_args
+from freezeps.config import load_config
 from freezeps.report import summarize_run, write_comparison
 
 WORKLOADS = {
@@ -142,6 +146,18 @@ def _finished_facts(run_dir: Path) -> dict | None:
         return None
 
 
+def _settings_differ(run_dir: Path, cmd: list[str]) -> list[str]:
+    """How the settings of the run in `run_dir` (its config.toml) differ from those `cmd` would run
+    with, as 'name: had -> wants'; empty when they are the same. The environment counts on both
+    sides, as it did for the run: the bench's runs inherit it."""
+    wanted = asdict(config_from_args(build_parser().parse_args(cmd[3:])))
+    try:
+        had = asdict(load_config(config_file=str(run_dir / "config.toml"), environ={}))
+    except (OSError, ValueError) as e:  # no config.toml, or one of another version of freezeps
+        return [f"its config.toml does not load here ({e})"]
+    return [f"{name}: {had[name]!r} -> {value!r}" for name, value in wanted.items() if had[name] != value]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -155,7 +171,7 @@ def main() -> None:
                         help="rebuild the report from this earlier runs/compare-* folder instead of running")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="run into this folder (default: a new runs/compare-DATE-TIME); runs that finished "
-                        "there are kept, not run again")
+                        "there with the same settings are kept, not run again (other settings: refused)")
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
     parser.add_argument("--link-mtu", type=int, default=1500)
@@ -184,6 +200,11 @@ def main() -> None:
             run = name if seed is None else f"{name}-s{seed}"
             cmd = run_command(common, name, extra, runs_dir / run, seed)
             facts = _finished_facts(runs_dir / run) if args.report_from is None else None
+            if facts is not None and (differ := _settings_differ(runs_dir / run, cmd)):
+                # A finished run is kept only for the command that made it: a changed flag would
+                # otherwise report an old run under the new command.
+                raise ValueError(f"{runs_dir / run} finished with other settings than this bench asks for "
+                                 f"({'; '.join(differ)}): give another --runs-dir, or delete that run")
             if facts is not None:
                 print(f"[compare] {run}: finished in {runs_dir}, not run again", flush=True)
             elif args.report_from is None:

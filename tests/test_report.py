@@ -219,33 +219,47 @@ def test_a_rebuilt_comparison_names_the_date_and_machine_of_its_runs(tmp_path, m
 
 def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_path, monkeypatch):
     from bench import compare
+    from freezeps.cli import build_parser, config_from_args
+    from freezeps.launch import _toml
 
     runs = tmp_path / "runs"
-    shutil.copytree(FIXTURE, runs / "ps-none")  # finished: its PS log has the summary
-    (runs / "ps-gradnorm").mkdir()  # stopped midway: a round, no summary
-    (runs / "ps-gradnorm" / "ps.jsonl").write_text(json.dumps({"event": "round", "step": 0}) + "\n")
-    (runs / "ps-gradnorm" / "worker-7.jsonl").write_text("")
+    runs.mkdir()
     (runs / "bench.json").write_text(json.dumps({"date": "2026-01-01", "machine": compare.machine.describe()}))
     ran = []
 
     def fake_run(cmd, **kwargs):  # a `freezeps run` that makes the fixture's run where it is told
         ran.append(cmd)
-        shutil.copytree(FIXTURE, Path(cmd[cmd.index("--run-dir") + 1]))
+        run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+        shutil.copytree(FIXTURE, run_dir)
+        (run_dir / "config.toml").write_text(_toml(config_from_args(build_parser().parse_args(cmd[3:]))))
+
+    def bench(*flags):
+        monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), *flags])
+        compare.main()
 
     monkeypatch.setattr(compare.subprocess, "run", fake_run)
-    argv = ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), "--only", "ps-none,ps-gradnorm"]
-    monkeypatch.setattr(sys, "argv", argv)
-    compare.main()
-    assert [cmd[cmd.index("--run-dir") + 1] for cmd in ran] == [str(runs / "ps-gradnorm")]
+    bench("--only", "ps-none")
+    (runs / "ps-gradnorm").mkdir()  # stopped midway: a round, no summary
+    (runs / "ps-gradnorm" / "ps.jsonl").write_text(json.dumps({"event": "round", "step": 0}) + "\n")
+    (runs / "ps-gradnorm" / "worker-7.jsonl").write_text("")
+    bench("--only", "ps-none,ps-gradnorm")
+    assert [cmd[cmd.index("--run-dir") + 1] for cmd in ran] == [str(runs / "ps-none"), str(runs / "ps-gradnorm")]
     assert not (runs / "ps-gradnorm" / "worker-7.jsonl").exists()  # the stopped run's logs did not mix in
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "| ps-none |" in readme and "| ps-gradnorm |" in readme
     assert json.loads((runs / "bench.json").read_text())["date"].startswith("2026-01-01 to ")
-    compare.main()  # everything finished: nothing runs again
-    assert len(ran) == 1
+    bench("--only", "ps-none,ps-gradnorm")  # everything finished: nothing runs again
+    assert len(ran) == 2
+    # A finished run is not passed off as one made with other flags.
+    with pytest.raises(ValueError, match=r"ps-none finished with other settings .*epochs: \d+ -> 7"):
+        bench("--only", "ps-none,ps-gradnorm", "--epochs", "7")
+    (runs / "ps-none" / "config.toml").write_text("no_such_setting = 1\n")  # made by another version
+    with pytest.raises(ValueError, match="config.toml does not load here"):
+        bench("--only", "ps-none")
+    assert len(ran) == 2
     monkeypatch.setattr(compare.machine, "describe", lambda: "another machine")
     with pytest.raises(ValueError, match="runs from another machine"):
-        compare.main()
+        bench("--only", "ps-none")
 
 
 def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(tmp_path):
