@@ -99,11 +99,15 @@ CONFIGS = {
 }
 
 
+# How the bench starts freezeps; what follows it in a command is freezeps's own command line.
+FREEZEPS = [sys.executable, "-m", "freezeps"]
+
+
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:
     """One `freezeps run`: the workload's flags, the configuration's, then the flags the bench did not
     know (so `--epochs 4` or `--freeze-warmup 86` given to the bench win over both), then the seed.
     A flag given twice takes its last value."""
-    cmd = [sys.executable, "-m", "freezeps", "run", *common, *CONFIGS[name], *extra, "--run-dir", str(run_dir)]
+    cmd = [*FREEZEPS, "run", *common, *CONFIGS[name], *extra, "--run-dir", str(run_dir)]
     return cmd + ([] if seed is None else ["--seed", str(seed)])
 
 
@@ -150,7 +154,7 @@ def _settings_differ(run_dir: Path, cmd: list[str]) -> list[str]:
     """How the settings of the run in `run_dir` (its config.toml) differ from those `cmd` would run
     with, as 'name: had -> wants'; empty when they are the same. The environment counts on both
     sides, as it did for the run: the bench's runs inherit it."""
-    wanted = asdict(config_from_args(build_parser().parse_args(cmd[3:])))
+    wanted = asdict(config_from_args(build_parser().parse_args(cmd[len(FREEZEPS):])))
     try:
         had = asdict(load_config(config_file=str(run_dir / "config.toml"), environ={}))
     except (OSError, ValueError) as e:  # no config.toml, or one of another version of freezeps
@@ -210,7 +214,7 @@ def main() -> None:
             elif args.report_from is None:
                 if (runs_dir / run).exists():  # a run that was stopped: its logs would mix with the new one's
                     shutil.rmtree(runs_dir / run)
-                print(f"[compare] {run}: {' '.join(cmd[3:])}", flush=True)
+                print(f"[compare] {run}: {' '.join(cmd[len(FREEZEPS):])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
             results.append(facts or summarize_run(runs_dir / run))
             groups.setdefault(name, []).append(results[-1])

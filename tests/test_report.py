@@ -231,7 +231,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
         ran.append(cmd)
         run_dir = Path(cmd[cmd.index("--run-dir") + 1])
         shutil.copytree(FIXTURE, run_dir)
-        (run_dir / "config.toml").write_text(_toml(config_from_args(build_parser().parse_args(cmd[3:]))))
+        (run_dir / "config.toml").write_text(_toml(config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))))
 
     def bench(*flags):
         monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), *flags])
@@ -299,7 +299,7 @@ def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
     cmd = compare.run_command(common, "ps-autofreeze-half", ["--freeze-warmup", "86", "--epochs", "4"],
                               tmp_path / "run", seed=1)
     assert cmd[1:4] == ["-m", "freezeps", "run"]
-    cfg = config_from_args(build_parser().parse_args(cmd[3:]))
+    cfg = config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))
     assert (cfg.freeze_warmup, cfg.epochs, cfg.seed, cfg.freeze_max_fraction) == (86, 4, 1, 0.5)
     plain = config_from_args(build_parser().parse_args(compare.run_command(common, "ps-autofreeze-half", [],
                                                                            tmp_path / "run", seed=None)[3:]))
