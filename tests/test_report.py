@@ -302,8 +302,22 @@ def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
     cfg = config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))
     assert (cfg.freeze_warmup, cfg.epochs, cfg.seed, cfg.freeze_max_fraction) == (86, 4, 1, 0.5)
     plain = config_from_args(build_parser().parse_args(compare.run_command(common, "ps-autofreeze-half", [],
-                                                                           tmp_path / "run", seed=None)[3:]))
+                                                                           tmp_path / "run", seed=None)[len(compare.FREEZEPS):]))
     assert (plain.freeze_warmup, plain.epochs, plain.seed) == (0, 2, 0)
+
+
+@pytest.mark.parametrize("workload", ["resnet18", "minilm-r8"])
+def test_every_compare_configuration_is_a_valid_run(tmp_path, workload):
+    from bench import compare
+    from freezeps.cli import build_parser, config_from_args
+
+    for name in compare.CONFIGS:
+        cmd = compare.run_command(compare.WORKLOADS[workload], name, [], tmp_path / name, seed=0)
+        cfg = config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))
+        assert cfg.mode == compare.CONFIGS[name][1], name
+    quarter = config_from_args(build_parser().parse_args(compare.run_command(
+        compare.WORKLOADS[workload], "ps-autofreeze-quarter-cache", [], tmp_path / "q", seed=0)[len(compare.FREEZEPS):]))
+    assert (quarter.freeze_max_fraction, quarter.cache_memory_bytes > 0) == (0.75, True)
 
 
 def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):
