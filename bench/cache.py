@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import machine
+from bench import FREEZEPS, machine
 from bench.compare import ADAPTIVE, WORKLOADS
 from freezeps.report import format_cache, summarize_run
 from worker.cache import ActivationCache
@@ -175,8 +175,8 @@ WHOLE_RUNS = {
 def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
     run_args, cache_args = WHOLE_RUNS[workload]
     args = [*run_args, *cache_args] if cache else run_args
-    cmd = [sys.executable, "-m", "freezeps", "run", *args, "--run-dir", str(run_dir)]
-    print(f"[cache] {workload} run: {' '.join(cmd[3:])}", flush=True)
+    cmd = [*FREEZEPS, "run", *args, "--run-dir", str(run_dir)]
+    print(f"[cache] {workload} run: {' '.join(cmd[len(FREEZEPS):])}", flush=True)
     started = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
     facts = summarize_run(run_dir)

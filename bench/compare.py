@@ -34,7 +34,7 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from bench import machine
+from bench import FREEZEPS, machine
 from freezeps.cli import build_parser, config_from_args
 from freezeps.config import load_config
 from freezeps.report import summarize_run, write_comparison
@@ -99,10 +99,6 @@ CONFIGS = {
     # The top quarter stays trainable (MiniLM: embeddings and layer0-4 may freeze; layer5 and the head never).
     "ps-autofreeze-quarter-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.75", *CACHE],
 }
-
-
-# How the bench starts freezeps; what follows it in a command is freezeps's own command line.
-FREEZEPS = [sys.executable, "-m", "freezeps"]
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

@@ -22,11 +22,11 @@ import random
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import FREEZEPS
 from freezeps.launch import free_port
 from freezeps.report import applied_rounds
 
@@ -71,15 +71,14 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     rng = random.Random(seed)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FREEZEPS_LOG_LEVEL": "warning"}
-    base = [sys.executable, "-m", "freezeps"]
-    ps_cmd = base + ["ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",
+    ps_cmd = [*FREEZEPS, "ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",
                      "--lr", str(WORKLOAD["lr"]), "--momentum", str(WORKLOAD["momentum"]),
                      "--weight-decay", str(WORKLOAD["weight_decay"]), "--worker-timeout-s", str(worker_timeout_s),
                      "--start-timeout-s", "30",
                      "--round-timeout-s", "60", "--run-log", str(run_dir / "ps.jsonl"),
                      "--params-out", str(run_dir / "params.pt"), "--checkpoint-dir", str(run_dir / "ckpt"),
                      "--checkpoint-every", "10"]
-    worker_cmd = base + ["worker", "--ps-address", f"127.0.0.1:{port}", "--model", "mlp", "--weights", str(weights),
+    worker_cmd = [*FREEZEPS, "worker", "--ps-address", f"127.0.0.1:{port}", "--model", "mlp", "--weights", str(weights),
                          "--dataset", "synthetic", "--train-samples", "0", "--image-size", str(WORKLOAD["image_size"]),
                          "--batch-size", str(WORKLOAD["batch_size"]), "--steps", str(rounds), "--seed", "0",
                          "--threads", "1", "--no-evaluate",
