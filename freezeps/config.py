@@ -6,6 +6,7 @@ environment variables FREEZEPS_<FIELD> (e.g. FREEZEPS_NUM_WORKERS=4) > the defau
 """
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -310,6 +311,21 @@ def load_config(cli: dict[str, Any] | None = None, config_file: str | None = Non
         if raw is not None:
             values[name] = _coerce(f"--{name.replace('_', '-')}", known[name].type, raw)
     return replace(Config(), **values).validate()
+
+
+def to_toml(cfg: Config) -> str:
+    """The file that load_config(config_file=...) reads back as cfg (a run's config.toml).
+    Strings are written as JSON strings, whose escapes are TOML's basic-string escapes."""
+    lines = []
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            lines.append(f"{f.name} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{f.name} = {value!r}")
+        else:
+            lines.append(f"{f.name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 

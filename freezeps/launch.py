@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToDict
 
 from freezeps import netns
 from freezeps.certs import make_secrets
-from freezeps.config import STATUS, Config, auth_for, link_shape
+from freezeps.config import STATUS, Config, auth_for, link_shape, to_toml
 from freezeps.report import format_report, summarize_run
 from proto import freezeps_pb2 as pb
 from proto.security import Auth, AuthError, open_channel, read_auth
@@ -34,18 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _toml(cfg: Config) -> str:
-    lines = []
-    for key, value in asdict(cfg).items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, (int, float)):
-            lines.append(f"{key} = {value!r}")
-        else:
-            lines.append(f"{key} = \"{value}\"")
-    return "\n".join(lines) + "\n"
 
 
 def _status(stub, timeout: float = 2.0) -> pb.StatusReply | None:
@@ -81,7 +69,7 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
               f"another --run-dir or delete that folder", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(_toml(cfg))
+    (run_dir / "config.toml").write_text(to_toml(cfg))
     if cfg.network == "loopback":
         return _run_processes(cfg, run_dir, Placement.loopback([free_port() for _ in range(cfg.ps_shards)],
                                                                cfg.num_workers))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from freezeps.config import Config, load_config
+from freezeps.config import Config, load_config, to_toml
 from ps.schedule import learning_rate
 from worker.data import batch_order, shard_indices
 
@@ -66,6 +66,16 @@ def test_config_precedence_cli_over_file_over_env(tmp_path):
     cfg = load_config({"batch_size": "8"}, str(file), env)
     assert (cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (8, 0.05, 3, "resnet18")
     assert cfg.momentum == Config().momentum
+
+
+def test_a_written_config_reads_back_as_the_same_config(tmp_path):
+    # A run's config.toml: every field, and strings that need escaping (a quote, a backslash,
+    # a non-ASCII letter), come back unchanged.
+    cfg = load_config({"run_dir": 'runs/a "quoted" \\ näive', "lr": "0.03", "evaluate": "false",
+                       "freeze": "gradnorm", "freeze_max_fraction": "0.75"}, None, {})
+    file = tmp_path / "config.toml"
+    file.write_text(to_toml(cfg))
+    assert load_config({}, str(file), {}) == cfg
 
 
 @pytest.mark.parametrize("cli,words", [

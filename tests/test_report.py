@@ -220,7 +220,7 @@ def test_a_rebuilt_comparison_names_the_date_and_machine_of_its_runs(tmp_path, m
 def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_path, monkeypatch):
     from bench import compare
     from freezeps.cli import build_parser, config_from_args
-    from freezeps.launch import _toml
+    from freezeps.config import to_toml
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -231,7 +231,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
         ran.append(cmd)
         run_dir = Path(cmd[cmd.index("--run-dir") + 1])
         shutil.copytree(FIXTURE, run_dir)
-        (run_dir / "config.toml").write_text(_toml(config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))))
+        (run_dir / "config.toml").write_text(to_toml(config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))))
 
     def bench(*flags):
         monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), *flags])
