@@ -96,6 +96,9 @@ CONFIGS = {
     "ps-autofreeze-cache": ["--mode", "ps", *AUTOFREEZE, *CACHE],
     "ps-autofreeze-half": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5"],
     "ps-autofreeze-half-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.5", *CACHE],
+    # The same with each worker testing its own gradients and the PS freezing what a weighted quorum proposes.
+    "ps-autofreeze-votes-half-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-decision", "votes",
+                                       "--freeze-max-fraction", "0.5", *CACHE],
     # The top quarter stays trainable (MiniLM: embeddings and layer0-4 may freeze; layer5 and the head never).
     "ps-autofreeze-quarter-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.75", *CACHE],
 }
