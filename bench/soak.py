@@ -72,17 +72,17 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FREEZEPS_LOG_LEVEL": "warning"}
     ps_cmd = [*FREEZEPS, "ps", "--listen", f"127.0.0.1:{port}", "--num-workers", str(workers), "--freeze", "none",
-                     "--lr", str(WORKLOAD["lr"]), "--momentum", str(WORKLOAD["momentum"]),
-                     "--weight-decay", str(WORKLOAD["weight_decay"]), "--worker-timeout-s", str(worker_timeout_s),
-                     "--start-timeout-s", "30",
-                     "--round-timeout-s", "60", "--run-log", str(run_dir / "ps.jsonl"),
-                     "--params-out", str(run_dir / "params.pt"), "--checkpoint-dir", str(run_dir / "ckpt"),
-                     "--checkpoint-every", "10"]
+              "--lr", str(WORKLOAD["lr"]), "--momentum", str(WORKLOAD["momentum"]),
+              "--weight-decay", str(WORKLOAD["weight_decay"]), "--worker-timeout-s", str(worker_timeout_s),
+              "--start-timeout-s", "30",
+              "--round-timeout-s", "60", "--run-log", str(run_dir / "ps.jsonl"),
+              "--params-out", str(run_dir / "params.pt"), "--checkpoint-dir", str(run_dir / "ckpt"),
+              "--checkpoint-every", "10"]
     worker_cmd = [*FREEZEPS, "worker", "--ps-address", f"127.0.0.1:{port}", "--model", "mlp", "--weights", str(weights),
-                         "--dataset", "synthetic", "--train-samples", "0", "--image-size", str(WORKLOAD["image_size"]),
-                         "--batch-size", str(WORKLOAD["batch_size"]), "--steps", str(rounds), "--seed", "0",
-                         "--threads", "1", "--no-evaluate",
-                         "--connect-retries", "12", "--rpc-timeout-s", "60"]
+                  "--dataset", "synthetic", "--train-samples", "0", "--image-size", str(WORKLOAD["image_size"]),
+                  "--batch-size", str(WORKLOAD["batch_size"]), "--steps", str(rounds), "--seed", "0",
+                  "--threads", "1", "--no-evaluate",
+                  "--connect-retries", "12", "--rpc-timeout-s", "60"]
     result = SoakResult(workers, rounds, kills, ps_kills=int(ps_kill_at is not None))
     restarted_at = 0.0
     logs = open(run_dir / "processes.log", "w")

@@ -328,7 +328,6 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def fields_for(role: str):
     """The settings a role reads, for its --help and its flags."""
     return [f for f in fields(Config) if role in f.metadata["roles"]]

@@ -139,11 +139,19 @@ def merge_evals(records: list[dict]) -> list[dict]:
         whole = scored == parts[0]["test_samples"]
         merged.append({**{k: v for k, v in parts[0].items() if k != "share"}, "shares": len(parts), "scored": scored,
                        "accuracy": 1 - len(wrong) / scored if scored else 0.0,
-                       "loss": sum(r["loss"] * r["scored"] for r in parts) / scored if scored else 0.0,
+                       "loss": _weighted_loss(parts, scored),
                        "wrong": wrong, "time": max(r["time"] for r in parts),
                        "eval_s": max(r["eval_s"] for r in parts),
                        "test_set": parts[0]["test_set"] if whole else None})
     return merged
+
+
+def _weighted_loss(shares: list[dict], scored: int) -> float | None:
+    """The shares' mean loss weighted by what each scored; None where one had no finite loss
+    (the run log writes a diverged loss as null)."""
+    if not scored or any(r["loss"] is None for r in shares):
+        return None if scored else 0.0
+    return sum(r["loss"] * r["scored"] for r in shares) / scored
 
 
 def summarize_run(run_dir: Path) -> dict:

@@ -318,6 +318,9 @@ def test_every_compare_configuration_is_a_valid_run(tmp_path, workload):
     quarter = config_from_args(build_parser().parse_args(compare.run_command(
         compare.WORKLOADS[workload], "ps-autofreeze-quarter-cache", [], tmp_path / "q", seed=0)[len(compare.FREEZEPS):]))
     assert (quarter.freeze_max_fraction, quarter.cache_memory_bytes > 0) == (0.75, True)
+    votes = config_from_args(build_parser().parse_args(compare.run_command(
+        compare.WORKLOADS[workload], "ps-autofreeze-votes-half-cache", [], tmp_path / "v", seed=0)[len(compare.FREEZEPS):]))
+    assert (votes.freeze_decision, votes.freeze_norm, votes.freeze_max_fraction) == ("votes", 1, 0.5)
 
 
 def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):
@@ -353,6 +356,27 @@ def test_an_evaluation_short_of_a_share_says_so_and_is_not_paired():
     # Shares of two world sizes at one step overlap: the world that scored more is kept.
     mixed = merge_evals([_share(2, 0, 2, [0], 5), _share(2, 1, 2, [1], 5), _share(2, 0, 3, [0, 3], 4)])
     assert mixed[0]["scored"] == 10 and mixed[0]["wrong"] == [0, 1]
+
+
+def test_a_run_log_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
+    from proto.runlog import JsonlLog
+
+    log = JsonlLog(tmp_path / "ps.jsonl")
+    log.write({"event": "round", "step": 3, "loss": float("inf"),
+               "decision": {"eta": [float("nan"), 0.25], "votes": [{"eta": (float("-inf"), 1.0)}]}})
+    log.write({"event": "eval", "step": 3, "loss": 0.5})
+    log.close()
+
+    def no_constants(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    first, second = [json.loads(line, parse_constant=no_constants)
+                     for line in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    assert first["loss"] is None and first["decision"] == {"eta": [None, 0.25], "votes": [{"eta": [None, 1.0]}]}
+    assert second["loss"] == 0.5
+    # An evaluation with a share whose loss was not finite has no mean loss, and still its accuracy.
+    merged = merge_evals([_share(4, 0, 2, [0], 5, loss=None), _share(4, 1, 2, [], 5, loss=1.0)])
+    assert merged[0]["loss"] is None and merged[0]["accuracy"] == pytest.approx(0.9)
 
 
 def test_a_record_from_before_the_split_is_a_whole_evaluation():
