@@ -149,8 +149,10 @@ def merge_evals(records: list[dict]) -> list[dict]:
 def _weighted_loss(shares: list[dict], scored: int) -> float | None:
     """The shares' mean loss weighted by what each scored; None where one had no finite loss
     (the run log writes a diverged loss as null)."""
-    if not scored or any(r["loss"] is None for r in shares):
-        return None if scored else 0.0
+    if not scored:
+        return 0.0
+    if any(r["loss"] is None for r in shares):
+        return None
     return sum(r["loss"] * r["scored"] for r in shares) / scored
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from pathlib import Path
 
@@ -133,3 +134,10 @@ def run_workers(settings_list: list[WorkerSettings], timeout: float = 120.0) -> 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+def read_strict_jsonl(path: Path) -> list[dict]:
+    """A run log's records, refusing NaN and Infinity, which are not JSON (jq refuses them too)."""
+    def refuse(token: str):
+        raise AssertionError(f"{path.name} holds {token}, which is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]

@@ -1,14 +1,12 @@
 """Adaptive freezing end to end over gRPC: decided mid-run, applied at a round boundary."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from freeze.engines import EngineSpec
 from ps.policy import FreezePolicy
-from tests.conftest import run_workers, worker_settings
+from tests.conftest import read_strict_jsonl, run_workers, worker_settings
 
 
 @pytest.mark.parametrize("votes", [False, True])
@@ -30,7 +28,7 @@ def test_adaptive_freeze_mid_run(ps_factory, tmp_path, votes):
         final = ps.server.values_by_name()
         momentum_after = ps.server.describe()["optimizer_state_bytes"]
     # Strict JSON: the η of a block not measured yet is null, not Python's NaN token.
-    records = [json.loads(line, parse_constant=_not_json) for line in log.read_text().splitlines()]
+    records = read_strict_jsonl(log)
     freezes = [r for r in records if r["event"] == "freeze"]
     assert len(freezes) == 1
     event = freezes[0]
@@ -56,7 +54,3 @@ def test_adaptive_freeze_mid_run(ps_factory, tmp_path, votes):
     # The head's momentum survived the freeze (the same bytes before and after, not reset to none).
     head_bytes = (32 * 4 + 4) * 4
     assert snapshots["momentum_bytes"] == momentum_after == head_bytes
-
-
-def _not_json(token: str):
-    raise AssertionError(f"the run log holds {token}, which is not JSON")

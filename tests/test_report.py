@@ -360,6 +360,7 @@ def test_an_evaluation_short_of_a_share_says_so_and_is_not_paired():
 
 def test_a_run_log_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
     from proto.runlog import JsonlLog
+    from tests.conftest import read_strict_jsonl
 
     log = JsonlLog(tmp_path / "ps.jsonl")
     log.write({"event": "round", "step": 3, "loss": float("inf"),
@@ -367,11 +368,7 @@ def test_a_run_log_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
     log.write({"event": "eval", "step": 3, "loss": 0.5})
     log.close()
 
-    def no_constants(token):
-        raise AssertionError(f"{token} is not JSON")
-
-    first, second = [json.loads(line, parse_constant=no_constants)
-                     for line in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    first, second = read_strict_jsonl(tmp_path / "ps.jsonl")
     assert first["loss"] is None and first["decision"] == {"eta": [None, 0.25], "votes": [{"eta": [None, 1.0]}]}
     assert second["loss"] == 0.5
     # An evaluation with a share whose loss was not finite has no mean loss, and still its accuracy.
