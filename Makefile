@@ -5,8 +5,9 @@ run:            ## set up, then run the main job: a PS and 4 workers on this mac
 	scripts/setup.sh
 	.venv/bin/freezeps run $(ARGS)
 
-test:           ## set up (with test packages), then run the test suite
+test:           ## set up (with test packages), lint (the rule set in pyproject.toml), then run the test suite
 	scripts/setup.sh --test
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest $(ARGS)
 
 setup:

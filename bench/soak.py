@@ -47,7 +47,9 @@ class SoakResult:
     joined_replacements: int = 0  # worker ids that pushed beyond the first `workers` (no PS kill: ids name its incarnation)
     ps_kills: int = 0
     redone_rounds: int = 0  # rounds after the PS's last checkpoint, lost with it and done again
-    recovery_s: float = 0.0  # PS restarted -> first round completed after the resume
+    # PS restarted -> first round completed after the resume; None where the PS was not restarted or no round
+    # completed after its resume (results.json is strict JSON: no Infinity token)
+    recovery_s: float | None = None
     drops: int = 0
     applied_steps: list[int] = field(default_factory=list)
     ranks_per_step: list[list[int]] = field(default_factory=list)
@@ -143,7 +145,7 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     if resume is not None:
         result.redone_rounds = resume["rounds_lost"]
         after = [r for r in records[records.index(resume):] if r["event"] == "round"]
-        result.recovery_s = after[0]["time"] - restarted_at if after else float("inf")
+        result.recovery_s = after[0]["time"] - restarted_at if after else None
     result.applied_steps = [r["step"] for r in rounds_logged]
     result.ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds_logged]
     result.joined_replacements = len({w for r in rounds_logged for w in r["workers"]}) - workers
@@ -235,14 +237,14 @@ def main() -> None:
                "rounds_lost": clean.rounds_lost + faulty.rounds_lost,
                "short_rounds": sum(len(r) < n for r in faulty.ranks_per_step),
                "ps_kills": faulty.ps_kills, "redone_rounds": faulty.redone_rounds,
-               "ps_recovery_s": round(faulty.recovery_s, 2), "late_replacements": faulty.late_replacements,
+               "ps_recovery_s": None if faulty.recovery_s is None else round(faulty.recovery_s, 2), "late_replacements": faulty.late_replacements,
                "params_match_reference": params_match(faulty, weights) and params_match(clean, weights),
                "faulty_wall_s": round(faulty.wall_s, 1)}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, allow_nan=False), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

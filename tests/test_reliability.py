@@ -413,6 +413,7 @@ def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     assert result.failed_processes == 0, (tmp_path / "run" / "processes.log").read_text()[-3000:]
     assert result.rounds_lost == 0 and result.applied_steps == list(range(100))
     assert result.drops == 3  # each killed worker was dropped, and nobody else
+    assert result.ps_kills == 0 and result.recovery_s is None  # no PS restarted, so no recovery time
     assert any(len(ranks) < 16 for ranks in result.ranks_per_step)  # rounds went on without the dead
     # Each replacement either joined and pushed, or started too late (a loaded machine) to join.
     assert result.joined_replacements + result.late_replacements == 3
