@@ -237,7 +237,8 @@ def main() -> None:
                "rounds_lost": clean.rounds_lost + faulty.rounds_lost,
                "short_rounds": sum(len(r) < n for r in faulty.ranks_per_step),
                "ps_kills": faulty.ps_kills, "redone_rounds": faulty.redone_rounds,
-               "ps_recovery_s": None if faulty.recovery_s is None else round(faulty.recovery_s, 2), "late_replacements": faulty.late_replacements,
+               "ps_recovery_s": None if faulty.recovery_s is None else round(faulty.recovery_s, 2),
+               "late_replacements": faulty.late_replacements,
                "params_match_reference": params_match(faulty, weights) and params_match(clean, weights),
                "faulty_wall_s": round(faulty.wall_s, 1)}
         rows.append(row)
