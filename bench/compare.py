@@ -101,6 +101,10 @@ CONFIGS = {
                                        "--freeze-max-fraction", "0.5", *CACHE],
     # The top quarter stays trainable (MiniLM: embeddings and layer0-4 may freeze; layer5 and the head never).
     "ps-autofreeze-quarter-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.75", *CACHE],
+    "ps-autofreeze-votes-quarter-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-decision", "votes",
+                                          "--freeze-max-fraction", "0.75", *CACHE],
+    # Between the two (MiniLM: embeddings and layer0-3 may freeze; layer4-5 and the head never).
+    "ps-autofreeze-5of8-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", *CACHE],
 }
 
 

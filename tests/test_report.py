@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from freeze.maths import apply_guards
 from freezeps.cli import main
 from freezeps.report import (
     _paired,
@@ -321,6 +322,13 @@ def test_every_compare_configuration_is_a_valid_run(tmp_path, workload):
     votes = config_from_args(build_parser().parse_args(compare.run_command(
         compare.WORKLOADS[workload], "ps-autofreeze-votes-half-cache", [], tmp_path / "v", seed=0)[len(compare.FREEZEPS):]))
     assert (votes.freeze_decision, votes.freeze_norm, votes.freeze_max_fraction) == ("votes", 1, 0.5)
+    votes_quarter = config_from_args(build_parser().parse_args(compare.run_command(
+        compare.WORKLOADS[workload], "ps-autofreeze-votes-quarter-cache", [], tmp_path / "vq", seed=0)[len(compare.FREEZEPS):]))
+    assert (votes_quarter.freeze_decision, votes_quarter.freeze_max_fraction) == ("votes", 0.75)
+    five = config_from_args(build_parser().parse_args(compare.run_command(
+        compare.WORKLOADS[workload], "ps-autofreeze-5of8-cache", [], tmp_path / "f", seed=0)[len(compare.FREEZEPS):]))
+    # MiniLM's 8 blocks: the embeddings and layer0-3 may freeze, never layer4.
+    assert apply_guards(8, 0, 100, -1, 8, max_fraction=five.freeze_max_fraction) == 5
 
 
 def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):
