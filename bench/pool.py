@@ -25,11 +25,21 @@ from freezeps.report import seeds_markdown
 
 # Settings that name a run rather than define it.
 PER_RUN = ("seed", "run_dir")
+# Settings of the freeze engine and its guards (freezeps.config's freeze_*, linear_* and vote_*),
+# which a run that freezes nothing never reads.
+FREEZE_SETTINGS = ("freeze_", "linear_", "vote_")
 
 
 def configuration(run_name: str) -> str:
     """The configuration a run belongs to: its name less bench.compare's `-sN` seed suffix."""
     return re.sub(r"-s\d+$", "", run_name)
+
+
+def defining(config: dict) -> dict:
+    """The settings that define a run: all but PER_RUN, and with `freeze` none, none of the freeze
+    settings either (a none run made beside one freeze setting pools with one made beside another)."""
+    ignored = FREEZE_SETTINGS if config.get("freeze") == "none" else ()
+    return {k: v for k, v in config.items() if k not in PER_RUN and not k.startswith(ignored)}
 
 
 def pool(folders: list[Path]) -> dict[str, list[dict]]:
@@ -42,7 +52,7 @@ def pool(folders: list[Path]) -> dict[str, list[dict]]:
             raise ValueError(f"{folder}: no results.json (is it a bench.compare --out folder?)")
         for run in json.loads(path.read_text()):
             name, seed = configuration(run["name"]), run["config"].get("seed")
-            defined = {k: v for k, v in run["config"].items() if k not in PER_RUN}
+            defined = defining(run["config"])
             if settings.setdefault(name, defined) != defined:
                 differ = sorted(k for k in defined.keys() | settings[name].keys()
                                 if defined.get(k) != settings[name].get(k))

@@ -290,6 +290,14 @@ def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(t
     other = folder("other", [run("frozen-s2", 2, 0.7, lr=0.5)])
     with pytest.raises(ValueError, match="differs from other runs of frozen in lr"):
         pool.pool([first, other])
+    # A run that freezes nothing never reads the freeze settings: made beside another freeze setting,
+    # it still pools; a run that freezes does not.
+    later = folder("later", [run("frozen-s2", 2, 0.69, freeze_warmup=86),
+                             run("none-s2", 2, 0.71, freeze="none", freeze_warmup=86)])
+    first_none = folder("first-none", [run("none", 0, 0.80, freeze="none")])
+    assert [r["accuracy"] for r in pool.pool([first_none, later])["none"]] == [0.80, 0.71]
+    with pytest.raises(ValueError, match="differs from other runs of frozen in freeze_warmup"):
+        pool.pool([first, later])
 
 
 def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
