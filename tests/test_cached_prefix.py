@@ -158,6 +158,32 @@ def test_measured_decision_and_a_shard_that_does_not_fit():
     assert torch.equal(out, model.prefix(IMAGES[ids])) and small.counters.uncached == 24
 
 
+def test_the_measured_first_batch_at_a_deeper_boundary_is_extended_not_recomputed():
+    """When the boundary moves past a cached depth, the batch that decides caching at the new
+    depth runs only the blocks frozen since, like any later batch, and its rows are exact."""
+    model = _model("resnet18")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=0)
+    ids = np.arange(24)
+    _freeze(model, cached, 4)
+    cached.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    assert cached.decisions[-1] == {**cached.decisions[-1], "depth": 4, "caching": True}
+    _freeze(model, cached, 5)
+    calls = [0] * len(model.blocks)
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(model.blocks)]
+    got = cached.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    for h in hooks:
+        h.remove()
+    assert calls[:5] == [0, 0, 0, 0, 1]
+    assert cached.last_batch == {"cached": 0, "extended": 24, "computed": 0}
+    assert torch.equal(got, model.prefix(IMAGES[ids]))
+    assert cached.decisions[-1] == {**cached.decisions[-1], "depth": 5, "caching": True}
+    # What reading spares is the whole prefix's cost: the depth-4 rows' own plus the extension's.
+    assert cached._row_cost[5] > cached._row_cost[4]
+    cached.outputs(ids, lambda rows: IMAGES[ids[rows]])
+    assert cached.last_batch["cached"] == 24
+
+
 def test_read_ahead_from_disk_keeps_the_loop_off_the_disk(tmp_path):
     model = _model("tiny_cnn")
     first = CachedPrefix(model, ActivationCache(0, 64 << 20, tmp_path), "images", from_depth=1)

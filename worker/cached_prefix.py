@@ -16,8 +16,10 @@ products) and round differently. So each stretch of that batch runs on at least 
 rows, padded with copies of the first.
 
 When caching starts: from a configured depth, or (from_depth 0) when the first batch at a
-depth measures that reading its rows back from the cache is faster than computing them and
-that the worker's shard fits the budgets.
+depth measures that reading its rows back from the cache is faster than computing them through
+the whole prefix and that the worker's shard fits the budgets. That batch too is extended from
+a shallower prefix's entries where it can be, as any batch is (recomputing them cost seconds per
+evaluation on 256-row test batches), so the whole prefix's cost on those rows is estimated.
 
 Old prefixes: an entry is dropped when extended; whatever is left of a prefix two epoch
 ends after it stopped being the current one (every sample of the shard has been asked for
@@ -187,23 +189,15 @@ class CachedPrefix:
         self.counters.read_s += t1 - t0
         out = got
         if len(left):
-            extended = np.concatenate([rows for _, rows, _ in found]) if found else np.zeros(0, np.int64)
-            missing = np.setdiff1d(left, extended)
-            computed = self._run_from(inputs(missing) if len(missing) else None, found)
-            todo = np.concatenate([missing, extended])
-            self.store.put_many(self.key, samples[todo], computed)
-            for source, rows, _ in found:
-                self.store.discard(source.key, samples[rows])
+            todo, computed = self._fill(samples, left, found, inputs)
             out = self._buffer(len(samples), computed)
             if cached:
                 out[torch.from_numpy(np.setdiff1d(np.arange(len(samples)), left))] = got
             out[torch.from_numpy(todo)] = computed
             spent = time.perf_counter() - t1
-            self.counters.computed += len(missing)
-            self.counters.extended += len(extended)
             self.counters.compute_s += spent
             if not found:  # misses only: what a row of the whole prefix costs
-                self._row_cost[self.depth] = spent / max(len(missing), self.min_rows)
+                self._row_cost[self.depth] = spent / max(len(left), self.min_rows)
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
@@ -217,6 +211,23 @@ class CachedPrefix:
         if self._batch is None or self._batch.shape != shape or self._batch.dtype != like.dtype:
             self._batch = torch.empty(shape, dtype=like.dtype)
         return self._batch
+
+    def _fill(self, samples: np.ndarray, rows: np.ndarray, found: list[tuple[_Source, np.ndarray, torch.Tensor]],
+              inputs) -> tuple[np.ndarray, torch.Tensor]:
+        """The batch's rows `rows`, not cached at this depth, with `found` their shallower entries
+        (_found_at_shallower_depths): those extended, the rest run from the input, in one batch
+        (_run_from); all cached at this depth and their shallower entries dropped. Returns the
+        rows in the order they come out, and their outputs."""
+        extended = np.concatenate([r for _, r, _ in found]) if found else np.zeros(0, np.int64)
+        missing = np.setdiff1d(rows, extended)
+        computed = self._run_from(inputs(missing) if len(missing) else None, found)
+        todo = np.concatenate([missing, extended])
+        self.store.put_many(self.key, samples[todo], computed)
+        for source, r, _ in found:
+            self.store.discard(source.key, samples[r])
+        self.counters.computed += len(missing)
+        self.counters.extended += len(extended)
+        return todo, computed
 
     def _found_at_shallower_depths(self, samples: np.ndarray, left: np.ndarray
                                    ) -> list[tuple[_Source, np.ndarray, torch.Tensor]]:
@@ -255,16 +266,22 @@ class CachedPrefix:
         return self.model.prefix(x, start, end)[:n]
 
     def _measure(self, samples: np.ndarray, inputs) -> torch.Tensor:
-        """The first batch at this depth: compute it, cache it, read it back, and decide."""
+        """The first batch at this depth: run it as any batch (rows with a shallower prefix's
+        entry are extended from it), cache it, read it back, and decide. Reading is set against
+        what it spares, running the whole prefix: measured on the rows run from the input; for
+        the extended rows, the time taken plus their entries' cost per row at their depth, as
+        measured there (a shallower source was cached, so measured, or from_depth decides)."""
+        rows = np.arange(len(samples))
+        found = self._found_at_shallower_depths(samples, rows)
         t0 = time.perf_counter()
-        out = self.model.prefix(inputs(np.arange(len(samples))))
-        compute_s = time.perf_counter() - t0
-        self.store.put_many(self.key, samples, out)
+        todo, computed = self._fill(samples, rows, found, inputs)
+        out = computed[torch.from_numpy(np.argsort(todo))]
+        spent = time.perf_counter() - t0
+        compute_s = spent + sum(len(r) * self._row_cost[source.depth] for source, r, _ in found)
         t1 = time.perf_counter()
         _, not_back = self.store.read(self.key, samples)
         read_s = time.perf_counter() - t1
-        self.counters.computed += len(samples)
-        self.counters.compute_s += compute_s
+        self.counters.compute_s += spent
         self._row_cost[self.depth] = compute_s / len(samples)
         entry_bytes = out[0].numel() * out.element_size()
         needed, budget = entry_bytes * self._shard_size, self.store.memory_bytes + self.store.disk_bytes
