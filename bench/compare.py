@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workload", default="resnet18", choices=tuple(WORKLOADS))
     parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--baseline", default="", help="the configuration the others' savings and accuracy "
+                        "are measured against (default: the first of --only); the order of --only is the order of runs")
     parser.add_argument("--steps", type=int, default=32, help="rounds per run; 0: the workload's epochs")
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--seeds", default="", help="comma-separated seeds, each configuration run once per seed "
@@ -187,6 +189,11 @@ def main() -> None:
     parser.add_argument("--link-offload", action="store_true")
     args, extra = parser.parse_known_args()
     names = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
+    if unknown := [n for n in names if n not in CONFIGS]:
+        parser.error(f"no configuration named {', '.join(unknown)}; there are {', '.join(CONFIGS)}")
+    baseline = args.baseline or names[0]
+    if baseline not in names:
+        parser.error(f"--baseline {baseline} is not among the configurations run ({', '.join(names)})")
     net = ["--network", args.network, "--link-mtu", str(args.link_mtu)]
     if args.link_rate:
         net += ["--link-rate", args.link_rate]
@@ -227,7 +234,7 @@ def main() -> None:
     out = args.out
     title = f"{args.workload}: {', '.join(names)} ({made['date']}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
-    path = write_comparison(results, out, title, baseline=names[0], groups=groups)
+    path = write_comparison(results, out, title, baseline=baseline, groups=groups)
     slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
             for r in results]
     (out / "results.json").write_text(json.dumps(slim, indent=1))

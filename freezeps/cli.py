@@ -88,7 +88,11 @@ def _report(args: argparse.Namespace) -> int:
         print(format_report(runs[0]))
         return 0
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report"
-    path = write_comparison(runs, out, args.title, args.baseline)
+    try:
+        path = write_comparison(runs, out, args.title, args.baseline)
+    except ValueError as e:  # a --baseline that names none of the runs
+        print(f"freezeps report: {e}", file=sys.stderr)
+        return 2
     print(path.read_text())
     print(f"written: {path} and the plots beside it")
     return 0

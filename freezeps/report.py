@@ -343,7 +343,10 @@ def _moved(facts: dict) -> int:
 
 def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     """One table row per run; savings are against `baseline` (a run name; default the first)."""
-    base = next((r for r in runs if r["name"] == baseline), runs[0])
+    base = runs[0] if baseline is None else next((r for r in runs if r["name"] == baseline), None)
+    if base is None:  # a misspelt name would otherwise report savings against the wrong run
+        raise ValueError(f"no run named {baseline!r} to compare with; the runs are "
+                         f"{', '.join(r['name'] for r in runs)}")
     target = (base["best_accuracy"] or 0.0) - 0.005
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
              f"test accuracy minus 0.5 point ({target:.4f}). `vs base`: the final accuracy's difference in points "
@@ -467,8 +470,8 @@ def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | No
         for base in groups[base_group]:
             seed = base["config"].get("seed")
             text += [f"## Seed {seed}", "", *_tables([r for r in runs if r["config"].get("seed") == seed], base["name"])]
-    else:
-        text += _tables(runs, baseline)
+    else:  # one run per configuration: with `groups`, `baseline` names a configuration, not its run
+        text += _tables(runs, groups[baseline][0]["name"] if groups and baseline in groups else baseline)
     text += [f"![{name}]({path.name})" for name, path in images.items()]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")

@@ -126,6 +126,8 @@ def test_time_to_accuracy_and_baseline():
     assert len(cells) == len(header) and cells[header.index("of which eval s")] == "1.2"
     base_row = next(line for line in table.splitlines() if line.startswith(f"| {facts['name']}"))
     assert [c.strip() for c in base_row.strip("|").split("|")][header.index("of which eval s")] == "-"  # not timed then
+    with pytest.raises(ValueError, match="no run named 'run-smal' to compare with"):
+        comparison_markdown([facts, other], baseline="run-smal")  # not silently the first run
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
@@ -251,6 +253,11 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     assert json.loads((runs / "bench.json").read_text())["date"].startswith("2026-01-01 to ")
     bench("--only", "ps-none,ps-gradnorm")  # everything finished: nothing runs again
     assert len(ran) == 2
+    # The baseline is named, not implied by the order of the runs.
+    bench("--only", "ps-gradnorm,ps-none", "--baseline", "ps-none")
+    assert "are against `ps-none`" in (tmp_path / "out" / "README.md").read_text() and len(ran) == 2
+    with pytest.raises(SystemExit):
+        bench("--only", "ps-gradnorm,ps-none", "--baseline", "ddp-none")
     # A finished run is not passed off as one made with other flags.
     with pytest.raises(ValueError, match=r"ps-none finished with other settings .*epochs: \d+ -> 7"):
         bench("--only", "ps-none,ps-gradnorm", "--epochs", "7")
