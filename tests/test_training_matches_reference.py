@@ -1,5 +1,5 @@
-"""Distributed rounds over real gRPC equal serial training (SGD or AdamW) on the union of the workers' batches
-(bench.soak.serial_training, which the fault tests use too)."""
+"""Distributed rounds over real gRPC equal serial training (SGD or AdamW) on the workers' batches,
+each rank's gradient on its own batch (bench.soak.serial_training, which the fault tests use too)."""
 from __future__ import annotations
 
 import numpy as np
