@@ -189,15 +189,15 @@ class CachedPrefix:
         self.counters.read_s += t1 - t0
         out = got
         if len(left):
-            todo, computed, _ = self._fill(samples, left, found, inputs)
+            todo, computed, run_s = self._fill(samples, left, found, inputs)
             out = self._buffer(len(samples), computed)
             if cached:
                 out[torch.from_numpy(np.setdiff1d(np.arange(len(samples)), left))] = got
             out[torch.from_numpy(todo)] = computed
             spent = time.perf_counter() - t1
             self.counters.compute_s += spent
-            if not found:  # misses only: what a row of the whole prefix costs
-                self._row_cost[self.depth] = spent / max(len(left), self.min_rows)
+            if not found:  # misses only: what a row of the whole prefix costs, the blocks' time as in _measure
+                self._row_cost[self.depth] = run_s / max(len(left), self.min_rows)
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
