@@ -285,7 +285,7 @@ def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(t
 
     first = folder("first", [run("none", 0, 0.80), run("frozen", 0, 0.79)])
     second = folder("second", [run("none-s1", 1, 0.70), run("frozen-s1", 1, 0.67)])
-    groups = pool.pool([second, first])
+    groups = pool.pool([(second, None), (first, None)])
     assert [r["config"]["seed"] for r in groups["frozen"]] == [0, 1]
     pool.main([str(first), str(second), "--baseline", "none", "--out", str(tmp_path / "pooled")])
     row = next(line for line in (tmp_path / "pooled" / "README.md").read_text().splitlines()
@@ -293,18 +293,32 @@ def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(t
     assert row.split("|")[2].strip() == "0, 1" and row.split("|")[4].strip() == "-2.00 ± 1.41"
     assert "](../first/README.md)" in (tmp_path / "pooled" / "README.md").read_text()
     with pytest.raises(ValueError, match="seed 0 comes twice"):
-        pool.pool([first, first])
+        pool.pool([(first, None), (first, None)])
     other = folder("other", [run("frozen-s2", 2, 0.7, lr=0.5)])
     with pytest.raises(ValueError, match="differs from other runs of frozen in lr"):
-        pool.pool([first, other])
+        pool.pool([(first, None), (other, None)])
     # A run that freezes nothing never reads the freeze settings: made beside another freeze setting,
     # it still pools; a run that freezes does not.
     later = folder("later", [run("frozen-s2", 2, 0.69, freeze_warmup=86),
                              run("none-s2", 2, 0.71, freeze="none", freeze_warmup=86)])
     first_none = folder("first-none", [run("none", 0, 0.80, freeze="none")])
-    assert [r["accuracy"] for r in pool.pool([first_none, later])["none"]] == [0.80, 0.71]
+    assert [r["accuracy"] for r in pool.pool([(first_none, None), (later, None)])["none"]] == [0.80, 0.71]
     with pytest.raises(ValueError, match="differs from other runs of frozen in freeze_warmup"):
-        pool.pool([first, later])
+        pool.pool([(first, None), (later, None)])
+    # FOLDER:CONFIG takes just that configuration: seed 1's freezing run with another folder's none
+    # (0.72 where second's own none-s1 has 0.70, which would otherwise come twice).
+    second_none = folder("second-none", [run("none-s1", 1, 0.72)])
+    pool.main([str(first), f"{second}:frozen", str(second_none), "--baseline", "none",
+               "--out", str(tmp_path / "picked")])
+    row = next(line for line in (tmp_path / "picked" / "README.md").read_text().splitlines()
+               if line.startswith("| frozen"))
+    assert row.split("|")[2].strip() == "0, 1" and row.split("|")[4].strip() == "-3.00 ± 2.83"
+    assert pool.source(f"{later}:frozen, none") == (later, frozenset({"frozen", "none"}))
+    assert pool.source(str(later)) == (later, None)
+    with pytest.raises(ValueError, match=r"no run of nothing \(it has frozen, none\)"):
+        pool.pool([(later, frozenset({"nothing"}))])
+    with pytest.raises(SystemExit):  # a parser error, with the message above, not a traceback
+        pool.main([f"{later}:nothing", "--baseline", "none", "--out", str(tmp_path / "bad")])
 
 
 def test_flags_the_compare_bench_passes_on_win_over_the_configuration(tmp_path):
