@@ -403,27 +403,31 @@ def seeds_markdown(groups: dict[str, list[dict]], baseline: str) -> str:
 
     `groups` maps a configuration's name to its runs, one per seed. Differences to `baseline`
     are paired by seed (same data order and initial head), which cancels much of the
-    seed-to-seed spread that the absolute accuracies show.
+    seed-to-seed spread that the absolute accuracies show. The speedups (the baseline's
+    training time over the run's) are listed seed by seed, in the order of the seeds column:
+    a mean of ratios would hide which seed fell short.
     """
     base = {r["config"].get("seed"): r for r in groups[baseline]}
     lines = [f"Over seeds: mean ± sample standard deviation; differences are to `{baseline}` with the same seed. "
              "`test-set SE` is the standard error that the test set's draw alone gives the mean accuracy "
              "difference (paired by sample, freezeps.report.paired_difference, pooled over the seeds).",
              "", "| configuration | seeds | final acc | acc - baseline (points) | test-set SE (points) | "
-             "worst seed (points) | train s | time saved | payload | bytes saved |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "worst seed (points) | train s | time saved | less time, by seed | payload | bytes saved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         paired = [(r, base[r["config"].get("seed")]) for r in runs if r["config"].get("seed") in base]
         if len(paired) != len(runs):
             raise ValueError(f"{name}: a run's seed has no `{baseline}` run to compare with")
         diff = [100 * (r["accuracy"] - b["accuracy"]) for r, b in paired]
         by_sample = [_paired(r, b) for r, b in paired]
+        speedups = ", ".join(f"{b['train_s'] / r['train_s']:.2f}x" for r, b in paired)
         test_se = "-" if None in by_sample else f"{math.sqrt(sum(se ** 2 for _, se in by_sample)) / len(by_sample):.2f}"
         lines.append(
             f"| {name} | {', '.join(str(r['config'].get('seed')) for r in runs)} | "
             f"{_mean_sd([r['accuracy'] for r in runs], '.4f')} | {_mean_sd(diff, '+.2f')} | {test_se} | {min(diff):+.2f} | "
             f"{_mean_sd([r['train_s'] for r in runs], '.1f')} | "
             f"{_mean_sd([1 - r['train_s'] / b['train_s'] for r, b in paired], '.1%')} | "
+            f"{speedups} | "
             f"{statistics.fmean(_moved(r) for r in runs) / 1e9:.3f} GB | "
             f"{_mean_sd([1 - _moved(r) / _moved(b) for r, b in paired], '.1%')} |")
     return "\n".join(lines)

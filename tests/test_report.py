@@ -158,7 +158,7 @@ def test_seeds_table_pairs_runs_by_seed():
     assert cells[1] == "1, 0"
     assert cells[3] == "-0.50 ± 0.71" and cells[5] == "-1.00"
     assert cells[4] == "-"  # the fixture's log predates the kept test errors
-    assert cells[7] == "50.0% ± 0.0%" and cells[9] == "50.0% ± 14.1%"
+    assert cells[7] == "50.0% ± 0.0%" and cells[8] == "2.00x, 2.00x" and cells[10] == "50.0% ± 14.1%"
     base_row = next(line for line in table.splitlines() if line.startswith("| none"))
     assert "+0.00 ± 0.00" in base_row
     with pytest.raises(ValueError, match="no `none` run"):
