@@ -67,8 +67,10 @@ def pool(sources: list[tuple[Path, frozenset[str] | None]]) -> dict[str, list[di
         runs = json.loads(path.read_text())
         if wanted is not None:
             present = {configuration(run["name"]) for run in runs}
-            if not wanted or wanted - present:
-                raise ValueError(f"{folder}: no run of {', '.join(sorted(wanted - present)) or 'an empty list'}"
+            if not wanted:
+                raise ValueError(f"{folder}: no configuration named after ':'")
+            if wanted - present:
+                raise ValueError(f"{folder}: no run of {', '.join(sorted(wanted - present))}"
                                  f" (it has {', '.join(sorted(present))})")
             runs = [run for run in runs if configuration(run["name"]) in wanted]
         for run in runs:

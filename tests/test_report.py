@@ -317,6 +317,8 @@ def test_pool_groups_seeds_from_several_folders_and_refuses_what_does_not_pair(t
     assert pool.source(str(later)) == (later, None)
     with pytest.raises(ValueError, match=r"no run of nothing \(it has frozen, none\)"):
         pool.pool([(later, frozenset({"nothing"}))])
+    with pytest.raises(ValueError, match="no configuration named after ':'"):
+        pool.pool([pool.source(f"{later}:")])
     with pytest.raises(SystemExit):  # a parser error, with the message above, not a traceback
         pool.main([f"{later}:nothing", "--baseline", "none", "--out", str(tmp_path / "bad")])
 
