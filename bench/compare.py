@@ -235,9 +235,6 @@ def main() -> None:
     title = f"{args.workload}: {', '.join(names)} ({made['date']}, {args.network}" + \
         (f", {args.link_rate}" if args.link_rate else "") + ")"
     path = write_comparison(results, out, title, baseline=baseline, groups=groups)
-    slim = [{k: v for k, v in r.items() if k not in ("payload_per_step", "wire_per_step", "frozen_over_time")}
-            for r in results]
-    (out / "results.json").write_text(json.dumps(slim, indent=1))
     text = [path.read_text().rstrip(), "",
             f"Machine: {made['machine']}. Command: `python -m bench.compare "
             f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`, then the "

@@ -455,9 +455,14 @@ def _tables(runs: list[dict], baseline: str | None) -> list[str]:
     return text
 
 
+# The per-step series a run's facts carry for the plots; results.json leaves them out (a few MB a run).
+PER_STEP = ("payload_per_step", "wire_per_step", "frozen_over_time")
+
+
 def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | None = None,
                      groups: dict[str, list[dict]] | None = None) -> Path:
-    """OUT/report.md (the table and the plots) and OUT/*.png; returns the markdown's path.
+    """OUT/report.md (the table and the plots), OUT/*.png and OUT/results.json (each run's facts
+    less the per-step series, what bench.pool reads); returns the markdown's path.
 
     With `groups` (configuration -> its runs over seeds, as bench/compare makes them; `baseline`
     then names a configuration) the report starts with the over-seeds table, then one table per
@@ -479,4 +484,6 @@ def write_comparison(runs: list[dict], out: Path, title: str, baseline: str | No
     text += [f"![{name}]({path.name})" for name, path in images.items()]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k not in PER_STEP} for r in runs],
+                                                 indent=1))
     return path

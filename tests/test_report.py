@@ -108,6 +108,10 @@ def test_comparison_writes_tables_and_plots(tmp_path, capsys):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in text
+    # and the facts bench.pool reads, without the per-step series
+    facts = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in facts] == ["full", "frozen"] and "payload_per_step" not in facts[0]
+    assert facts[0]["train_s"] == summarize_run(FIXTURE)["train_s"]
 
 
 def test_time_to_accuracy_and_baseline():
