@@ -1,4 +1,4 @@
-"""One over-seeds table from several bench.compare results folders.
+"""One over-seeds table from several results folders (bench.compare --out or freezeps report --out).
 
     python -m bench.pool --baseline ps-none --out docs/results/text-rt-full-seeds \
         docs/results/text-rt-full docs/results/text-rt-full-seed1 docs/results/text-rt-full-seed2
@@ -63,7 +63,7 @@ def pool(sources: list[tuple[Path, frozenset[str] | None]]) -> dict[str, list[di
     for folder, wanted in sources:
         path = folder / "results.json"
         if not path.is_file():
-            raise ValueError(f"{folder}: no results.json (is it a bench.compare --out folder?)")
+            raise ValueError(f"{folder}: no results.json (is it a bench.compare or freezeps report --out folder?)")
         runs = json.loads(path.read_text())
         if wanted is not None:
             present = {configuration(run["name"]) for run in runs}
@@ -89,7 +89,7 @@ def pool(sources: list[tuple[Path, frozenset[str] | None]]) -> dict[str, list[di
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", type=source, nargs="+", metavar="FOLDER[:CONFIG,...]",
-                        help="bench.compare --out folders, each whole or only the configurations named")
+                        help="bench.compare or freezeps report --out folders, each whole or only the configurations named")
     parser.add_argument("--baseline", required=True, help="the configuration differences are taken to")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
