@@ -238,15 +238,16 @@ def cache_facts(reports: list[dict]) -> dict | None:
     """The workers' activation-cache reports added up (None: no worker cached)."""
     if not reports:
         return None
-    total = PrefixCounters(**{f.name: sum(r[f.name] for r in reports) for f in fields(PrefixCounters)})
+    # A counter an older run's log lacks (ahead, before 2026-12-03) was 0 then.
+    total = PrefixCounters(**{f.name: sum(r.get(f.name, 0) for r in reports) for f in fields(PrefixCounters)})
     store = {k: sum(r["store"][k] for r in reports) for k in reports[0]["store"]} if "store" in reports[0] else None
     return {**asdict(total), "hit_rate": total.hit_rate(), "store": store}
 
 
 def format_cache(cache: dict, what: str = "activation cache") -> str:
     rows = (f"{what}: hit rate {cache['hit_rate']:.1%} ({cache['cached']} rows read, {cache['extended']} "
-            f"extended, {cache['computed']} computed, {cache['uncached']} not cached), about {cache['saved_s']:.1f} s "
-            f"of prefix compute saved")
+            f"extended, {cache['computed']} computed, {cache['uncached']} not cached; {cache['ahead']} of those run "
+            f"ahead, in a short run's places), about {cache['saved_s']:.1f} s of prefix compute saved")
     store = cache["store"]
     if store is None:
         return rows

@@ -40,11 +40,19 @@ def _freeze(model, cached: CachedPrefix, depth: int) -> None:
     cached.follow(depth, len(IMAGES))
 
 
+def _coming(batches: list[np.ndarray], n: int):
+    """The batches after batch n as the training loop hands them to the cache (worker.cached_prefix.Upcoming)."""
+    def upcoming(k: int):
+        ids = np.concatenate(batches[n + 1:n + 1 + k] or [np.zeros(0, np.int64)])
+        return ids, lambda rows: IMAGES[ids[rows]]
+    return upcoming
+
+
 def _check_epoch(model, cached: CachedPrefix, epoch: int, upcoming: bool = False) -> None:
     batches = _batches(epoch)
     for n, ids in enumerate(batches):
         got = cached.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]],
-                             batches[n + 1:n + 3] if upcoming else [])
+                             _coming(batches, n) if upcoming else None)
         want = model.prefix(IMAGES[ids])
         assert torch.equal(got, want), (epoch, n, cached.last_batch)
 
@@ -63,7 +71,7 @@ def test_cached_rows_equal_recomputed_ones_as_the_boundary_moves(tmp_path, name,
         else:
             assert cached.counters.computed == len(IMAGES)
         _check_epoch(model, cached, 2 * epoch + 1)  # all hits
-        assert cached.last_batch == {"cached": 24, "extended": 0, "computed": 0}
+        assert cached.last_batch == {"cached": 24, "extended": 0, "computed": 0, "ahead": 0}
     # Entries at depths that can no longer be used are gone: extended ones at once.
     assert cached.store.stats.memory_bytes == len(IMAGES) * model.prefix(IMAGES[:1]).numel() * 4
 
@@ -115,9 +123,79 @@ def test_a_batch_of_hits_extensions_from_two_depths_and_misses_runs_each_block_o
     for h in hooks:
         h.remove()
     assert torch.equal(got, model.prefix(IMAGES[ids]))
-    assert cached.last_batch == {"cached": 2, "extended": 4, "computed": 2}
+    assert cached.last_batch == {"cached": 2, "extended": 4, "computed": 2, "ahead": 0}
     assert calls[:6] == [1] * 6 and calls[6:] == [0] * (len(model.blocks) - 6)
     assert all(cached.store.get(cached.key, int(s)) is not None for s in ids)
+
+
+def _block_runs(model) -> tuple[list[int], list]:
+    """How many times each block ran since, and the hooks that count it (to remove)."""
+    calls = [0] * len(model.blocks)
+    return calls, [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+                   for i, b in enumerate(model.blocks)]
+
+
+def test_a_short_run_gives_its_places_to_the_coming_batches_rows():
+    """A batch with fewer rows to run than MIN_ROWS runs rows of the coming batches in the
+    places left, none that would start shallower than its own (so no stretch runs longer),
+    the shallowest first; they equal a full batch's rows bit for bit, are hits when their
+    batch comes, and are counted as what they were then."""
+    model = _model("resnet18")
+    cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+    _freeze(model, cached, 2)
+    for first in range(0, 60, 20):
+        cached.outputs(np.arange(first, first + 20), lambda rows, first=first: IMAGES[first + rows])
+    _freeze(model, cached, 4)  # 0-59 have depth-2 entries, 60-95 none
+    coming = [np.array([60, 61, 4, 5, 62]), np.arange(6, 30), np.arange(63, 70)]
+    batch = np.arange(4)
+    calls, hooks = _block_runs(model)
+    got = cached.outputs(batch, lambda rows: IMAGES[batch[rows]], _coming([batch, *coming], 0))
+    assert torch.equal(got, model.prefix(IMAGES[batch]))
+    assert calls[:4] == [1, 1, 2, 2]  # blocks 0-1 only for the check above: no miss joined the run
+    assert cached.last_batch == {"cached": 0, "extended": 4, "computed": 0, "ahead": 12}
+    assert sorted(cached._ahead) == list(range(4, 16)) and set(cached._ahead.values()) == {"extended"}
+    assert cached.store.holds(cached.key, np.arange(4, 16)).all()
+    assert not cached.store.holds(cached.key, np.array([60, 61, 62, 16])).any()
+
+    batch = coming[0]  # two misses and two rows run ahead: the misses take the places first
+    calls[:] = [0] * len(calls)
+    got = cached.outputs(batch, lambda rows: IMAGES[batch[rows]], _coming([batch, *coming[1:]], 0))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got, model.prefix(IMAGES[batch]))
+    assert calls[:4] == [1, 1, 1, 1]
+    assert cached.last_batch == {"cached": 0, "extended": 2, "computed": 3, "ahead": 13}
+    assert cached.store.holds(cached.key, np.arange(63, 70)).all()  # every miss coming, then extensions
+    assert cached.store.holds(cached.key, np.arange(16, 22)).all() and not cached.store.holds(cached.key, [22]).any()
+    for ids in coming[1:]:
+        assert torch.equal(cached.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]]), model.prefix(IMAGES[ids]))
+
+
+def test_reading_ahead_runs_the_prefix_less_and_counts_the_same():
+    """An epoch where a few rows were never cached, with and without the coming batches: the
+    same outputs bit for bit and the same counts of rows served cached, extended and computed,
+    but one run of the prefix where there were as many as batches with a row to run."""
+    model = _model("resnet18")
+    skipped = np.array([5, 17, 40, 41, 77, 90])
+    counters, runs = [], []
+    for reading_ahead in (False, True):
+        cached = CachedPrefix(model, ActivationCache(64 << 20), "images", from_depth=1)
+        _freeze(model, cached, 3)
+        kept = np.setdiff1d(np.arange(len(IMAGES)), skipped)
+        cached.outputs(kept, lambda rows: IMAGES[kept[rows]])
+        calls, hooks = _block_runs(model)
+        _check_epoch(model, cached, 1, upcoming=reading_ahead)
+        for h in hooks:
+            h.remove()
+        counters.append({k: getattr(cached.counters, k) for k in ("cached", "extended", "computed", "ahead")})
+        runs.append(calls[0] - len(_batches(1)))  # _check_epoch runs the whole prefix once a batch
+    short = sum(bool(np.isin(b, skipped).any()) for b in _batches(1))
+    assert short > 1 and runs == [short, 1]
+    first = next(b for b in _batches(1) if np.isin(b, skipped).any())
+    ahead = len(skipped) - np.isin(first, skipped).sum()
+    # 90 rows computed when they were cached, then served as hits; the 6 skipped computed in the epoch.
+    assert counters[0] == {"cached": 90, "extended": 0, "computed": 96, "ahead": 0}
+    assert counters[1] == {**counters[0], "ahead": ahead}
 
 
 def test_old_prefixes_are_dropped_two_epoch_ends_later():
@@ -175,7 +253,7 @@ def test_the_measured_first_batch_at_a_deeper_boundary_is_extended_not_recompute
     for h in hooks:
         h.remove()
     assert calls[:5] == [0, 0, 0, 0, 1]
-    assert cached.last_batch == {"cached": 0, "extended": 24, "computed": 0}
+    assert cached.last_batch == {"cached": 0, "extended": 24, "computed": 0, "ahead": 0}
     assert torch.equal(got, model.prefix(IMAGES[ids]))
     assert cached.decisions[-1] == {**cached.decisions[-1], "depth": 5, "caching": True}
     # What reading spares is the whole prefix's cost: the depth-4 rows' own plus the extension's.
@@ -195,7 +273,7 @@ def test_read_ahead_from_disk_keeps_the_loop_off_the_disk(tmp_path):
     _freeze(model, second, 2)
     batches = _batches(1)
     for n, ids in enumerate(batches):
-        got = second.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]], batches[n + 1:n + 3])
+        got = second.outputs(ids, lambda rows, ids=ids: IMAGES[ids[rows]], _coming(batches, n))
         assert torch.equal(got, model.prefix(IMAGES[ids]))
         second._pool.submit(lambda: None).result()  # let the read-ahead finish (one thread: in order)
     stats = second.store.stats

@@ -406,6 +406,17 @@ class ActivationCache:
             self._clock += 1
             self._insert(prefix, np.array([sample]), tensor[None])
 
+    def holds(self, prefix: str, samples: np.ndarray) -> np.ndarray:
+        """Whether each of `samples` has an entry of `prefix` in either tier: reads nothing and
+        counts nothing (an entry spoilt since its last lending still shows until that read)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        with self._lock:
+            slab = self._slabs.get(prefix)
+            held = slab.slots(samples) >= 0 if slab is not None else np.zeros(len(samples), bool)
+            if self._disk:
+                held |= np.fromiter(((prefix, s) in self._disk for s in samples.tolist()), bool, len(samples))
+            return held
+
     def memory_entries(self, prefix: str) -> int:
         with self._lock:
             slab = self._slabs.get(prefix)

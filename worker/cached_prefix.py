@@ -13,7 +13,13 @@ Cached rows equal recomputed rows bit for bit because the prefix is deterministi
 mode and a row of a batched forward does not depend on the other rows, *provided* the batch
 is not tiny: CPU kernels take other paths for 1 row (convolutions) or up to 8 (matrix
 products) and round differently. So each stretch of that batch runs on at least MIN_ROWS
-rows, padded with copies of the first.
+rows. Where a batch has fewer rows to run, the places left are given to rows the coming
+batches will need (read ahead, up to LOOK_AHEAD_BATCHES, from the training loop's schedule):
+misses and extensions that join the run no shallower than its shallowest row, so they make
+no stretch longer, are run and cached now, and are hits when their batch comes. Only what
+is still short is padded with copies of the first row. Once the cache is warm the rows left
+to run are few and scattered (samples an epoch's order skipped, rows to extend after a
+freeze), one or two a batch, and each such batch would otherwise pay the prefix on MIN_ROWS.
 
 When caching starts: from a configured depth, or (from_depth 0) when the first batch at a
 depth measures that reading its rows back from the cache is faster than computing them through
@@ -43,6 +49,12 @@ from worker.models import BlockModel
 log = logging.getLogger("freezeps.worker")
 
 MIN_ROWS = 16
+LOOK_AHEAD_BATCHES = 128  # how far ahead rows to run in a short run's places are looked for
+
+# The training loop's schedule: the next n batches' samples (split-wide ids, in the order
+# they will be asked for; fewer at the run's end) and a function making the model input of
+# rows of them.
+Upcoming = Callable[[int], tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor]]]
 UNDECIDED = None
 AUGMENT_REFUSED = ("the activation cache needs a sample's input to the frozen prefix to be the same every epoch, "
                    "and augment makes it random: turn one of them off")
@@ -71,6 +83,7 @@ class PrefixCounters:
     cached: int = 0  # rows read from the cache at the current depth
     extended: int = 0  # rows read at a shallower depth and run through the blocks frozen since
     computed: int = 0  # rows run through the whole prefix while caching
+    ahead: int = 0  # rows run for a coming batch in a short run's places (counted served when it comes)
     uncached: int = 0  # rows run through the whole prefix with caching off at that depth
     read_s: float = 0.0
     compute_s: float = 0.0  # running misses and extensions (one batch) and caching them
@@ -108,6 +121,7 @@ class CachedPrefix:
         self._shard_size = 0
         self.last_batch: dict[str, int] = {}  # where the last batch's rows came from
         self._batch: torch.Tensor | None = None
+        self._ahead: dict[int, str] = {}  # sample -> "computed" or "extended": run ahead at this depth
 
     @classmethod
     def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int,
@@ -126,6 +140,7 @@ class CachedPrefix:
         if self.key is not None and self.active:
             self._sources.insert(0, _Source(self.depth, self.key))
         self.depth = depth
+        self._ahead.clear()  # rows run ahead at the old depth are extended like any entry of it
         self.key = prefix_key(self.model.model_name, self.input_spec, list(self.model.blocks[:depth])) if depth else None
         self._sources = sorted((s for s in self._sources if s.key != self.key), key=lambda s: -s.depth)
         self._submitted.clear()
@@ -159,15 +174,16 @@ class CachedPrefix:
 
     # -- a batch ----------------------------------------------------------------------------
     def outputs(self, samples: np.ndarray, inputs: Callable[[np.ndarray], torch.Tensor],
-                upcoming: list[np.ndarray] = ()) -> torch.Tensor:
+                upcoming: Upcoming | None = None) -> torch.Tensor:
         """The prefix's output for `samples` (split-wide ids); `inputs(rows)` makes the model
-        input of the batch's rows `rows`; `upcoming` are the next batches' samples, read ahead.
-        The tensor returned may be overwritten by the next call."""
+        input of the batch's rows `rows`; `upcoming`: the coming batches (read ahead from the
+        disk tier, and run in a short run's places). The tensor returned may be overwritten by
+        the next call."""
         c = self.counters
-        before = (c.cached, c.extended, c.computed)
+        before = (c.cached, c.extended, c.computed, c.ahead)
         out = self._outputs(samples, inputs, upcoming)
         self.last_batch = {"cached": c.cached - before[0], "extended": c.extended - before[1],
-                           "computed": c.computed - before[2]}
+                           "computed": c.computed - before[2], "ahead": c.ahead - before[3]}
         return out
 
     def _outputs(self, samples, inputs, upcoming) -> torch.Tensor:
@@ -183,25 +199,92 @@ class CachedPrefix:
         # gather into a buffer of its own, valid until the next call, which is all a step needs.
         got, left = self.store.read(self.key, samples, lend=True)
         cached = len(samples) - len(left)
+        if self._ahead and cached:
+            cached -= self._served_ahead(np.delete(samples, left) if len(left) else samples)
         found = self._found_at_shallower_depths(samples, left) if len(left) else []
         t1 = time.perf_counter()
         self.counters.cached += cached
         self.counters.read_s += t1 - t0
         out = got
         if len(left):
-            todo, computed, run_s = self._fill(samples, left, found, inputs)
-            out = self._buffer(len(samples), computed)
-            if cached:
-                out[torch.from_numpy(np.setdiff1d(np.arange(len(samples)), left))] = got
-            out[torch.from_numpy(todo)] = computed
+            n = len(samples)
+            run, run_inputs, found = self._with_rows_ahead(samples, left, found, inputs, upcoming)
+            todo, misses, computed, run_s = self._fill(run, np.concatenate([left, np.arange(n, len(run))]),
+                                                       found, run_inputs)
+            self._count(run[todo], misses, todo < n)
+            mine = np.flatnonzero(todo < n)
+            out = self._buffer(n, computed)
+            if len(left) < n:
+                out[torch.from_numpy(np.setdiff1d(np.arange(n), left))] = got
+            out[torch.from_numpy(todo[mine])] = computed[torch.from_numpy(mine)]
             spent = time.perf_counter() - t1
             self.counters.compute_s += spent
             if not found:  # misses only: what a row of the whole prefix costs, the blocks' time as in _measure
-                self._row_cost[self.depth] = run_s / max(len(left), self.min_rows)
+                self._row_cost[self.depth] = run_s / max(len(todo), self.min_rows)
         if self.depth in self._row_cost:
             self.counters.saved_s += cached * self._row_cost[self.depth] - (t1 - t0)
         self._prefetch(upcoming)
         return out
+
+    def _served_ahead(self, hits: np.ndarray) -> int:
+        """Of the batch's hits, how many were run ahead (in an earlier batch's places), now
+        counted as what they were, computed or extended."""
+        kinds = [self._ahead.pop(s, None) for s in hits.tolist()]
+        computed, extended = kinds.count("computed"), kinds.count("extended")
+        self.counters.computed += computed
+        self.counters.extended += extended
+        return computed + extended
+
+    def _count(self, samples: np.ndarray, misses: int, mine: np.ndarray) -> None:
+        """Count a run's rows `samples` (its first `misses` from the input, the rest extended):
+        the batch's (`mine`) as served now, the others as run ahead, served when they come."""
+        self.counters.computed += int(np.count_nonzero(mine[:misses]))
+        self.counters.extended += int(np.count_nonzero(mine[misses:]))
+        for i in np.flatnonzero(~mine).tolist():
+            self._ahead[int(samples[i])] = "computed" if i < misses else "extended"
+        self.counters.ahead += int(np.count_nonzero(~mine))
+        for s in samples[mine].tolist():
+            self._ahead.pop(s, None)  # run ahead but not kept (the budget was full): run again now
+
+    def _with_rows_ahead(self, samples: np.ndarray, left: np.ndarray, found: list, inputs, upcoming):
+        """The run for the batch's rows `left`, with the coming batches' rows in its places
+        (see the module docstring): the run's samples (the batch's, then those added), a
+        function making the model input of rows of them, and `found` with the added rows'
+        shallower entries."""
+        short = self.min_rows - len(left)
+        if upcoming is None or short <= 0:
+            return samples, inputs, found
+        start = 0 if len(left) > sum(len(r) for _, r, _ in found) else min(s.depth for s, _, _ in found)
+        coming, coming_inputs = upcoming(LOOK_AHEAD_BATCHES)
+        _, first = np.unique(coming, return_index=True)
+        pos = np.sort(first)  # each coming sample once, in the order they come
+        pos = pos[~np.isin(coming[pos], samples)]
+        pos = pos[~self.store.holds(self.key, coming[pos])]
+        start_at = np.zeros(len(pos), np.int64)  # the depth a candidate's run would start at
+        for source in (s for s in self._sources if s.depth < self.depth):  # deepest first
+            start_at[(start_at == 0) & self.store.holds(source.key, coming[pos])] = source.depth
+        # Shallowest first (they fill the most stretches), no shallower than the run's start.
+        by_start = np.argsort(start_at, kind="stable")
+        chosen = pos[by_start][start_at[by_start] >= start][:short]
+        if not len(chosen):
+            return samples, inputs, found
+        n = len(samples)
+        run = np.concatenate([samples, coming[chosen]])
+
+        def run_inputs(rows: np.ndarray) -> torch.Tensor:  # rows ascending: the batch's first
+            mine, theirs = rows[rows < n], rows[rows >= n] - n
+            parts = ([inputs(mine)] if len(mine) else []) + ([coming_inputs(chosen[theirs])] if len(theirs) else [])
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        added = self._found_at_shallower_depths(run, np.arange(n, len(run)))
+        by_source = {id(s): (s, r, e) for s, r, e in found}
+        for s, r, e in added:
+            if id(s) in by_source:
+                _, r0, e0 = by_source[id(s)]
+                by_source[id(s)] = (s, np.concatenate([r0, r]), torch.cat([e0, e]))
+            else:
+                by_source[id(s)] = (s, r, e)
+        return run, run_inputs, sorted(by_source.values(), key=lambda f: f[0].depth)
 
     def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """A batch of n rows shaped like `like`'s, reused from step to step: when little is left
@@ -213,11 +296,12 @@ class CachedPrefix:
         return self._batch
 
     def _fill(self, samples: np.ndarray, rows: np.ndarray, found: list[tuple[_Source, np.ndarray, torch.Tensor]],
-              inputs) -> tuple[np.ndarray, torch.Tensor, float]:
-        """The batch's rows `rows`, not cached at this depth, with `found` their shallower entries
-        (_found_at_shallower_depths): those extended, the rest run from the input, in one batch
-        (_run_from); all cached at this depth and their shallower entries dropped. Returns the
-        rows in the order they come out, their outputs, and the seconds the blocks took."""
+              inputs) -> tuple[np.ndarray, int, torch.Tensor, float]:
+        """The rows `rows` of `samples`, not cached at this depth, with `found` their shallower
+        entries (_found_at_shallower_depths): those extended, the rest run from the input, in one
+        batch (_run_from); all cached at this depth and their shallower entries dropped. Returns
+        the rows in the order they come out (those run from the input first), how many of them
+        were, their outputs, and the seconds the blocks took."""
         extended = np.concatenate([r for _, r, _ in found]) if found else np.zeros(0, np.int64)
         missing = np.setdiff1d(rows, extended)
         t0 = time.perf_counter()
@@ -227,9 +311,8 @@ class CachedPrefix:
         self.store.put_many(self.key, samples[todo], computed)
         for source, r, _ in found:
             self.store.discard(source.key, samples[r])
-        self.counters.computed += len(missing)
-        self.counters.extended += len(extended)
-        return todo, computed, run_s
+        return todo, len(missing), computed, run_s
+
 
     def _found_at_shallower_depths(self, samples: np.ndarray, left: np.ndarray
                                    ) -> list[tuple[_Source, np.ndarray, torch.Tensor]]:
@@ -276,7 +359,8 @@ class CachedPrefix:
         rows = np.arange(len(samples))
         found = self._found_at_shallower_depths(samples, rows)
         t0 = time.perf_counter()
-        todo, computed, run_s = self._fill(samples, rows, found, inputs)
+        todo, misses, computed, run_s = self._fill(samples, rows, found, inputs)
+        self._count(samples[todo], misses, np.ones(len(todo), bool))
         out = computed[torch.from_numpy(np.argsort(todo))]
         spent = time.perf_counter() - t0
         # The blocks' time only: writing the rows into the cache is not what reading them back spares.
@@ -305,14 +389,13 @@ class CachedPrefix:
         log.info("[Worker] activation cache at depth %d: %s (%s)", self.depth, "on" if self.active else "off", reason)
 
     # -- reading ahead ----------------------------------------------------------------------
-    def _prefetch(self, upcoming: list[np.ndarray]) -> None:
-        if self._pool is None or not self.store.disk_bytes:
+    def _prefetch(self, upcoming: Upcoming | None) -> None:
+        if self._pool is None or not self.store.disk_bytes or upcoming is None:
             return
-        for batch in upcoming[:self.prefetch_batches]:
-            todo = [int(s) for s in batch if int(s) not in self._submitted]
-            if todo:
-                self._submitted.update(todo)
-                self._pool.submit(self._load, self.key, todo)
+        todo = [s for s in upcoming(self.prefetch_batches)[0].tolist() if s not in self._submitted]
+        if todo:
+            self._submitted.update(todo)
+            self._pool.submit(self._load, self.key, todo)
 
     def _load(self, key: str, samples: list[int]) -> None:
         for s in samples:

@@ -274,15 +274,20 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             idx = batch_at(step)
             y = train.labels[torch.from_numpy(idx)]
 
-            def inputs(rows: np.ndarray) -> torch.Tensor:
-                return make_batch(train, idx[rows], settings.image_size, channels, settings.augment, gen)[0]
+            def inputs(rows: np.ndarray, positions: np.ndarray = idx) -> torch.Tensor:
+                return make_batch(train, positions[rows], settings.image_size, channels, settings.augment, gen)[0]
+
+            def upcoming(batches: int, step: int = step) -> tuple[np.ndarray, Callable]:
+                """The next `batches` batches' samples, in order, and their inputs (for the cache)."""
+                ahead = range(step + 1, min(step + 1 + batches, total_steps))
+                positions = np.concatenate([batch_at(s) for s in ahead]) if ahead else np.zeros(0, np.int64)
+                return train.sample_ids(positions), lambda rows: inputs(rows, positions)
 
             # Forward (the frozen prefix's output from the cache, where it can be) and backward
             # through the active blocks only.
             flat.zero_grads(frozen)
             t0 = time.perf_counter()
             if cached:
-                upcoming = [train.sample_ids(batch_at(s)) for s in range(step + 1, step + 1 + cached.prefetch_batches)]
                 h = cached.outputs(train.sample_ids(idx), inputs, upcoming)
             else:
                 h = model.prefix(inputs(np.arange(len(idx))))
