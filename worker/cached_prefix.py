@@ -15,9 +15,10 @@ is not tiny: CPU kernels take other paths for 1 row (convolutions) or up to 8 (m
 products) and round differently. So each stretch of that batch runs on at least MIN_ROWS
 rows. Where a batch has fewer rows to run, the places left are given to rows the coming
 batches will need (read ahead, up to LOOK_AHEAD_BATCHES, from the training loop's schedule):
-misses and extensions that join the run no shallower than its shallowest row, so they make
-no stretch longer, are run and cached now, and are hits when their batch comes. Only what
-is still short is padded with copies of the first row. Once the cache is warm the rows left
+misses and extensions that join the run no shallower than its shallowest row (so it runs
+no block it would not have run, and no stretch on more than MIN_ROWS rows: the same compute),
+shallowest first; they are cached now and are hits when their batch comes. Only what is
+still short is padded with copies of the first row. Once the cache is warm the rows left
 to run are few and scattered (samples an epoch's order skipped, rows to extend after a
 freeze), one or two a batch, and each such batch would otherwise pay the prefix on MIN_ROWS.
 
