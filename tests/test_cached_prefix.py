@@ -71,7 +71,7 @@ def test_cached_rows_equal_recomputed_ones_as_the_boundary_moves(tmp_path, name,
         else:
             assert cached.counters.computed == len(IMAGES)
         _check_epoch(model, cached, 2 * epoch + 1)  # all hits
-        assert cached.last_batch == {"cached": 24, "extended": 0, "computed": 0, "ahead": 0}
+        assert cached.last_batch == {"cached": 24, "extended": 0, "computed": 0, "ahead": 0, "ran": 0}
     # Entries at depths that can no longer be used are gone: extended ones at once.
     assert cached.store.stats.memory_bytes == len(IMAGES) * model.prefix(IMAGES[:1]).numel() * 4
 
@@ -123,7 +123,7 @@ def test_a_batch_of_hits_extensions_from_two_depths_and_misses_runs_each_block_o
     for h in hooks:
         h.remove()
     assert torch.equal(got, model.prefix(IMAGES[ids]))
-    assert cached.last_batch == {"cached": 2, "extended": 4, "computed": 2, "ahead": 0}
+    assert cached.last_batch == {"cached": 2, "extended": 4, "computed": 2, "ahead": 0, "ran": 6}
     assert calls[:6] == [1] * 6 and calls[6:] == [0] * (len(model.blocks) - 6)
     assert all(cached.store.get(cached.key, int(s)) is not None for s in ids)
 
@@ -152,7 +152,7 @@ def test_a_short_run_gives_its_places_to_the_coming_batches_rows():
     got = cached.outputs(batch, lambda rows: IMAGES[batch[rows]], _coming([batch, *coming], 0))
     assert torch.equal(got, model.prefix(IMAGES[batch]))
     assert calls[:4] == [1, 1, 2, 2]  # blocks 0-1 only for the check above: no miss joined the run
-    assert cached.last_batch == {"cached": 0, "extended": 4, "computed": 0, "ahead": 12}
+    assert cached.last_batch == {"cached": 0, "extended": 4, "computed": 0, "ahead": 12, "ran": 16}
     assert sorted(cached._ahead) == list(range(4, 16)) and set(cached._ahead.values()) == {"extended"}
     assert cached.store.holds(cached.key, np.arange(4, 16)).all()
     assert not cached.store.holds(cached.key, np.array([60, 61, 62, 16])).any()
@@ -164,7 +164,7 @@ def test_a_short_run_gives_its_places_to_the_coming_batches_rows():
         h.remove()
     assert torch.equal(got, model.prefix(IMAGES[batch]))
     assert calls[:4] == [1, 1, 1, 1]
-    assert cached.last_batch == {"cached": 0, "extended": 2, "computed": 3, "ahead": 13}
+    assert cached.last_batch == {"cached": 0, "extended": 2, "computed": 3, "ahead": 13, "ran": 16}
     assert cached.store.holds(cached.key, np.arange(63, 70)).all()  # every miss coming, then extensions
     assert cached.store.holds(cached.key, np.arange(16, 22)).all() and not cached.store.holds(cached.key, [22]).any()
     for ids in coming[1:]:
@@ -253,7 +253,7 @@ def test_the_measured_first_batch_at_a_deeper_boundary_is_extended_not_recompute
     for h in hooks:
         h.remove()
     assert calls[:5] == [0, 0, 0, 0, 1]
-    assert cached.last_batch == {"cached": 0, "extended": 24, "computed": 0, "ahead": 0}
+    assert cached.last_batch == {"cached": 0, "extended": 24, "computed": 0, "ahead": 0, "ran": 24}
     assert torch.equal(got, model.prefix(IMAGES[ids]))
     assert cached.decisions[-1] == {**cached.decisions[-1], "depth": 5, "caching": True}
     # What reading spares is the whole prefix's cost: the depth-4 rows' own plus the extension's.

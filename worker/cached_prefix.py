@@ -123,6 +123,7 @@ class CachedPrefix:
         self.last_batch: dict[str, int] = {}  # where the last batch's rows came from
         self._batch: torch.Tensor | None = None
         self._ahead: dict[int, str] = {}  # sample -> "computed" or "extended": run ahead at this depth
+        self._ran = 0  # rows the frozen blocks ran on in the current call
 
     @classmethod
     def open(cls, settings: CacheSettings, model: BlockModel, input_spec: str, batch_size: int,
@@ -182,9 +183,13 @@ class CachedPrefix:
         the next call."""
         c = self.counters
         before = (c.cached, c.extended, c.computed, c.ahead)
+        self._ran = 0
         out = self._outputs(samples, inputs, upcoming)
+        # Where the batch's rows came from, how many rows of coming batches ran in its places, and
+        # how many rows the frozen blocks ran on in all (padding aside; 0 where nothing ran, even
+        # if rows run ahead earlier count as computed or extended here).
         self.last_batch = {"cached": c.cached - before[0], "extended": c.extended - before[1],
-                           "computed": c.computed - before[2], "ahead": c.ahead - before[3]}
+                           "computed": c.computed - before[2], "ahead": c.ahead - before[3], "ran": self._ran}
         return out
 
     def _outputs(self, samples, inputs, upcoming) -> torch.Tensor:
@@ -213,6 +218,7 @@ class CachedPrefix:
             todo, misses, computed, run_s = self._fill(run, np.concatenate([left, np.arange(n, len(run))]),
                                                        found, run_inputs)
             self._count(run[todo], misses, todo < n)
+            self._ran = len(todo)
             mine = np.flatnonzero(todo < n)
             out = self._buffer(n, computed)
             if len(left) < n:
@@ -362,6 +368,7 @@ class CachedPrefix:
         t0 = time.perf_counter()
         todo, misses, computed, run_s = self._fill(samples, rows, found, inputs)
         self._count(samples[todo], misses, np.ones(len(todo), bool))
+        self._ran = len(todo)
         out = computed[torch.from_numpy(np.argsort(todo))]
         spent = time.perf_counter() - t0
         # The blocks' time only: writing the rows into the cache is not what reading them back spares.
