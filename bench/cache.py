@@ -23,12 +23,21 @@ Part 2: adaptive `freezeps run`s (a PS and 4 workers on this machine) without an
 cache, everything else equal, per workload (WHOLE_RUNS): training time, hit rate, cache bytes.
 Goal: >= 1.3x faster.
 
+Part 3 (`--scattered FRACTIONS`): an epoch of a worker's MiniLM shard (SCATTER_BATCHES batches
+of 16, 128 tokens) where a fraction of the rows must be run (extended from a shallower depth
+to the frozen one, as after a freeze, or from the input: `--scattered-depths`), the rest hits,
+scattered at random over the batches; each turn
+once with the coming batches handed to the cache (their rows take a short run's places) and
+once without (a short run padded with copies), in a fresh order, each from a fresh store. The
+prefix's seconds for the epoch, the number of runs, and the outputs checked equal bit for bit.
+
 Writes OUT/results.json and OUT/README.md (the tables, the command, the machine, the date).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -158,6 +167,83 @@ def step_times(name: str, repeats: int) -> list[dict]:
     return rows
 
 
+# Part 3: an epoch with scattered rows to run, the coming batches handed to the cache or not.
+SCATTER_MODEL, SCATTER_BATCH, SCATTER_BATCHES, SCATTER_TOKENS = "minilm", 16, 32, 128
+
+
+def _token_ids(n: int, rng: np.random.Generator) -> torch.Tensor:
+    """n texts of 20-128 random tokens ([CLS] first), padded with 0 to SCATTER_TOKENS."""
+    ids = torch.from_numpy(rng.integers(1000, 20000, (n, SCATTER_TOKENS)))
+    ids[:, 0] = 101
+    for row, length in enumerate(rng.integers(20, SCATTER_TOKENS + 1, n).tolist()):
+        ids[row, length:] = 0
+    return ids
+
+
+def _entries(model, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Blocks start..end-1 on x, SCATTER_BATCH rows at a time (as the cache runs them)."""
+    return torch.cat([model.prefix(x[i:i + SCATTER_BATCH], start, end) for i in range(0, len(x), SCATTER_BATCH)])
+
+
+def scattered_epochs(fractions: list[float], source: int, depth: int, turns: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(SCATTER_MODEL, 8)  # random weights: speed does not depend on them
+    if depth >= len(model.blocks):
+        raise ValueError(f"{SCATTER_MODEL} has {len(model.blocks)} blocks: a frozen depth of {depth} leaves none to train")
+    model.set_frozen(depth)
+    model.train()  # the frozen blocks stay in eval mode
+    rng = np.random.default_rng(0)
+    n = SCATTER_BATCH * SCATTER_BATCHES
+    x = _token_ids(n, rng)
+    at_source = _entries(model, x, 0, source)
+    want = _entries(model, at_source, source, depth)
+    batches = np.split(rng.permutation(n), SCATTER_BATCHES)
+    rows = []
+    for fraction in fractions:
+        to_run = rng.choice(n, round(fraction * n), replace=False)
+        hits = np.setdiff1d(np.arange(n), to_run)
+
+        def epoch(reading_ahead: bool, check: bool = False) -> tuple[float, int]:
+            cached = CachedPrefix(model, ActivationCache(1 << 33), "bench-scattered", from_depth=1, prefetch_batches=0)
+            if source:  # else the rows to run are misses
+                model.set_frozen(source)
+                cached.follow(source, n)
+                cached.store.put_many(cached.key, to_run, at_source[torch.from_numpy(to_run)])
+                model.set_frozen(depth)
+            cached.follow(depth, n)
+            if len(hits):
+                cached.store.put_many(cached.key, hits, want[torch.from_numpy(hits)])
+            runs = 0
+            t0 = time.perf_counter()
+            for i, ids in enumerate(batches):
+                def coming(k: int, i: int = i):
+                    ahead = np.concatenate(batches[i + 1:i + 1 + k] or [np.zeros(0, np.int64)])
+                    return ahead, lambda r: x[ahead[r]]
+                got = cached.outputs(ids, lambda r, ids=ids: x[ids[r]], coming if reading_ahead else None)
+                runs += cached.last_batch["ran"] > 0
+                if check and not torch.equal(got, want[torch.from_numpy(ids)]):
+                    raise RuntimeError(f"batch {i}: the cache's rows differ from the prefix's")
+            spent = time.perf_counter() - t0
+            if cached.counters.computed + cached.counters.extended != len(to_run):
+                raise RuntimeError("every row to run must be counted once, as computed or extended")
+            cached.close()
+            return spent, runs
+
+        runs = [epoch(False, check=True)[1], epoch(True, check=True)[1]]  # also the warm-up
+        times = np.zeros((turns, 2))
+        for turn in range(turns):
+            for mode in np.random.default_rng(turn).permutation(2):
+                times[turn, mode] = epoch(bool(mode))[0]
+        ratio, q1, q3 = _paired(times[:, 1], times[:, 0])
+        rows.append({"source": source, "depth": depth, "fraction": fraction, "rows_to_run": len(to_run), "padded_s": float(np.median(times[:, 0])),
+                     "ahead_s": float(np.median(times[:, 1])), "ahead_over_padded": ratio,
+                     "ahead_over_padded_quartiles": [q1, q3], "padded_runs": runs[0], "ahead_runs": runs[1]})
+        print(f"[cache] scattered {fraction:.0%} ({len(to_run)} of {n} rows, depth {source}->{depth}): padded "
+              f"{rows[-1]['padded_s']:.2f} s in {runs[0]} runs, ahead {rows[-1]['ahead_s']:.2f} s in {runs[1]} runs, "
+              f"ratio {ratio:.2f} ({q1:.2f}-{q3:.2f})", flush=True)
+    return rows
+
+
 # Part 2, whole adaptive runs without and with the cache, on two workloads:
 # - efficientnet: the default model (EfficientNet-Lite0, ImageNet weights) on Fashion-MNIST with
 #   AutoFreeze's percentile rule, as gradnorm-pct of the freeze sweep (docs/results/freeze-sweep),
@@ -186,10 +272,8 @@ def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
             "eval_cache": facts["eval_cache"], "phase_ms_per_step": facts["phase_ms_per_step"]}
 
 
-def write_readme(results: dict, out: Path, command: str) -> None:
-    lines = ["# Activation cache: step time per frozen depth, and whole adaptive runs", "",
-             f"Measured {results['date']} on {results['machine']} with `{command}`.", "",
-             "## Step time per frozen depth (batch 64, 32x32, "
+def _step_table(results: dict) -> list[str]:
+    lines = ["", "## Step time per frozen depth (batch 64, 32x32, "
              f"{results['repeats']} turns, each turn the steps of each kind in a fresh order, each timed after one "
              f"of its kind, {results['threads']} threads)", "",
              "Times are medians over the turns; ratios are medians of the ratio within each turn (quartiles in "
@@ -204,6 +288,26 @@ def write_readme(results: dict, out: Path, command: str) -> None:
                      f"{r['cached_over_suffix']:.2f} [{q1:.2f}, {q3:.2f}] | {r['gather_over_suffix']:.2f} | "
                      f"{r['speedup']:.2f}x | "
                      f"{r['entry_bytes']} |")
+    return lines
+
+
+def write_readme(results: dict, out: Path, command: str) -> None:
+    lines = ["# Activation cache: step time per frozen depth, and whole adaptive runs", "",
+             f"Measured {results['date']} on {results['machine']} with `{command}`."]
+    if results["steps"]:
+        lines += _step_table(results)
+    if results.get("scattered"):
+        lines += ["", f"## An epoch with scattered rows to run ({SCATTER_MODEL}, {SCATTER_BATCHES} batches of "
+                  f"{SCATTER_BATCH}, {SCATTER_TOKENS} tokens; rows extended from depth SOURCE to DEPTH, from the "
+                  "input where SOURCE is 0)", "",
+                  "Prefix seconds for the epoch, medians over the turns; the ratio is taken within each turn "
+                  "(quartiles in brackets). Padded: a short run is padded to 16 rows with copies; ahead: the "
+                  "coming batches' rows take those places.", "",
+                  "| depths | rows to run | padded s (runs) | ahead s (runs) | ahead / padded |", "|---|---|---|---|---|"]
+        for r in results["scattered"]:
+            q1, q3 = r["ahead_over_padded_quartiles"]
+            lines.append(f"| {r['source']} -> {r['depth']} | {r['fraction']:.0%} ({r['rows_to_run']}) | {r['padded_s']:.2f} ({r['padded_runs']}) | "
+                         f"{r['ahead_s']:.2f} ({r['ahead_runs']}) | {r['ahead_over_padded']:.2f} [{q1:.2f}, {q3:.2f}] |")
     for workload, (plain, cached) in results.get("runs", {}).items():
         run_args, cache_args = WHOLE_RUNS[workload]
         lines += ["", f"## A whole adaptive run: {workload}", "", f"`freezeps run {' '.join(run_args)}`, then with "
@@ -236,13 +340,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default=",".join(WHOLE_RUNS),
                         help=f"whole runs, of {', '.join(WHOLE_RUNS)}; '' for part 1 only")
+    parser.add_argument("--scattered", default="",
+                        help="part 3: fractions of an epoch's rows to run, e.g. 0.01,0.05,0.2,0.6 ('': skip)")
+    parser.add_argument("--scattered-depths", default="4:5",
+                        help="part 3: SOURCE:DEPTH[,...]: the depth the rows to run are cached at (0: misses), "
+                             "and the frozen depth")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs") / time.strftime("cache-%Y-%m-%d-%H%M%S"),
                         help="where the whole runs go (a new folder: freezeps run refuses one that holds a run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"date": date.today().isoformat(), "machine": machine.describe(), "repeats": args.repeats, "threads": args.threads,
-               "steps": [row for name in args.models.split(",") for row in step_times(name, args.repeats)]}
-    command = "python -m bench.cache " + " ".join(sys.argv[1:])
+               "steps": [row for name in filter(None, args.models.split(",")) for row in step_times(name, args.repeats)]}
+    if args.scattered:
+        pairs = [tuple(int(d) for d in pair.split(":")) for pair in args.scattered_depths.split(",")]
+        if any(len(pair) != 2 or not 0 <= pair[0] < pair[1] for pair in pairs):
+            raise ValueError(f"--scattered-depths {args.scattered_depths}: SOURCE:DEPTH pairs, the source below the depth")
+        results["scattered"] = [row for source, depth in pairs for row in scattered_epochs(
+            [float(f) for f in args.scattered.split(",")], source, depth, max(3, args.repeats // 4))]
+    command = "python -m bench.cache " + shlex.join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     results["runs"] = {}
     for workload in filter(None, args.runs.split(",")):
