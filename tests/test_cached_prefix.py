@@ -325,11 +325,11 @@ def test_augmentation_refuses_caching(tmp_path):
         CacheSettings(0, 0)
 
 
-def _adaptive_run(ps_factory, tmp_path, weights, cache):
+def _adaptive_run(ps_factory, tmp_path, weights, cache, train_samples=512):
     # Blocks freeze one at a time (the rate guard and min_gap): conv1 at step 8, conv2 at 16.
     policy = FreezePolicy(EngineSpec("threshold", interval=4, tau=100.0, rate=0.5), min_gap=8)
     with ps_factory(2, policy=policy, log_path=tmp_path / "ps.jsonl", momentum=0.9) as ps:
-        summaries = run_workers([worker_settings(ps.address, model="tiny_cnn", weights=str(weights), train_samples=512,
+        summaries = run_workers([worker_settings(ps.address, model="tiny_cnn", weights=str(weights), train_samples=train_samples,
                                                  steps=0, epochs=5, cache=cache, log_dir=tmp_path, evaluate=True,
                                                  test_samples=300) for _ in range(2)])
         return ps.server.values_by_name(), summaries
@@ -372,3 +372,22 @@ def test_an_adaptive_run_with_the_cache_ends_where_the_same_run_without_it_does(
     for summary in summaries:
         store = summary["cache"]["store"]
         assert store["views"] == 3 * 16 and store["spoilt"] == 0 and store["memory_evictions"] == 0
+
+
+def test_rows_an_epoch_skipped_are_run_ahead_and_the_run_ends_where_it_does_without_the_cache(ps_factory, tmp_path):
+    """520 samples over 2 workers in batches of 16: each epoch's order leaves 4 of a worker's 260
+    out, and they come back one or two a batch in later epochs, short runs whose places the
+    training loop's coming batches fill. The parameters still end bit for bit as without the cache."""
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("tiny_cnn", 4).state_dict(), weights)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "cached").mkdir()
+    plain, _ = _adaptive_run(ps_factory, tmp_path / "plain", weights, None, train_samples=520)
+    with_cache, summaries = _adaptive_run(ps_factory, tmp_path / "cached", weights,
+                                          CacheSettings(1 << 20, from_depth=1), train_samples=520)
+    for name in plain:
+        assert np.array_equal(plain[name], with_cache[name]), name
+    assert all(s["cache"]["ahead"] > 0 for s in summaries)
+    steps = [json.loads(line) for line in (tmp_path / "cached" / "worker-0.jsonl").read_text().splitlines()]
+    ran = [r["cache"]["ran"] for r in steps if r["event"] == "step" and "cache" in r]
+    assert any(0 < n <= 16 for n in ran) and max(ran) <= 16
