@@ -6,7 +6,7 @@ import pytest
 
 from freezeps.config import Config, load_config, to_toml
 from ps.schedule import learning_rate
-from worker.data import batch_order, shard_indices
+from worker.data import batch_order, batch_positions, shard_indices
 
 
 def test_learning_rate_schedules():
@@ -57,6 +57,23 @@ def test_shards_are_disjoint_complete_and_deterministic(scheme):
         hist = np.bincount(labels[shards[0]], minlength=10) / len(shards[0])
         assert hist.max() > 0.2
     assert not np.array_equal(batch_order(shards[0], 0, 0, 1), batch_order(shards[0], 1, 0, 1))
+
+
+@pytest.mark.parametrize("shard_size", [256, 260, 250])  # an epoch's rows exactly; 4 left out; 6 too few
+def test_batch_positions_read_ahead_are_the_batches_of_those_steps(shard_size):
+    """What the activation cache is handed as the coming batches (a stretch of steps, across
+    epoch ends) is each of those steps' batch, in order; each epoch visits its order from the
+    start, wrapping round where the shard holds fewer rows than the epoch's 16 batches of 16."""
+    shard = np.arange(1000, 1000 + shard_size)
+    one = [batch_positions(shard, 1, 3, 16, 16, step, step + 1) for step in range(48)]
+    for step in range(48):
+        order = batch_order(shard, step // 16, 1, 3)
+        assert np.array_equal(one[step], np.take(order, np.arange(16) + step % 16 * 16, mode="wrap"))
+    for first, n in [(0, 48), (5, 30), (15, 2), (31, 1), (40, 0)]:
+        assert np.array_equal(batch_positions(shard, 1, 3, 16, 16, first, first + n),
+                              np.concatenate([np.zeros(0, np.int64), *one[first:first + n]]))
+    epoch = np.concatenate(one[16:32])
+    assert set(epoch) == set(shard) if shard_size <= 256 else len(set(epoch)) == 256
 
 
 def test_config_precedence_cli_over_file_over_env(tmp_path):

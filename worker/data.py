@@ -171,6 +171,20 @@ def batch_order(shard: np.ndarray, epoch: int, rank: int, seed: int) -> np.ndarr
     return np.random.default_rng([seed, epoch, rank]).permutation(shard)
 
 
+def batch_positions(shard: np.ndarray, rank: int, seed: int, steps_per_epoch: int, batch_size: int,
+                    first: int, end: int) -> np.ndarray:
+    """The worker's batches at steps first..end-1, one after the other: at each step the next
+    batch_size of its shard in that epoch's batch_order (from its start again where a shard holds
+    fewer than an epoch's rows). Each epoch's order is drawn once per call."""
+    parts = [np.zeros(0, np.int64)]
+    for epoch in range(first // steps_per_epoch, (end - 1) // steps_per_epoch + 1) if end > first else ():
+        order = batch_order(shard, epoch, rank, seed)
+        lo, hi = max(first, epoch * steps_per_epoch) - epoch * steps_per_epoch, min(end - epoch * steps_per_epoch,
+                                                                                     steps_per_epoch)
+        parts.append(np.take(order, np.arange(lo * batch_size, hi * batch_size), mode="wrap"))
+    return np.concatenate(parts)
+
+
 def make_batch(ds: Dataset, idx: np.ndarray, image_size: int, channels: int, augment: bool,
                gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise (and optionally random-crop and flip) a batch of images, sized for the model;

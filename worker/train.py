@@ -35,6 +35,7 @@ from worker.cached_prefix import AUGMENT_REFUSED, CachedPrefix, CacheSettings
 from worker.client import PSClient, ShardedClient
 from worker.data import (
     batch_order,
+    batch_positions,
     label_balance,
     load_dataset,
     make_batch,
@@ -221,12 +222,10 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     eval_cached = CachedPrefix.open(settings.cache, model, pipeline_spec(test, settings.image_size, channels, False),
                                     EVAL_BATCH, cached.store) if cached and test is not None else None
 
-    def batch_at(step: int) -> np.ndarray:
-        """Positions in `train` of this worker's batch at `step`: its shard, in an order fixed by
-        (seed, epoch, rank), so the coming batches are known ahead (the cache reads them ahead)."""
-        order = batch_order(member.shard, step // steps_per_epoch, rank, settings.seed)
-        pos = (step % steps_per_epoch) * settings.batch_size
-        return np.take(order, np.arange(pos, pos + settings.batch_size), mode="wrap")
+    def batches(first: int, end: int) -> np.ndarray:
+        """Positions in `train` of this worker's batches at steps first..end-1, one after the other
+        (known ahead: the cache reads and runs coming rows ahead)."""
+        return batch_positions(member.shard, rank, settings.seed, steps_per_epoch, settings.batch_size, first, end)
 
     frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
     phases = pb.PhaseTimes()
@@ -271,16 +270,15 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 if cached:
                     cached.end_epoch()
                     cached.arrange(train.sample_ids(batch_order(member.shard, epoch, rank, settings.seed)))
-            idx = batch_at(step)
+            idx = batches(step, step + 1)
             y = train.labels[torch.from_numpy(idx)]
 
             def inputs(rows: np.ndarray, positions: np.ndarray = idx) -> torch.Tensor:
                 return make_batch(train, positions[rows], settings.image_size, channels, settings.augment, gen)[0]
 
-            def upcoming(batches: int, step: int = step) -> tuple[np.ndarray, Callable]:
-                """The next `batches` batches' samples, in order, and their inputs (for the cache)."""
-                ahead = range(step + 1, min(step + 1 + batches, total_steps))
-                positions = np.concatenate([batch_at(s) for s in ahead]) if ahead else np.zeros(0, np.int64)
+            def upcoming(n: int, step: int = step) -> tuple[np.ndarray, Callable]:
+                """The next n batches' samples, in order, and their inputs (for the cache)."""
+                positions = batches(step + 1, min(step + 1 + n, total_steps))
                 return train.sample_ids(positions), lambda rows: inputs(rows, positions)
 
             # Forward (the frozen prefix's output from the cache, where it can be) and backward
