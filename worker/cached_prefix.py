@@ -207,16 +207,17 @@ class CachedPrefix:
         cached = len(samples) - len(left)
         if self._ahead and cached:
             cached -= self._served_ahead(np.delete(samples, left) if len(left) else samples)
-        found = self._found_at_shallower_depths(samples, left) if len(left) else []
+        n = len(samples)
+        if len(left):
+            run, run_inputs = self._with_rows_ahead(samples, left, inputs, upcoming)
+            rows = np.concatenate([left, np.arange(n, len(run))])
+            found = self._found_at_shallower_depths(run, rows)
         t1 = time.perf_counter()
         self.counters.cached += cached
         self.counters.read_s += t1 - t0
         out = got
         if len(left):
-            n = len(samples)
-            run, run_inputs, found = self._with_rows_ahead(samples, left, found, inputs, upcoming)
-            todo, misses, computed, run_s = self._fill(run, np.concatenate([left, np.arange(n, len(run))]),
-                                                       found, run_inputs)
+            todo, misses, computed, run_s = self._fill(run, rows, found, run_inputs)
             self._count(run[todo], misses, todo < n)
             self._ran = len(todo)
             mine = np.flatnonzero(todo < n)
@@ -253,28 +254,24 @@ class CachedPrefix:
         for s in samples[mine].tolist():
             self._ahead.pop(s, None)  # run ahead but not kept (the budget was full): run again now
 
-    def _with_rows_ahead(self, samples: np.ndarray, left: np.ndarray, found: list, inputs, upcoming):
+    def _with_rows_ahead(self, samples: np.ndarray, left: np.ndarray, inputs, upcoming):
         """The run for the batch's rows `left`, with the coming batches' rows in its places
-        (see the module docstring): the run's samples (the batch's, then those added), a
-        function making the model input of rows of them, and `found` with the added rows'
-        shallower entries."""
+        (see the module docstring): the run's samples (the batch's, then those added) and a
+        function making the model input of rows of them."""
         short = self.min_rows - len(left)
         if upcoming is None or short <= 0:
-            return samples, inputs, found
-        start = 0 if len(left) > sum(len(r) for _, r, _ in found) else min(s.depth for s, _, _ in found)
+            return samples, inputs
         coming, coming_inputs = upcoming(LOOK_AHEAD_BATCHES)
         _, first = np.unique(coming, return_index=True)
         pos = np.sort(first)  # each coming sample once, in the order they come
         pos = pos[~np.isin(coming[pos], samples)]
         pos = pos[~self.store.holds(self.key, coming[pos])]
-        start_at = np.zeros(len(pos), np.int64)  # the depth a candidate's run would start at
-        for source in (s for s in self._sources if s.depth < self.depth):  # deepest first
-            start_at[(start_at == 0) & self.store.holds(source.key, coming[pos])] = source.depth
+        start_at = self._start_depths(coming[pos])
         # Shallowest first (they fill the most stretches), no shallower than the run's start.
         by_start = np.argsort(start_at, kind="stable")
-        chosen = pos[by_start][start_at[by_start] >= start][:short]
+        chosen = pos[by_start][start_at[by_start] >= self._start_depths(samples[left]).min()][:short]
         if not len(chosen):
-            return samples, inputs, found
+            return samples, inputs
         n = len(samples)
         run = np.concatenate([samples, coming[chosen]])
 
@@ -283,15 +280,15 @@ class CachedPrefix:
             parts = ([inputs(mine)] if len(mine) else []) + ([coming_inputs(chosen[theirs])] if len(theirs) else [])
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        added = self._found_at_shallower_depths(run, np.arange(n, len(run)))
-        by_source = {id(s): (s, r, e) for s, r, e in found}
-        for s, r, e in added:
-            if id(s) in by_source:
-                _, r0, e0 = by_source[id(s)]
-                by_source[id(s)] = (s, np.concatenate([r0, r]), torch.cat([e0, e]))
-            else:
-                by_source[id(s)] = (s, r, e)
-        return run, run_inputs, sorted(by_source.values(), key=lambda f: f[0].depth)
+        return run, run_inputs
+
+    def _start_depths(self, samples: np.ndarray) -> np.ndarray:
+        """For samples not cached at this depth, the depth a run of each would start at: its
+        deepest shallower entry's, 0 where it has none (a miss). Membership only, nothing read."""
+        depths = np.zeros(len(samples), np.int64)
+        for source in (s for s in self._sources if s.depth < self.depth):  # deepest first
+            depths[(depths == 0) & self.store.holds(source.key, samples)] = source.depth
+        return depths
 
     def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """A batch of n rows shaped like `like`'s, reused from step to step: when little is left
@@ -319,7 +316,6 @@ class CachedPrefix:
         for source, r, _ in found:
             self.store.discard(source.key, samples[r])
         return todo, len(missing), computed, run_s
-
 
     def _found_at_shallower_depths(self, samples: np.ndarray, left: np.ndarray
                                    ) -> list[tuple[_Source, np.ndarray, torch.Tensor]]:
