@@ -43,7 +43,8 @@ class SoakResult:
     median_round_s: float = 0.0
     hung: bool = False
     failed_processes: int = 0
-    late_replacements: int = 0  # started after the run had (nearly) ended: still joining at its end
+    # started too late to take part: still joining when the run ended, or joined after its last round
+    late_replacements: int = 0
     joined_replacements: int = 0  # worker ids that pushed beyond the first `workers` (no PS kill: ids name its incarnation)
     ps_kills: int = 0
     redone_rounds: int = 0  # rounds after the PS's last checkpoint, lost with it and done again
@@ -137,9 +138,10 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
         logs.close()
     result.wall_s = time.monotonic() - started
     late = {id(p) for p in replacements if p.returncode in (3, -signal.SIGTERM)}  # could not join: run over
-    result.late_replacements = len(late)
     result.failed_processes = sum(p.returncode != 0 and id(p) not in late for p in live) + (ps.returncode != 0)
     records = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines() if line.strip()]
+    # A replacement that joins once every round is done has nothing to push and leaves (exit 0).
+    result.late_replacements = len(late) + sum(r["event"] == "join" and r["step"] >= rounds for r in records)
     rounds_logged = applied_rounds(records)
     resume = next((r for r in records if r["event"] == "resume"), None)
     if resume is not None:

@@ -218,6 +218,7 @@ class ParameterServer:
                 self._init_worker = worker_id
             self._maybe_start()
             log.info("[PS.Join] %s (%s) joined as rank %d; %d live", worker_id, req.worker_name, rank, len(self._workers))
+            self._on_record({"event": "join", "step": self._step, "worker": worker_id, "rank": rank})
             return self._join_reply(self._workers[worker_id], needs_init)
 
     def _join_reply(self, worker: _Worker, needs_init: bool) -> pb.JoinReply:

@@ -154,9 +154,9 @@ def _joined_server(num_workers: int, joins: int, policy: FreezePolicy = FreezePo
 def test_run_starts_short_handed_after_the_deadline():
     server, _, _ = _joined_server(3, 2, start_timeout_s=5.0)
     assert not server.status().done and server.enforce_deadlines(time.monotonic() + 1) == []
-    assert server.records == []  # still waiting for the third worker
+    assert [r["event"] for r in server.records] == ["join", "join"]  # still waiting for the third worker
     server.enforce_deadlines(time.monotonic() + 6)
-    assert server.records == [{"event": "start_short", "step": 0, "ranks": [0, 1], "num_workers": 3}]
+    assert server.records[2:] == [{"event": "start_short", "step": 0, "ranks": [0, 1], "num_workers": 3}]
 
 
 def test_run_without_workers_is_abandoned_not_hung():
@@ -170,13 +170,30 @@ def test_run_without_workers_is_abandoned_not_hung():
     assert server.wait_done(0.01) and server.records[-1] == {"event": "abandoned", "step": 0}
 
 
-def test_worker_that_never_leaves_after_the_last_step_is_let_go_not_dropped():
-    server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
-    for step in range(5):  # total_steps=5: both push every step
+def _push_every_step(server, ids, flat, steps):
+    for step in range(steps):
         for worker_id in ids:
             frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=4))]
             frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
             server.push(iter(frames))
+
+
+def test_every_join_is_logged_with_the_step_it_came_at():
+    """The run log says who joined when; a worker that joins once every round is done (a late
+    replacement) is told the run's last step, so it has nothing to push and leaves."""
+    server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
+    assert server.records == [{"event": "join", "step": 0, "worker": ids[0], "rank": 0},
+                              {"event": "join", "step": 0, "worker": ids[1], "rank": 1}]
+    _push_every_step(server, ids, flat, 5)  # total_steps=5
+    server.leave(pb.LeaveRequest(worker_id=ids[0]))
+    late = server.join(pb.JoinRequest(worker_name="late", manifest=flat.manifest))
+    assert (late.rank, late.step, late.total_steps) == (0, 5, 5)
+    assert server.records[-1] == {"event": "join", "step": 5, "worker": late.worker_id, "rank": 0}
+
+
+def test_worker_that_never_leaves_after_the_last_step_is_let_go_not_dropped():
+    server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
+    _push_every_step(server, ids, flat, 5)  # total_steps=5: both push every step
     server.leave(pb.LeaveRequest(worker_id=ids[0]))
     assert server.status().step == 5 and not server.wait_done(0.01)  # waiting for the second Leave
     server.enforce_deadlines(time.monotonic() + 6)
@@ -415,7 +432,8 @@ def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     assert result.drops == 3  # each killed worker was dropped, and nobody else
     assert result.ps_kills == 0 and result.recovery_s is None  # no PS restarted, so no recovery time
     assert any(len(ranks) < 16 for ranks in result.ranks_per_step)  # rounds went on without the dead
-    # Each replacement either joined and pushed, or started too late (a loaded machine) to join.
+    # Each replacement either joined and pushed, or started too late (a loaded machine) to take part:
+    # it found the run over, or joined after the last round.
     assert result.joined_replacements + result.late_replacements == 3
     assert params_match(result, weights)  # exactly the accepted pushes were applied
 

@@ -325,7 +325,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             steps_done += 1
         share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
         if share and total_steps > 0:
-            header, _, _ = client.pull(step, frozen, flat)
+            client.pull(step, frozen, flat)  # the last push's update, to be tested
             evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
                                   keep_alive, share))
             runlog.write(evals[-1])
