@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -34,3 +36,27 @@ def describe() -> str:
     except metadata.PackageNotFoundError:
         pass
     return ", ".join(parts)
+
+
+PROBE = "one thread, 128 products of two 256x256 float32 matrices, median of 5"
+
+
+def speed_probe_ms() -> float:
+    """Milliseconds this machine takes for a fixed piece of work (PROBE) right now. This project's
+    VMs run 5-45% slower or faster from one hour to the next, so a time compares with another only
+    where the probes beside them agree."""
+    import torch  # the probe is the kind of work the runs do; only the benches that time runs ask for it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+        out = torch.empty_like(a)
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(128):
+                torch.mm(a, a, out=out)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)

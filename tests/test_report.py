@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -246,6 +247,9 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
 
     monkeypatch.setattr(compare.subprocess, "run", fake_run)
     bench("--only", "ps-none")
+    probes = json.loads((runs / "bench.json").read_text())["probe_ms"]
+    assert list(probes) == ["ps-none"] and all(ms > 0 for ms in probes["ps-none"])  # before and after the run
+    assert "Speed probe before / after each run, ms" in (tmp_path / "out" / "README.md").read_text()
     (runs / "ps-gradnorm").mkdir()  # stopped midway: a round, no summary
     (runs / "ps-gradnorm" / "ps.jsonl").write_text(json.dumps({"event": "round", "step": 0}) + "\n")
     (runs / "ps-gradnorm" / "worker-7.jsonl").write_text("")
@@ -255,6 +259,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "| ps-none |" in readme and "| ps-gradnorm |" in readme
     assert json.loads((runs / "bench.json").read_text())["date"].startswith("2026-01-01 to ")
+    assert json.loads((runs / "bench.json").read_text())["probe_ms"] == {**probes, "ps-gradnorm": ANY}  # kept
     bench("--only", "ps-none,ps-gradnorm")  # everything finished: nothing runs again
     assert len(ran) == 2
     # The baseline is named, not implied by the order of the runs.
