@@ -22,8 +22,9 @@ run that finished there is kept and not run again, so a bench that was stopped g
 stopped, and a configuration can be added to earlier runs on the same machine. A finished run
 whose settings (config.toml) differ from what this bench would run is refused, not reused.
 Before and after each run the bench times a fixed piece of work (bench.machine.speed_probe_ms)
-and keeps it in the runs folder's bench.json and the README: this machine kind drifts by up to
-half from one hour to the next, and the probes say whether two runs' times compare.
+and keeps it in the runs folder's bench.json, which the report shows under its table: this
+machine kind drifts by up to half from one hour to the next, and the probes say whether two
+runs' times compare.
 """
 from __future__ import annotations
 
@@ -153,18 +154,9 @@ def _where_and_when(runs_dir: Path, rebuilding: bool) -> dict:
 def _note_probes(runs_dir: Path, run: str, before_ms: float, after_ms: float) -> None:
     """Keep the machine's speed probe before and after `run` in its folder's bench.json."""
     noted = runs_dir / "bench.json"
-    made = json.loads(noted.read_text())
+    made = {**json.loads(noted.read_text()), "probe": machine.PROBE}
     made.setdefault("probe_ms", {})[run] = [round(before_ms, 1), round(after_ms, 1)]
-    noted.write_text(json.dumps(made))
-
-
-def _probes_line(runs_dir: Path, runs: list[str]) -> str:
-    """The README's line on the speed probes of `runs` (those run before probes were kept have none)."""
-    probes = json.loads((runs_dir / "bench.json").read_text()).get("probe_ms", {}) if (runs_dir / "bench.json").is_file() else {}
-    if not (have := [f"{run} {probes[run][0]:.1f} / {probes[run][1]:.1f}" for run in runs if run in probes]):
-        return ""
-    return (f"Speed probe before / after each run, ms ({machine.PROBE}; lower is faster; times compare "
-            f"where these agree): {', '.join(have)}.")
+    noted.write_text(json.dumps(made))  # freezeps.report.speed_probe reads it
 
 
 def _finished_facts(run_dir: Path) -> dict | None:
@@ -227,7 +219,7 @@ def main() -> None:
     runs_dir = args.report_from or args.runs_dir or Path("runs") / f"compare-{date.today().isoformat()}-{int(time.time())}"
     seeds = [int(s) for s in args.seeds.split(",") if s]
     made = _where_and_when(runs_dir, rebuilding=args.report_from is not None)
-    results, groups, run_names = [], {}, []
+    results, groups = [], {}
     # Seed-major: a run interrupted late still leaves every configuration's first seeds.
     for seed in seeds or [None]:
         for name in names:
@@ -251,7 +243,6 @@ def main() -> None:
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
                 _note_probes(runs_dir, run, before_ms, machine.speed_probe_ms())
             results.append(facts or summarize_run(runs_dir / run))
-            run_names.append(run)
             groups.setdefault(name, []).append(results[-1])
             print(f"[compare] {run}: {results[-1]['wall_s']:.1f} s, accuracy {results[-1]['accuracy']}", flush=True)
     out = args.out
@@ -263,8 +254,6 @@ def main() -> None:
             f"{' '.join(_without_report_from(sys.argv[1:]))}`.", f"Common flags: `{' '.join(common)}`, then the "
             "configuration's" + (f", then `{' '.join(extra)}`" if extra else "") +
             (", then each run's `--seed N`" if seeds else "") + " (the last one counts)."]
-    if probes := _probes_line(runs_dir, run_names):
-        text.append(probes)
     write_readme(out, text)
 
 

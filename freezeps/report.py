@@ -231,7 +231,19 @@ def summarize_run(run_dir: Path) -> dict:
                           for e in evals if "shares" in e and e["scored"] < e["test_samples"]],
         "cache": cache_facts([w["cache"] for w in worker_sums if "cache" in w]),
         "eval_cache": cache_facts([w["eval_cache"] for w in worker_sums if "eval_cache" in w]),
+        "speed_probe": speed_probe(run_dir),
     }
+
+
+def speed_probe(run_dir: Path) -> dict | None:
+    """How fast the machine ran just before and after this run (`what`: the fixed piece of work
+    timed, `before_ms`, `after_ms`), where the bench that made it noted that in its folder's
+    bench.json (bench.compare: {"probe": what, "probe_ms": {run: [before, after]}}); else None.
+    Two runs' times compare where their probes agree."""
+    noted = run_dir.parent / "bench.json"
+    bench = json.loads(noted.read_text()) if noted.is_file() else {}
+    ms = bench.get("probe_ms", {}).get(run_dir.name)
+    return {"what": bench.get("probe", ""), "before_ms": ms[0], "after_ms": ms[1]} if ms else None
 
 
 def cache_facts(reports: list[dict]) -> dict | None:
@@ -379,6 +391,11 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
                      f"{wire_bytes} | {wire} | {phases} | {freezes} |")
+    if probed := [r["speed_probe"] for r in runs if r.get("speed_probe")]:  # results.json before 2026-12-03: none
+        lines += ["", f"Speed probe, ms before / after each run ({probed[0]['what']}; lower is faster; times compare "
+                  "where these agree): " + ", ".join(
+                      f"{r['name']} {r['speed_probe']['before_ms']:.1f} / {r['speed_probe']['after_ms']:.1f}"
+                      if r.get("speed_probe") else f"{r['name']} not probed" for r in runs) + "."]
     return "\n".join(lines)
 
 

@@ -249,7 +249,9 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     bench("--only", "ps-none")
     probes = json.loads((runs / "bench.json").read_text())["probe_ms"]
     assert list(probes) == ["ps-none"] and all(ms > 0 for ms in probes["ps-none"])  # before and after the run
-    assert "Speed probe before / after each run, ms" in (tmp_path / "out" / "README.md").read_text()
+    assert f"ps-none {probes['ps-none'][0]:.1f} / {probes['ps-none'][1]:.1f}." in (tmp_path / "out" / "README.md").read_text()
+    assert summarize_run(runs / "ps-none")["speed_probe"]["what"] == compare.machine.PROBE
+    assert summarize_run(FIXTURE)["speed_probe"] is None  # made by no bench
     (runs / "ps-gradnorm").mkdir()  # stopped midway: a round, no summary
     (runs / "ps-gradnorm" / "ps.jsonl").write_text(json.dumps({"event": "round", "step": 0}) + "\n")
     (runs / "ps-gradnorm" / "worker-7.jsonl").write_text("")
