@@ -179,8 +179,8 @@ def batch_positions(shard: np.ndarray, rank: int, seed: int, steps_per_epoch: in
     parts = [np.zeros(0, np.int64)]
     for epoch in range(first // steps_per_epoch, (end - 1) // steps_per_epoch + 1) if end > first else ():
         order = batch_order(shard, epoch, rank, seed)
-        lo, hi = max(first, epoch * steps_per_epoch) - epoch * steps_per_epoch, min(end - epoch * steps_per_epoch,
-                                                                                     steps_per_epoch)
+        start = epoch * steps_per_epoch  # the epoch's first step; lo..hi-1: its steps wanted
+        lo, hi = max(first - start, 0), min(end - start, steps_per_epoch)
         parts.append(np.take(order, np.arange(lo * batch_size, hi * batch_size), mode="wrap"))
     return np.concatenate(parts)
 
