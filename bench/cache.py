@@ -39,7 +39,6 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import FREEZEPS, machine
+from bench import FREEZEPS, machine, run_freezeps
 from bench.compare import ADAPTIVE, WORKLOADS
 from freezeps.report import format_cache, summarize_run
 from worker.cache import ActivationCache
@@ -264,7 +263,7 @@ def whole_run(workload: str, cache: bool, run_dir: Path) -> dict:
     cmd = [*FREEZEPS, "run", *args, "--run-dir", str(run_dir)]
     print(f"[cache] {workload} run: {' '.join(cmd[len(FREEZEPS):])}", flush=True)
     started = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
+    run_freezeps(cmd, timeout_s=3600)
     facts = summarize_run(run_dir)
     return {"name": "cache" if cache else "no cache", "workload": workload, "args": args,
             "process_wall_s": time.monotonic() - started, "train_s": facts["train_s"], "eval_s": facts["eval_s"],

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
 
-from bench import FREEZEPS, machine
+from bench import FREEZEPS, machine, run_freezeps
 from freezeps.report import summarize_run, write_comparison
 
 COMMON = ["--num-workers", "4", "--epochs", "2", "--train-samples", "24576", "--test-samples", "1000",
@@ -49,7 +48,7 @@ def run_one(name: str, args: list[str], run_dir: Path) -> dict:
     cmd = [*FREEZEPS, "run", *COMMON, *args, "--run-dir", str(run_dir)]
     print(f"[sweep] {name}: {' '.join(cmd[len(FREEZEPS):])}", flush=True)
     started = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=1800)
+    run_freezeps(cmd, timeout_s=1800)
     return {**summarize_run(run_dir), "name": name, "args": args, "process_wall_s": time.monotonic() - started}
 
 

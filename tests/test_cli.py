@@ -82,8 +82,8 @@ def test_run_end_to_end(tmp_path):
 def test_sigterm_stops_the_whole_run(tmp_path):
     """`kill`, systemd or docker stop the launcher: its PS and workers stop with it."""
     run = subprocess.Popen(FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random",
-                                       "--image-size", "8", "--num-workers", "2", "--epochs", "1000",
-                                       "--run-dir", str(tmp_path / "run")],
+                                       "--image-size", "8", "--num-workers", "2", "--epochs", "1000", "--freeze",
+                                       "none", "--run-dir", str(tmp_path / "run")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     children = []
     try:
@@ -92,7 +92,9 @@ def test_sigterm_stops_the_whole_run(tmp_path):
             time.sleep(0.5)
             children = [int(p) for p in open(f"/proc/{run.pid}/task/{run.pid}/children").read().split()]
         assert len(children) == 3
-        time.sleep(3)  # into the run
+        while time.monotonic() < deadline and not _trained(tmp_path / "run"):
+            time.sleep(0.5)
+        assert _trained(tmp_path / "run"), "the run never trained: the test would prove nothing"
         run.terminate()
         out, _ = run.communicate(timeout=60)
         assert run.returncode == 143, out
@@ -102,6 +104,40 @@ def test_sigterm_stops_the_whole_run(tmp_path):
         for pid in [run.pid, *children]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_bench_run_past_its_timeout_is_stopped_with_its_ps_and_workers(tmp_path):
+    """bench.run_freezeps: a run that outlives its time leaves nothing training beside the bench's next run."""
+    from bench import run_freezeps
+
+    run_dir = tmp_path / "run"
+    cmd = FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random", "--image-size", "8",
+                      "--num-workers", "2", "--epochs", "1000", "--freeze", "none", "--run-dir", str(run_dir)]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="ran past 20 s and was stopped"):
+        run_freezeps(cmd, timeout_s=20)
+    assert time.monotonic() - started < 20 + 60
+    assert _trained(run_dir), "the run never trained: the test would prove nothing"
+    left = [pid for pid in _pids_with(str(run_dir)) if _alive(pid)]
+    assert not left, f"processes {left} outlived the bench's timeout"
+
+
+def _trained(run_dir) -> bool:
+    """Whether the run in `run_dir` got through a round."""
+    log = run_dir / "ps.jsonl"
+    return log.is_file() and '"event": "round"' in log.read_text()
+
+
+def _pids_with(text: str) -> list[int]:
+    """The processes whose command line holds `text`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and text in open(f"/proc/{entry}/cmdline").read().replace("\0", " "):
+                pids.append(int(entry))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
 
 
 def _alive(pid: int) -> bool:

@@ -235,7 +235,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     (runs / "bench.json").write_text(json.dumps({"date": "2026-01-01", "machine": compare.machine.describe()}))
     ran = []
 
-    def fake_run(cmd, **kwargs):  # a `freezeps run` that makes the fixture's run where it is told
+    def fake_run(cmd, timeout_s):  # a `freezeps run` that makes the fixture's run where it is told
         ran.append(cmd)
         run_dir = Path(cmd[cmd.index("--run-dir") + 1])
         shutil.copytree(FIXTURE, run_dir)
@@ -245,7 +245,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
         monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), *flags])
         compare.main()
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "run_freezeps", fake_run)
     bench("--only", "ps-none")
     probes = json.loads((runs / "bench.json").read_text())["probe_ms"]
     assert list(probes) == ["ps-none"] and all(ms > 0 for ms in probes["ps-none"])  # before and after the run
