@@ -391,12 +391,36 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
                      f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
                      f"{wire_bytes} | {wire} | {phases} | {freezes} |")
+    if paced := full_model_pace(runs):
+        rounds, pace = paced
+        lines += ["", f"Seconds per round over rounds 1-{rounds}, before any of these runs froze a block (the same "
+                  "work in each; times compare where these agree): " +
+                  ", ".join(f"{name} {s:.2f}" for name, s in pace.items()) + "."]
     if probed := [r["speed_probe"] for r in runs if r.get("speed_probe")]:  # results.json before 2026-12-03: none
         lines += ["", f"Speed probe, ms before / after each run ({probed[0]['what']}; lower is faster; times compare "
                   "where these agree): " + ", ".join(
                       f"{r['name']} {r['speed_probe']['before_ms']:.1f} / {r['speed_probe']['after_ms']:.1f}"
                       if r.get("speed_probe") else f"{r['name']} not probed" for r in runs) + "."]
     return "\n".join(lines)
+
+
+MIN_PACE_ROUNDS = 8  # fewer rounds say more about start-up than about the machine's speed
+
+
+def full_model_pace(runs: list[dict]) -> tuple[int, dict[str, float]] | None:
+    """`(n, {run: seconds per round})` over rounds 1..n, where none of `runs` had a block frozen
+    yet: the same work in every run of one workload (bit for bit on one seed), so where two runs'
+    paces differ, the machine ran at another speed under each and their times do not compare
+    (this machine kind drifts by tens of percent within an hour). Round 0 is left out: it holds
+    the workers' start. None where a run has no per-round series (facts read from results.json)
+    or fewer than MIN_PACE_ROUNDS such rounds."""
+    series = [r.get("frozen_over_time") or [] for r in runs]
+    if not runs or not all(series):
+        return None
+    n = min(next((i for i, (_, frozen) in enumerate(s) if frozen), len(s)) for s in series) - 1
+    if n < MIN_PACE_ROUNDS:
+        return None
+    return n, {r["name"]: (s[n][0] - s[0][0]) / n for r, s in zip(runs, series)}
 
 
 def evaluations_markdown(runs: list[dict]) -> str:

@@ -18,6 +18,7 @@ from freezeps.report import (
     _paired,
     comparison_markdown,
     format_report,
+    full_model_pace,
     merge_evals,
     paired_difference,
     seeds_markdown,
@@ -133,6 +134,22 @@ def test_time_to_accuracy_and_baseline():
     assert [c.strip() for c in base_row.strip("|").split("|")][header.index("of which eval s")] == "-"  # not timed then
     with pytest.raises(ValueError, match="no run named 'run-smal' to compare with"):
         comparison_markdown([facts, other], baseline="run-smal")  # not silently the first run
+
+
+def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
+    facts = summarize_run(FIXTURE)
+    steady = [(1.0 + 2.0 * i, 0) for i in range(20)]  # (end of round i, blocks frozen): 2 s a round, never frozen
+    slower = [(1.0 + 3.0 * i, 0 if i < 12 else 2) for i in range(20)]  # 3 s a round, 2 blocks frozen from round 12
+    runs = [{**facts, "name": "none", "frozen_over_time": steady}, {**facts, "name": "frozen", "frozen_over_time": slower}]
+    assert full_model_pace(runs) == (11, {"none": 2.0, "frozen": 3.0})
+    table = comparison_markdown(runs)
+    assert "Seconds per round over rounds 1-11, before any of these runs froze a block" in table
+    assert "none 2.00, frozen 3.00." in table
+    # facts read back from results.json have no per-round series; a freeze within MIN_PACE_ROUNDS leaves too few
+    assert full_model_pace([{k: v for k, v in runs[0].items() if k != "frozen_over_time"}, runs[1]]) is None
+    early = {**facts, "name": "early", "frozen_over_time": [(1.0 + i, 0 if i < 5 else 1) for i in range(20)]}
+    assert full_model_pace([runs[0], early]) is None
+    assert "Seconds per round" not in comparison_markdown([runs[0], early])
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
