@@ -14,7 +14,7 @@ def run_freezeps(cmd: list[str], timeout_s: float) -> None:
     """Run `cmd` (a FREEZEPS command line) to its end, its output discarded; CalledProcessError
     if it fails. Past `timeout_s`, or when the bench itself is interrupted, the launcher is stopped
     as `kill` would stop it (SIGTERM: it stops its PS and workers), and whatever of its process
-    group still runs after STOP_GRACE_S is killed; then TimeoutError says how long it ran.
+    group still runs after STOP_GRACE_S is killed; then TimeoutError names the command and its limit.
 
     Not subprocess.run(timeout=...): that SIGKILLs the launcher alone, and its PS and workers
     train on, unseen, beside the bench's next run (a 6-epoch run on R8 once outlived its hour so)."""

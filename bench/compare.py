@@ -23,8 +23,9 @@ stopped, and a configuration can be added to earlier runs on the same machine. A
 whose settings (config.toml) differ from what this bench would run is refused, not reused.
 Before and after each run the bench times a fixed piece of work (bench.machine.speed_probe_ms)
 and keeps it in the runs folder's bench.json, which the report shows under its table: this
-machine kind drifts by up to half from one hour to the next, and the probes say whether two
-runs' times compare. A run that outlives `--run-timeout` is stopped, PS and workers with it
+machine kind drifts by up to half from one hour to the next. The probe does not follow a
+4-worker run's speed closely; the report's line of each run's seconds per round before any
+freeze (freezeps.report.full_model_pace) says better whether two runs' times compare. A run that outlives `--run-timeout` is stopped, PS and workers with it
 (bench.run_freezeps), and the bench ends with its error.
 """
 from __future__ import annotations
