@@ -172,15 +172,20 @@ def _write_wire(run_dir: Path, topology: netns.Topology, before: dict, cfg: Conf
     (run_dir / "wire.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Terminate what still runs, then kill what does not end within 10 s."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Terminate what still runs, all at once (a PS shard may take a few seconds to stop its
+    server and write its summary: one after another, those seconds add up), then kill what
+    has not ended `grace_s` after that."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _report_failure(what: str, proc: subprocess.Popen, log_file: Path) -> None:

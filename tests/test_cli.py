@@ -132,6 +132,39 @@ def test_a_bench_run_past_its_timeout_is_stopped_with_all_it_started(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_launcher_stops_its_processes_all_at_once_and_kills_the_stubborn(tmp_path):
+    """_stop tells every process to stop before it waits for any (a PS shard takes seconds to write
+    its summary; one after another, they add up), and kills what ignores SIGTERM."""
+    from freezeps.launch import _stop
+
+    journal = tmp_path / "journal"
+    slow = ("import signal, sys, time\n"
+            "def on_term(*_):\n"
+            "    open(sys.argv[1], 'a').write(sys.argv[2] + ' told\\n'); time.sleep(float(sys.argv[3]))\n"
+            "    open(sys.argv[1], 'a').write(sys.argv[2] + ' ended\\n'); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, on_term)\n"
+            "open(sys.argv[1], 'a').write(sys.argv[2] + ' ready\\n'); time.sleep(120)\n")
+    stubborn = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "open(sys.argv[1], 'a').write('stubborn ready\\n'); time.sleep(120)")
+    procs = [subprocess.Popen([sys.executable, "-c", slow, str(journal), name, "1"]) for name in ("a", "b")]
+    procs.append(subprocess.Popen([sys.executable, "-c", stubborn, str(journal)]))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("ready") < 3):
+            time.sleep(0.1)
+        assert journal.read_text().count("ready") == 3
+        _stop(procs, grace_s=3.0)
+        events = [line for line in journal.read_text().splitlines() if "ready" not in line]
+        assert sorted(events[:2]) == ["a told", "b told"], events  # b told before a ended
+        assert sorted(events[2:]) == ["a ended", "b ended"], events
+        assert [p.returncode for p in procs] == [0, 0, -signal.SIGKILL]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def _trained(run_dir) -> bool:
     """Whether the run in `run_dir` got through a round."""
     log = run_dir / "ps.jsonl"
