@@ -146,14 +146,15 @@ def test_the_launcher_stops_its_processes_all_at_once_and_kills_the_stubborn(tmp
             "open(sys.argv[1], 'a').write(sys.argv[2] + ' ready\\n'); time.sleep(120)\n")
     stubborn = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "open(sys.argv[1], 'a').write('stubborn ready\\n'); time.sleep(120)")
-    procs = [subprocess.Popen([sys.executable, "-c", slow, str(journal), name, "1"]) for name in ("a", "b")]
+    # Each takes 2 s to end once told: a one-after-another stop tells b only after a has ended.
+    procs = [subprocess.Popen([sys.executable, "-c", slow, str(journal), name, "2"]) for name in ("a", "b")]
     procs.append(subprocess.Popen([sys.executable, "-c", stubborn, str(journal)]))
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("ready") < 3):
             time.sleep(0.1)
         assert journal.read_text().count("ready") == 3
-        _stop(procs, grace_s=3.0)
+        _stop(procs, grace_s=5.0)
         events = [line for line in journal.read_text().splitlines() if "ready" not in line]
         assert sorted(events[:2]) == ["a told", "b told"], events  # b told before a ended
         assert sorted(events[2:]) == ["a ended", "b ended"], events
