@@ -7,7 +7,7 @@ import sys
 # How a bench starts freezeps; what follows it in a command is freezeps's own command line.
 FREEZEPS = [sys.executable, "-m", "freezeps"]
 
-STOP_GRACE_S = 60  # what a stopped launcher has to stop its PS and workers (each gets 10 s of it)
+STOP_GRACE_S = 60  # what a stopped launcher has to stop its PS and workers (it gives them 10 s, all at once)
 
 
 def run_freezeps(cmd: list[str], timeout_s: float) -> None:

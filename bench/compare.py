@@ -25,8 +25,9 @@ Before and after each run the bench times a fixed piece of work (bench.machine.s
 and keeps it in the runs folder's bench.json, which the report shows under its table: this
 machine kind drifts by up to half from one hour to the next. The probe does not follow a
 4-worker run's speed closely; the report's line of each run's seconds per round before any
-freeze (freezeps.report.full_model_pace) says better whether two runs' times compare. A run that outlives `--run-timeout` is stopped, PS and workers with it
-(bench.run_freezeps), and the bench ends with its error.
+freeze (freezeps.report.full_model_pace) says better whether two runs' times compare. A run
+that outlives `--run-timeout` is stopped, PS and workers with it (bench.run_freezeps), and the
+bench ends with its error.
 """
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def main() -> None:
                         "there with the same settings are kept, not run again (other settings: refused)")
     parser.add_argument("--run-timeout", type=float, default=6 * 3600,
                         help="seconds one run may take before it is stopped, PS and workers with it, and the bench "
-                        "with an error (6 epochs of R8 without freezing took 62 minutes on 2 vCPUs)")
+                        "with an error (6 epochs of R8 without freezing took 62-68 minutes on 2 vCPUs)")
     parser.add_argument("--network", default="loopback", choices=("loopback", "netns"))
     parser.add_argument("--link-rate", default="")
     parser.add_argument("--link-mtu", type=int, default=1500)
