@@ -133,7 +133,9 @@ class ParameterServer:
         self._round_pushes: list[dict] = []  # accepted pushes of the current step, for the run log
         # Accepted pushes are summed in rank order (float addition is not associative, and
         # arrival order would make runs irreproducible): a push waits here only until every
-        # lower-ranked live worker's push has been summed, so summing overlaps receiving.
+        # lower rank's push of the round has been summed, so summing overlaps receiving. A free
+        # rank counts too: a worker joining mid-round takes it and pushes this round (so after a
+        # drop, the pushes above the free rank are held until the round completes).
         self._accepted: dict[tuple[int, str], tuple[ReceivedPush, float]] = {}  # (rank, worker id) ->
         self._summed: set[tuple[int, str]] = set()
         self._freeze = pb.FreezeState()
@@ -345,10 +347,9 @@ class ParameterServer:
     def _sum_in_rank_order(self, final: bool) -> None:
         """Sum the accepted pushes whose turn has come: all of them when the round completes."""
         while self._accepted:
-            waiting = {(w.rank, w.worker_id) for w in self._workers.values()} - self._summed
-            key = min(self._accepted) if final else min(waiting | set(self._accepted))
-            if key not in self._accepted:
-                return  # a lower-ranked worker has not pushed yet
+            key = min(self._accepted)
+            if not final and not set(range(key[0])) <= {rank for rank, _ in self._summed}:
+                return  # a lower rank may still push: a live worker that has not, or one joining now
             received, batch_size = self._accepted.pop(key)
             self._store.accumulate(received, batch_size)
             self._summed.add(key)

@@ -170,12 +170,36 @@ def test_run_without_workers_is_abandoned_not_hung():
     assert server.wait_done(0.01) and server.records[-1] == {"event": "abandoned", "step": 0}
 
 
+def _push(server, worker_id, flat, step, batch_size=4):
+    frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size))]
+    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
+    server.push(iter(frames))
+
+
 def _push_every_step(server, ids, flat, steps):
     for step in range(steps):
         for worker_id in ids:
-            frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=4))]
-            frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
-            server.push(iter(frames))
+            _push(server, worker_id, flat, step)
+
+
+def test_a_worker_joining_mid_round_is_summed_in_rank_order():
+    """Rank 1 leaves; ranks 0 and 2 push; a replacement takes rank 1 and pushes in the same
+    round; rank 3 last. Summing rank 2 before the free rank 1 was filled would make the
+    result depend on when the replacement came (float addition is not associative)."""
+    server, ids, flat = _joined_server(4, 4, worker_timeout_s=5.0)
+    summed = []  # each push's batch size, which here is its rank + 1, in the order they were summed
+    accumulate = server._store.accumulate
+    server._store.accumulate = lambda received, weight: (summed.append(int(weight) - 1), accumulate(received, weight))
+    server.leave(pb.LeaveRequest(worker_id=ids[1]))
+    _push(server, ids[0], flat, 0, batch_size=1)
+    _push(server, ids[2], flat, 0, batch_size=3)
+    assert summed == [0]  # rank 2 waits: rank 1 is free, and a worker joining now pushes this round
+    replacement = server.join(pb.JoinRequest(worker_name="replacement", manifest=flat.manifest))
+    assert (replacement.rank, replacement.step) == (1, 0)
+    _push(server, replacement.worker_id, flat, 0, batch_size=2)
+    assert summed == [0, 1, 2]  # summing overlaps receiving: rank 3 has not pushed yet
+    _push(server, ids[3], flat, 0, batch_size=4)
+    assert summed == [0, 1, 2, 3] and server.step == 1
 
 
 def test_every_join_is_logged_with_the_step_it_came_at():
