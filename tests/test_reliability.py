@@ -445,7 +445,7 @@ def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
 # -- soak ------------------------------------------------------------------------------------
 def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     """16 worker processes, 100 rounds, 3 workers killed (SIGKILL) at random and replaced."""
-    from bench.soak import params_match, soak
+    from bench.soak import params_mismatch, soak
     torch.manual_seed(0)
     weights = tmp_path / "init.pt"
     torch.save(build_model("mlp", 4).state_dict(), weights)
@@ -459,7 +459,7 @@ def test_soak_with_worker_kills_loses_nothing_and_never_hangs(tmp_path):
     # Each replacement either joined and pushed, or started too late (a loaded machine) to take part:
     # it found the run over, or joined after the last round.
     assert result.joined_replacements + result.late_replacements == 3
-    assert params_match(result, weights)  # exactly the accepted pushes were applied
+    assert params_mismatch(result, weights) == {}  # exactly the accepted pushes were applied, in rank order
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
