@@ -137,7 +137,7 @@ class ParameterServer:
         # rank counts too: a worker joining mid-round takes it and pushes this round (so after a
         # drop, the pushes above the free rank are held until the round completes).
         self._accepted: dict[tuple[int, str], tuple[ReceivedPush, float]] = {}  # (rank, worker id) ->
-        self._summed: set[tuple[int, str]] = set()
+        self._summed_ranks: set[int] = set()  # ranks whose push of the current round is summed
         self._freeze = pb.FreezeState()
         self._round_started = time.monotonic()
         self._waiting_since = time.monotonic()  # initialized, not started: when the wait for workers began
@@ -348,13 +348,13 @@ class ParameterServer:
         """Sum the accepted pushes whose turn has come: all of them when the round completes."""
         while self._accepted:
             key = min(self._accepted)
-            if not final and not set(range(key[0])) <= {rank for rank, _ in self._summed}:
+            if not final and not set(range(key[0])) <= self._summed_ranks:
                 return  # a lower rank may still push: a live worker that has not, or one joining now
             received, batch_size = self._accepted.pop(key)
             self._store.accumulate(received, batch_size)
-            self._summed.add(key)
+            self._summed_ranks.add(key[0])
         if final:
-            self._summed = set()
+            self._summed_ranks = set()
 
     def _maybe_complete_round(self) -> None:
         waiting = [w for w in self._workers.values() if w.pushed_step != self._step]
