@@ -230,9 +230,7 @@ def test_heartbeat_restarts_a_workers_drop_timer():
     worker_timeout_s after its last Heartbeat; an unknown id gets NOT_FOUND."""
     server, ids, flat = _joined_server(2, 2, worker_timeout_s=5.0)
     started = server._round_started
-    frames = [encode_header(pb.PushHeader(worker_id=ids[0], step=0, batch_size=4))]
-    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
-    server.push(iter(frames))
+    _push(server, ids[0], flat, 0)
     assert server.heartbeat(pb.HeartbeatRequest(worker_id=ids[1]), now=started + 4).step == 0
     assert server.enforce_deadlines(started + 8) == []  # 8 s into the round, 4 s after the Heartbeat
     assert server.enforce_deadlines(started + 9.5) == [ids[1]]
