@@ -110,6 +110,7 @@ CONFIGS = {
     "ps-autofreeze-votes-quarter-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-decision", "votes",
                                           "--freeze-max-fraction", "0.75", *CACHE],
     # Between the two (MiniLM: embeddings and layer0-3 may freeze; layer4-5 and the head never).
+    "ps-autofreeze-5of8": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625"],
     "ps-autofreeze-5of8-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", *CACHE],
 }
 
