@@ -140,11 +140,16 @@ def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
     facts = summarize_run(FIXTURE)
     steady = [(1.0 + 2.0 * i, 0) for i in range(20)]  # (end of round i, blocks frozen): 2 s a round, never frozen
     slower = [(1.0 + 3.0 * i, 0 if i < 12 else 2) for i in range(20)]  # 3 s a round, 2 blocks frozen from round 12
-    runs = [{**facts, "name": "none", "frozen_over_time": steady}, {**facts, "name": "frozen", "frozen_over_time": slower}]
+    runs = [{**facts, "name": "none", "frozen_over_time": steady, "train_s": 38.0},
+            {**facts, "name": "frozen", "frozen_over_time": slower, "train_s": 45.0}]
     assert full_model_pace(runs) == (11, {"none": 2.0, "frozen": 3.0})
     table = comparison_markdown(runs)
     assert "Seconds per round over rounds 1-11, before any of these runs froze a block" in table
     assert "none 2.00, frozen 3.00." in table
+    # each run's time in units of its own full rounds (38/2, 45/3), for a speedup at one machine
+    # speed: 1.27x where the measured times say 0.84x, the frozen run's machine being 1.5x slower
+    assert "in each run's own rounds 1-11" in table and "none 19 (1.00x), frozen 15 (1.27x)." in table
+    assert "none 19 (0.79x), frozen 15 (1.00x)." in comparison_markdown(runs, "frozen")
     # facts read back from results.json have no per-round series; a freeze within MIN_PACE_ROUNDS leaves too few
     assert full_model_pace([{k: v for k, v in runs[0].items() if k != "frozen_over_time"}, runs[1]]) is None
     early = {**facts, "name": "early", "frozen_over_time": [(1.0 + i, 0 if i < 5 else 1) for i in range(20)]}
