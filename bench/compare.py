@@ -25,7 +25,8 @@ Before and after each run the bench times a fixed piece of work (bench.machine.s
 and keeps it in the runs folder's bench.json, which the report shows under its table: this
 machine kind drifts by up to half from one hour to the next. The probe does not follow a
 4-worker run's speed closely; the report's line of each run's seconds per round before any
-freeze (freezeps.report.full_model_pace) says better whether two runs' times compare. A run
+freeze (freezeps.report.full_model_pace) says better whether two runs' times compare, and the
+line under it reads each run's time in those rounds' units. A run
 that outlives `--run-timeout` is stopped, PS and workers with it (bench.run_freezeps), and the
 bench ends with its error.
 """
