@@ -150,6 +150,8 @@ def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
     # speed: 1.27x where the measured times say 0.84x, the frozen run's machine being 1.5x slower
     assert "in each run's own rounds 1-11" in table and "none 19 (1.00x), frozen 15 (1.27x)." in table
     assert "none 19 (0.79x), frozen 15 (1.00x)." in comparison_markdown(runs, "frozen")
+    stopped = [{**runs[0], "frozen_over_time": [(1.0, 0)] * 20}, runs[1]]  # a clock that stood still
+    assert "none 0.00, frozen 3.00." in comparison_markdown(stopped) and "own rounds" not in comparison_markdown(stopped)
     # facts read back from results.json have no per-round series; a freeze within MIN_PACE_ROUNDS leaves too few
     assert full_model_pace([{k: v for k, v in runs[0].items() if k != "frozen_over_time"}, runs[1]]) is None
     early = {**facts, "name": "early", "frozen_over_time": [(1.0 + i, 0 if i < 5 else 1) for i in range(20)]}
