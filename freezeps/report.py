@@ -396,8 +396,8 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         lines += ["", f"Seconds per round over rounds 1-{rounds}, before any of these runs froze a block (the same "
                   "work in each; times compare where these agree): " +
                   ", ".join(f"{name} {s:.2f}" for name, s in pace.items()) + "."]
-        own = {r["name"]: r["train_s"] / pace[r["name"]] for r in runs if pace[r["name"]] > 0}
-        if len(own) == len(runs) and all(own.values()):  # else a clock stood still: nothing to divide by
+        if all(pace.values()) and all(r["train_s"] for r in runs):  # else a clock stood still: nothing to divide by
+            own = {r["name"]: r["train_s"] / pace[r["name"]] for r in runs}
             lines += ["", f"Training time in each run's own rounds 1-{rounds} (its train s over its pace above), "
                       f"and `{base['name']}`'s over it: the time saved at one machine speed, where the machine's "
                       f"speed held after round {rounds} as before it: " +
