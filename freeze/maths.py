@@ -113,13 +113,17 @@ def sustained(proposals: Sequence[int], frozen: int, patience: int) -> int:
 
 def apply_guards(proposed: int, frozen: int, step: int, last_freeze_step: int, num_blocks: int, *,
                  warmup_steps: int = 0, min_gap: int = 0, freeze_head: bool = False,
-                 max_fraction: float = 1.0) -> int:
+                 max_fraction: float = 1.0, deadline: int = 0) -> int:
     """Bound a proposal: only grows; nothing before warm-up or within min_gap steps of the
-    last freeze; the head (last block) only if asked; at most max_fraction of the blocks."""
+    last freeze; the head (last block) only if asked; at most max_fraction of the blocks.
+    From step `deadline` on (when > 0) that most is frozen whatever was proposed: the tests
+    may freeze earlier, never later, so a run's savings have a floor."""
+    limit = num_blocks if freeze_head else num_blocks - 1
+    limit = min(limit, math.floor(max_fraction * num_blocks + 1e-9))
+    if deadline > 0 and step + 1 >= deadline:
+        return max(frozen, limit)
     if proposed <= frozen or step + 1 < warmup_steps:
         return frozen
     if last_freeze_step >= 0 and step + 1 - last_freeze_step < min_gap:
         return frozen
-    limit = num_blocks if freeze_head else num_blocks - 1
-    limit = min(limit, math.floor(max_fraction * num_blocks + 1e-9))
     return max(frozen, min(proposed, limit))

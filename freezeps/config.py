@@ -78,6 +78,8 @@ class Config:
                                  "proposed it", (PS, RUN))
     freeze_head: bool = _f(False, "guard: allow the last block (the head) to freeze", (PS, RUN))
     freeze_max_fraction: float = _f(1.0, "guard: at most this fraction of the blocks frozen", (PS, RUN))
+    freeze_deadline: int = _f(0, "guard (gradnorm, threshold): from this step on the most the other guards allow "
+                                 "is frozen, whatever the tests say; 0: no deadline", (PS, RUN))
     freeze_decision: str = _f("central", "gradnorm, threshold: the PS decides from averaged gradients, or "
                               "workers vote from their own", (PS, RUN), ("central", "votes"))
     vote_weights: str = _f("shard", "weight of a worker's vote", (PS, RUN), VOTE_WEIGHTS)
@@ -244,7 +246,8 @@ def freeze_policy(cfg: Config) -> FreezePolicy:
     return FreezePolicy(spec=engine_spec(cfg), votes=cfg.freeze_decision == "votes", vote_weights=cfg.vote_weights,
                         quorum=cfg.vote_quorum, warmup_steps=cfg.freeze_warmup, min_gap=cfg.freeze_min_gap,
                         patience=cfg.freeze_patience,
-                        freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction).validate()
+                        freeze_head=cfg.freeze_head, max_fraction=cfg.freeze_max_fraction,
+                        deadline=cfg.freeze_deadline).validate()
 
 
 def ps_addresses(cfg: Config) -> list[str]:

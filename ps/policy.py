@@ -25,6 +25,7 @@ class FreezePolicy:
     patience: int = 1  # gradient engines: a prefix freezes once this many tests in a row proposed it
     freeze_head: bool = False
     max_fraction: float = 1.0
+    deadline: int = 0  # gradient engines: from this step on the most the guards allow is frozen; 0: never
 
     def validate(self) -> "FreezePolicy":
         self.spec.validate()
@@ -39,6 +40,14 @@ class FreezePolicy:
         if self.patience > 1 and self.spec.name not in GRADIENT_ENGINES:
             raise ValueError(f"freeze patience counts tests; engine {self.spec.name!r} makes none "
                              f"(use it with {' or '.join(GRADIENT_ENGINES)})")
+        if self.deadline < 0:
+            raise ValueError(f"freeze deadline must be >= 0 (0: none), got {self.deadline}")
+        if self.deadline and self.spec.name not in GRADIENT_ENGINES:
+            raise ValueError(f"a freeze deadline bounds when the tests freeze; engine {self.spec.name!r} makes "
+                             f"none (use it with {' or '.join(GRADIENT_ENGINES)})")
+        if self.deadline and self.deadline < self.warmup_steps:
+            raise ValueError(f"freeze deadline {self.deadline} comes before the warm-up ends at step "
+                             f"{self.warmup_steps}: it would freeze during the warm-up")
         return self
 
     @property
@@ -109,7 +118,10 @@ def decide(policy: FreezePolicy, engine, stats: RoundStats, pushes: list[dict],
             info["sustained"] = proposed
     frozen = maths.apply_guards(proposed, stats.frozen_blocks, stats.step, history.last_freeze_step,
                                 stats.num_blocks, warmup_steps=policy.warmup_steps, min_gap=policy.min_gap,
-                                freeze_head=policy.freeze_head, max_fraction=policy.max_fraction)
+                                freeze_head=policy.freeze_head, max_fraction=policy.max_fraction,
+                                deadline=policy.deadline)
+    if frozen > max(proposed, stats.frozen_blocks):
+        info["deadline"] = policy.deadline  # this freeze is the deadline's, not a test's
     if frozen > stats.frozen_blocks:
         history = dataclasses.replace(history, last_freeze_step=stats.step + 1)
     return frozen, info, history

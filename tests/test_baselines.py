@@ -93,3 +93,18 @@ def test_adamw_with_linear_decay_is_the_same_in_ps_and_ddp(tmp_path):
     state_bytes = next(r for r in records if r.get("event") == "summary")["optimizer_state_bytes"]
     head_and_fc2 = sum(t.nbytes for b in FlatModel(build_model("mlp", 4)).layout[1:] for t in b.tensors)
     assert state_bytes == 2 * head_and_fc2  # two moments per trained parameter, none for the frozen block
+
+
+def test_a_deadline_freezes_at_its_step_over_grpc_and_in_ddp_alike(tmp_path):
+    """Tests that cannot fire in 8 rounds (one every 100): the deadline alone freezes all but the
+    head after step 4, in the PS and in DDP, and both logs say it was the deadline's."""
+    extra = ("--freeze", "gradnorm", "--freeze-interval", "100", "--freeze-deadline", "4")
+    ps = _run("ps", tmp_path / "ps", "random", *extra)
+    ddp = _run("ddp", tmp_path / "ddp", "random", *extra)
+    for mode, log in (("ps", "ps.jsonl"), ("ddp", "ddp.jsonl")):
+        records = [json.loads(line) for line in (tmp_path / mode / log).read_text().splitlines()]
+        freezes = [r for r in records if r["event"] == "freeze"]
+        blocks = summarize_run(tmp_path / mode)["blocks"]
+        assert [(f["step"], f["to"], f["deadline"]) for f in freezes] == [(4, len(blocks) - 1, 4)], mode
+    for name in ps:
+        torch.testing.assert_close(ddp[name], ps[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -95,6 +95,11 @@ def test_guards():
     assert g(3, 1, step=20, last_freeze_step=8, num_blocks=4, min_gap=5) == 3
     assert g(3, 0, step=10, last_freeze_step=-1, num_blocks=4, max_fraction=0.5) == 2
     assert g(0, 2, step=10, last_freeze_step=-1, num_blocks=4) == 2  # never shrinks
+    # A deadline: from step 12 on the most the guards allow is frozen, whatever was proposed.
+    assert g(0, 0, step=10, last_freeze_step=-1, num_blocks=8, max_fraction=0.625, deadline=12) == 0
+    assert g(0, 0, step=11, last_freeze_step=-1, num_blocks=8, max_fraction=0.625, deadline=12) == 5
+    assert g(0, 1, step=11, last_freeze_step=10, num_blocks=8, min_gap=5, deadline=12) == 7  # the head trains
+    assert g(8, 0, step=11, last_freeze_step=-1, num_blocks=8, freeze_head=True, deadline=12) == 8
 
 
 def test_sustained_takes_what_the_last_tests_all_proposed():
@@ -132,6 +137,34 @@ def test_patience_freezes_only_what_consecutive_tests_proposed():
         FreezePolicy(EngineSpec("static", blocks=2), patience=2).validate()
     with pytest.raises(ValueError, match="patience must be >= 1"):
         FreezePolicy(EngineSpec("gradnorm"), patience=0).validate()
+
+
+def test_a_deadline_freezes_what_the_tests_did_not_by_its_step_and_says_so():
+    """Tests that never propose a freeze: with deadline 6, the decision after step 5 freezes the
+    cap (5 of 8 here), logged as the deadline's; a run whose tests froze the cap earlier is
+    untouched by it. Patience and the minimum gap do not hold it back."""
+    class Never:
+        def decide(self, stats):
+            return Decision(stats.frozen_blocks, tested=True)
+
+    policy = FreezePolicy(EngineSpec("gradnorm", interval=1), max_fraction=0.625, deadline=6, patience=3,
+                          min_gap=100, warmup_steps=2)
+    frozen, history, seen = 0, FreezeHistory(), []
+    for step in range(8):
+        frozen, info, history = decide(policy, Never(), _stats(step, {}, num_blocks=8, frozen=frozen), [], history)
+        seen.append(frozen)
+        if step == 5:
+            assert info["deadline"] == 6 and "proposed" not in info
+    assert seen == [0, 0, 0, 0, 0, 5, 5, 5] and history.last_freeze_step == 6
+    assert "deadline" not in info  # nothing more to freeze: the rounds after log no deadline
+    done = decide(policy, Never(), _stats(5, {}, num_blocks=8, frozen=5), [], FreezeHistory())
+    assert done[0] == 5 and "deadline" not in done[1]
+    with pytest.raises(ValueError, match="engine 'none' makes none"):
+        FreezePolicy(EngineSpec("none"), deadline=6).validate()
+    with pytest.raises(ValueError, match="before the warm-up ends"):
+        FreezePolicy(EngineSpec("gradnorm"), deadline=6, warmup_steps=8).validate()
+    with pytest.raises(ValueError, match="deadline must be >= 0"):
+        FreezePolicy(EngineSpec("gradnorm"), deadline=-1).validate()
 
 
 def test_patience_counts_a_round_of_votes_as_one_test():

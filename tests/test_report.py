@@ -395,6 +395,10 @@ def test_every_compare_configuration_is_a_valid_run(tmp_path, workload):
         compare.WORKLOADS[workload], "ps-autofreeze-5of8-cache", [], tmp_path / "f", seed=0)[len(compare.FREEZEPS):]))
     # MiniLM's 8 blocks: the embeddings and layer0-3 may freeze, never layer4.
     assert apply_guards(8, 0, 100, -1, 8, max_fraction=five.freeze_max_fraction) == 5
+    late = config_from_args(build_parser().parse_args(compare.run_command(
+        compare.WORKLOADS[workload], "ps-autofreeze-5of8-deadline-cache", [], tmp_path / "d", seed=0)[len(compare.FREEZEPS):]))
+    assert (late.freeze_deadline, late.freeze_max_fraction, late.cache_memory_bytes > 0) == (104, 0.625, True)
+    assert apply_guards(0, 0, 103, -1, 8, max_fraction=late.freeze_max_fraction, deadline=late.freeze_deadline) == 5
 
 
 def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):
