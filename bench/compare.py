@@ -20,7 +20,8 @@ OUT/results.json (the facts of each run, without the per-step curves) and OUT/RE
 The runs go to a new runs/compare-DATE-TIME folder, or with `--runs-dir` to a given one: a
 run that finished there is kept and not run again, so a bench that was stopped goes on where it
 stopped, and a configuration can be added to earlier runs on the same machine. A finished run
-whose settings (config.toml) differ from what this bench would run is refused, not reused.
+whose settings (config.toml) differ from what this bench would run is refused, not reused; where
+it lies is no setting, so a runs folder can be moved or copied.
 Before and after each run the bench times a fixed piece of work (bench.machine.speed_probe_ms)
 and keeps it in the runs folder's bench.json, which the report shows under its table: this
 machine kind drifts by up to half from one hour to the next. The probe does not follow a
@@ -184,7 +185,9 @@ def _settings_differ(run_dir: Path, cmd: list[str]) -> list[str]:
         had = asdict(load_config(config_file=str(run_dir / "config.toml"), environ={}))
     except (OSError, ValueError) as e:  # no config.toml, or one of another version of freezeps
         return [f"its config.toml does not load here ({e})"]
-    return [f"{name}: {had[name]!r} -> {value!r}" for name, value in wanted.items() if had[name] != value]
+    # Where the run lies is not how it ran: a runs folder moved or copied keeps its runs.
+    return [f"{name}: {had[name]!r} -> {value!r}" for name, value in wanted.items()
+            if had[name] != value and name != "run_dir"]
 
 
 def main() -> None:

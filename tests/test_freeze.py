@@ -142,13 +142,13 @@ def test_patience_freezes_only_what_consecutive_tests_proposed():
 def test_a_deadline_freezes_what_the_tests_did_not_by_its_step_and_says_so():
     """Tests that never propose a freeze: with deadline 6, the decision after step 5 freezes the
     cap (5 of 8 here), logged as the deadline's; a run whose tests froze the cap earlier is
-    untouched by it. Patience and the minimum gap do not hold it back."""
+    untouched by it. Patience does not hold it back (nor the minimum gap: test_guards)."""
     class Never:
         def decide(self, stats):
             return Decision(stats.frozen_blocks, tested=True)
 
     policy = FreezePolicy(EngineSpec("gradnorm", interval=1), max_fraction=0.625, deadline=6, patience=3,
-                          min_gap=100, warmup_steps=2)
+                          warmup_steps=2)
     frozen, history, seen = 0, FreezeHistory(), []
     for step in range(8):
         frozen, info, history = decide(policy, Never(), _stats(step, {}, num_blocks=8, frozen=frozen), [], history)

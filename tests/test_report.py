@@ -288,6 +288,11 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     assert json.loads((runs / "bench.json").read_text())["probe_ms"] == {**probes, "ps-gradnorm": ANY}  # kept
     bench("--only", "ps-none,ps-gradnorm")  # everything finished: nothing runs again
     assert len(ran) == 2
+    shutil.copytree(runs, tmp_path / "copied")  # nor in a copy of the folder, whose runs name their old place
+    monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "copied"),
+                                      "--only", "ps-none,ps-gradnorm"])
+    compare.main()
+    assert len(ran) == 2 and "| ps-gradnorm |" in (tmp_path / "out" / "README.md").read_text()
     # The baseline is named, not implied by the order of the runs.
     bench("--only", "ps-gradnorm,ps-none", "--baseline", "ps-none")
     assert "are against `ps-none`" in (tmp_path / "out" / "README.md").read_text() and len(ran) == 2
