@@ -265,8 +265,8 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
         shutil.copytree(FIXTURE, run_dir)
         (run_dir / "config.toml").write_text(to_toml(config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))))
 
-    def bench(*flags):
-        monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs), *flags])
+    def bench(*flags, runs_dir=runs):
+        monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(runs_dir), *flags])
         compare.main()
 
     monkeypatch.setattr(compare, "run_freezeps", fake_run)
@@ -289,9 +289,7 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     bench("--only", "ps-none,ps-gradnorm")  # everything finished: nothing runs again
     assert len(ran) == 2
     shutil.copytree(runs, tmp_path / "copied")  # nor in a copy of the folder, whose runs name their old place
-    monkeypatch.setattr(sys, "argv", ["compare", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "copied"),
-                                      "--only", "ps-none,ps-gradnorm"])
-    compare.main()
+    bench("--only", "ps-none,ps-gradnorm", runs_dir=tmp_path / "copied")
     assert len(ran) == 2 and "| ps-gradnorm |" in (tmp_path / "out" / "README.md").read_text()
     # The baseline is named, not implied by the order of the runs.
     bench("--only", "ps-gradnorm,ps-none", "--baseline", "ps-none")
