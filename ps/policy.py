@@ -37,18 +37,22 @@ class FreezePolicy:
             raise ValueError("warm-up and minimum gap must be >= 0")
         if self.patience < 1:
             raise ValueError(f"freeze patience must be >= 1, got {self.patience}")
-        if self.patience > 1 and self.spec.name not in GRADIENT_ENGINES:
-            raise ValueError(f"freeze patience counts tests; engine {self.spec.name!r} makes none "
-                             f"(use it with {' or '.join(GRADIENT_ENGINES)})")
+        if self.patience > 1:
+            self._require_tests("freeze patience counts tests")
         if self.deadline < 0:
             raise ValueError(f"freeze deadline must be >= 0 (0: none), got {self.deadline}")
-        if self.deadline and self.spec.name not in GRADIENT_ENGINES:
-            raise ValueError(f"a freeze deadline bounds when the tests freeze; engine {self.spec.name!r} makes "
-                             f"none (use it with {' or '.join(GRADIENT_ENGINES)})")
+        if self.deadline:
+            self._require_tests("a freeze deadline bounds when the tests freeze")
         if self.deadline and self.deadline < self.warmup_steps:
             raise ValueError(f"freeze deadline {self.deadline} comes before the warm-up ends at step "
                              f"{self.warmup_steps}: it would freeze during the warm-up")
         return self
+
+    def _require_tests(self, what: str) -> None:
+        """Patience and the deadline act on freeze tests, which only gradient engines make."""
+        if self.spec.name not in GRADIENT_ENGINES:
+            raise ValueError(f"{what}; engine {self.spec.name!r} makes none "
+                             f"(use it with {' or '.join(GRADIENT_ENGINES)})")
 
     @property
     def uses_votes(self) -> bool:
