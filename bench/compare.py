@@ -114,6 +114,8 @@ CONFIGS = {
     # Between the two (MiniLM: embeddings and layer0-3 may freeze; layer4-5 and the head never).
     "ps-autofreeze-5of8": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625"],
     "ps-autofreeze-5of8-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", *CACHE],
+    # The same with dropout kept on in the frozen blocks, as full fine-tuning has it (no cache then).
+    "ps-autofreeze-5of8-dropout": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", "--frozen-dropout"],
     # The same, with the five frozen by round 104 at the latest whatever the tests say: 1.22 epochs of R8,
     # when the seeds that met issue 8's goals at 6 epochs had frozen all five (a later --freeze-deadline wins).
     "ps-autofreeze-5of8-deadline-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625",

@@ -20,7 +20,7 @@ from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from ps.server import SHARDED_CENTRAL
-from worker.cached_prefix import AUGMENT_REFUSED
+from worker.cached_prefix import AUGMENT_REFUSED, FROZEN_DROPOUT_REFUSED
 from worker.data import DATASETS
 from worker.models import MODELS, TEXT_MODELS
 from worker.text import TEXT_DATASETS
@@ -137,6 +137,9 @@ class Config:
     threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
                            "when that is smaller than the matrix", (WORKER, RUN))
+    frozen_dropout: bool = _f(False, "frozen blocks keep dropout on while training, as before their freeze (BatchNorm "
+                              "stays frozen); without the activation cache, which needs a prefix that computes the "
+                              "same output every time", (WORKER, RUN))
     evaluate: bool = _f(True, "measure test accuracy at each epoch end", (WORKER, RUN))
     eval_every: int = _f(0, "also measure test accuracy every this many steps; 0 = epoch ends only",
                          (WORKER, RUN))
@@ -217,6 +220,8 @@ class Config:
         ps_addresses(self)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
+        if (self.cache_memory_bytes or self.cache_disk_bytes) and self.frozen_dropout:
+            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {FROZEN_DROPOUT_REFUSED}")
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")

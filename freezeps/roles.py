@@ -45,7 +45,8 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
-                          sparse_push=cfg.sparse_push, eval_split=cfg.eval_split)
+                          sparse_push=cfg.sparse_push, eval_split=cfg.eval_split,
+                          frozen_dropout=cfg.frozen_dropout)
 
 
 def text_settings(cfg: Config) -> TextSettings | None:

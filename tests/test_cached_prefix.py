@@ -12,6 +12,7 @@ import torch
 from freeze.engines import EngineSpec
 from freezeps.config import load_config
 from freezeps.report import merge_evals
+from freezeps.roles import worker_settings as settings_from_config
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.cache import ActivationCache
@@ -323,6 +324,14 @@ def test_augmentation_refuses_caching(tmp_path):
         CacheSettings(0, 1 << 20)
     with pytest.raises(ValueError, match="memory or a disk budget"):
         CacheSettings(0, 0)
+
+
+def test_frozen_dropout_refuses_caching_and_reaches_the_worker():
+    with pytest.raises(ValueError, match="frozen_dropout makes it random"):
+        worker_settings("127.0.0.1:1", frozen_dropout=True, cache=CacheSettings(1 << 20))
+    with pytest.raises(ValueError, match="frozen_dropout makes it random"):
+        load_config({"frozen_dropout": True, "cache_disk_bytes": 1 << 20}, environ={})
+    assert settings_from_config(load_config({"frozen_dropout": True}, environ={})).frozen_dropout
 
 
 def _adaptive_run(ps_factory, tmp_path, weights, cache, train_samples=512):

@@ -42,6 +42,18 @@ def test_efficientnet_lite0_offline_weights_and_freezing():
     assert flat.grads[15].abs().sum() > 0 and flat.grads[18].abs().sum() > 0
 
 
+def test_frozen_dropout_leaves_batchnorm_frozen():
+    """frozen_dropout puts a frozen block back in train mode but for its BatchNorm, whose
+    running statistics are part of what was frozen."""
+    model = build_model("resnet18", 10, "random", frozen_dropout=True)
+    model.set_frozen(3)
+    model.train()
+    bn = model.blocks[1].bn1
+    stats = bn.running_mean.clone()
+    model.prefix(torch.randn(2, 3, 32, 32))
+    assert torch.equal(bn.running_mean, stats) and not bn.training and model.blocks[1].relu.training
+
+
 def test_flat_binding_shares_memory_with_the_model():
     model = build_model("tiny_cnn", 4)
     flat = FlatModel(model)

@@ -381,27 +381,26 @@ def test_every_compare_configuration_is_a_valid_run(tmp_path, workload):
     from bench import compare
     from freezeps.cli import build_parser, config_from_args
 
-    for name in compare.CONFIGS:
+    def config(name):
         cmd = compare.run_command(compare.WORKLOADS[workload], name, [], tmp_path / name, seed=0)
-        cfg = config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))
-        assert cfg.mode == compare.CONFIGS[name][1], name
-    quarter = config_from_args(build_parser().parse_args(compare.run_command(
-        compare.WORKLOADS[workload], "ps-autofreeze-quarter-cache", [], tmp_path / "q", seed=0)[len(compare.FREEZEPS):]))
+        return config_from_args(build_parser().parse_args(cmd[len(compare.FREEZEPS):]))
+
+    for name in compare.CONFIGS:
+        assert config(name).mode == compare.CONFIGS[name][1], name
+    quarter = config("ps-autofreeze-quarter-cache")
     assert (quarter.freeze_max_fraction, quarter.cache_memory_bytes > 0) == (0.75, True)
-    votes = config_from_args(build_parser().parse_args(compare.run_command(
-        compare.WORKLOADS[workload], "ps-autofreeze-votes-half-cache", [], tmp_path / "v", seed=0)[len(compare.FREEZEPS):]))
+    votes = config("ps-autofreeze-votes-half-cache")
     assert (votes.freeze_decision, votes.freeze_norm, votes.freeze_max_fraction) == ("votes", 1, 0.5)
-    votes_quarter = config_from_args(build_parser().parse_args(compare.run_command(
-        compare.WORKLOADS[workload], "ps-autofreeze-votes-quarter-cache", [], tmp_path / "vq", seed=0)[len(compare.FREEZEPS):]))
+    votes_quarter = config("ps-autofreeze-votes-quarter-cache")
     assert (votes_quarter.freeze_decision, votes_quarter.freeze_max_fraction) == ("votes", 0.75)
-    five = config_from_args(build_parser().parse_args(compare.run_command(
-        compare.WORKLOADS[workload], "ps-autofreeze-5of8-cache", [], tmp_path / "f", seed=0)[len(compare.FREEZEPS):]))
+    five = config("ps-autofreeze-5of8-cache")
     # MiniLM's 8 blocks: the embeddings and layer0-3 may freeze, never layer4.
     assert apply_guards(8, 0, 100, -1, 8, max_fraction=five.freeze_max_fraction) == 5
-    late = config_from_args(build_parser().parse_args(compare.run_command(
-        compare.WORKLOADS[workload], "ps-autofreeze-5of8-deadline-cache", [], tmp_path / "d", seed=0)[len(compare.FREEZEPS):]))
+    late = config("ps-autofreeze-5of8-deadline-cache")
     assert (late.freeze_deadline, late.freeze_max_fraction, late.cache_memory_bytes > 0) == (104, 0.625, True)
     assert apply_guards(0, 0, 103, -1, 8, max_fraction=late.freeze_max_fraction, deadline=late.freeze_deadline) == 5
+    noisy = config("ps-autofreeze-5of8-dropout")
+    assert (noisy.frozen_dropout, noisy.freeze_max_fraction, noisy.cache_memory_bytes) == (True, 0.625, 0)
 
 
 def _share(step, rank, world, wrong, scored, loss=1.0, time=100.0, eval_s=2.0, test_samples=10):

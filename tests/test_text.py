@@ -90,6 +90,22 @@ def test_minilm_loads_offline_and_its_blocks_cover_every_parameter_once():
         assert torch.allclose(model(ids), want, atol=1e-5)
 
 
+def test_frozen_blocks_keep_dropout_only_when_asked():
+    """A frozen prefix runs in eval mode by default: no dropout, so a sample's output is the same
+    every time (what the activation cache needs). With frozen_dropout its blocks draw dropout
+    masks, attention's included, as before their freeze; evaluation still turns them off."""
+    ids = tokenize(["a fine film", "a long and tedious one, not worth it"], MINILM, 16, None)[0]
+    for frozen_dropout in (False, True):
+        model = build_model("minilm", 2, "pretrained", frozen_dropout=frozen_dropout)
+        model.set_frozen(3)
+        model.train()
+        assert all(m.training == frozen_dropout for block in model.blocks[:3] for m in block.modules())
+        assert all(m.training for m in model.blocks[3].modules())
+        assert torch.equal(model.prefix(ids), model.prefix(ids)) != frozen_dropout
+        model.eval()
+        assert torch.equal(model.prefix(ids), model.prefix(ids))
+
+
 def test_text_settings_are_checked():
     with pytest.raises(ValueError, match="a text model needs a text dataset"):
         load_config({"model": "minilm", "dataset": "fashion_mnist"}, environ={})

@@ -59,6 +59,8 @@ Upcoming = Callable[[int], tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor
 UNDECIDED = None
 AUGMENT_REFUSED = ("the activation cache needs a sample's input to the frozen prefix to be the same every epoch, "
                    "and augment makes it random: turn one of them off")
+FROZEN_DROPOUT_REFUSED = ("the activation cache needs the frozen prefix to compute the same output every epoch, "
+                          "and frozen_dropout makes it random: turn one of them off")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Models as ordered blocks, the unit of freezing.
 
 A BlockModel runs its blocks one after another; the first `frozen` run under no_grad
-in eval mode (so BatchNorm uses, and does not update, its running statistics).
+in eval mode (so BatchNorm uses, and does not update, its running statistics), or with
+`frozen_dropout` in train mode but for the modules that keep running statistics.
 Each registry entry builds the original network and cuts it into named blocks.
 """
 from __future__ import annotations
@@ -25,6 +26,9 @@ class BlockModel(nn.Module):
         self.block_names = [n for n, _ in blocks]
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.frozen = 0
+        # Frozen blocks keep dropout on while training, as they had before the freeze (their
+        # output then differs call to call, so an activation cache cannot serve them).
+        self.frozen_dropout = False
         # A model is built to be trained. The blocks may come from a network in eval mode
         # (Hugging Face's from_pretrained returns one): left so, BERT would train without dropout
         # until the first evaluation or freeze set it to train mode.
@@ -57,6 +61,10 @@ class BlockModel(nn.Module):
         super().train(mode)
         for block in self.blocks[:self.frozen]:
             block.eval()
+            if mode and self.frozen_dropout:
+                for module in block.modules():
+                    # Only modules with running statistics (BatchNorm) change state in train mode.
+                    module.training = not getattr(module, "track_running_stats", False)
         return self
 
 
@@ -261,11 +269,17 @@ MODELS: dict[str, Callable[..., BlockModel]] = {
 TEXT_MODELS = ("minilm", "bert")
 
 
-def build_model(name: str, num_classes: int, weights: str = "random") -> BlockModel:
+def build_model(name: str, num_classes: int, weights: str = "random", frozen_dropout: bool = False) -> BlockModel:
     """Build a registry model. `weights` is "random", "pretrained" (ImageNet's for the vision
     models, which also accept "imagenet"; the packaged checkpoint for minilm), a Hugging Face
     folder (text models), or a state_dict file saved either from this BlockModel (keys
-    "blocks.N....") or from the original network."""
+    "blocks.N....") or from the original network. `frozen_dropout`: see BlockModel."""
+    model = _build(name, num_classes, weights)
+    model.frozen_dropout = frozen_dropout
+    return model
+
+
+def _build(name: str, num_classes: int, weights: str) -> BlockModel:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     text = name in TEXT_MODELS

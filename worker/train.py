@@ -31,7 +31,7 @@ from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from proto.security import Auth
-from worker.cached_prefix import AUGMENT_REFUSED, CachedPrefix, CacheSettings
+from worker.cached_prefix import AUGMENT_REFUSED, FROZEN_DROPOUT_REFUSED, CachedPrefix, CacheSettings
 from worker.client import PSClient, ShardedClient
 from worker.data import (
     batch_order,
@@ -79,10 +79,13 @@ class WorkerSettings:
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
+    frozen_dropout: bool = False  # frozen blocks keep dropout on while training
 
     def __post_init__(self):
         if self.cache is not None and self.augment:
             raise ValueError(AUGMENT_REFUSED)
+        if self.cache is not None and self.frozen_dropout:
+            raise ValueError(FROZEN_DROPOUT_REFUSED)
 
 
 REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
@@ -187,7 +190,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                          settings.train_samples, settings.seed, settings.text)
     test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
                         settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
-    model = build_model(settings.model, train.num_classes, settings.weights)
+    model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout)
     channels = input_channels(model)
     flat = FlatModel(model, settings.sparse_push)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
