@@ -86,7 +86,6 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     engine = make_engine(policy.spec)
     frozen = engine.initial(len(names))
     model.set_frozen(frozen)
-    model.train()
     optimizer = _optimizer(cfg, model.parameters())
     net = model if single else _ddp(model)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
@@ -160,7 +159,6 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
                     p.grad = None
             frozen = decided
             model.set_frozen(frozen)
-            model.train()
             if not single:  # DDP over the parameters that still train
                 net = _ddp(model)
     if share and total_steps > 0:

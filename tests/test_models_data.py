@@ -42,6 +42,17 @@ def test_efficientnet_lite0_offline_weights_and_freezing():
     assert flat.grads[15].abs().sum() > 0 and flat.grads[18].abs().sum() > 0
 
 
+def test_freezing_sets_each_blocks_mode_and_unfreezing_restores_it():
+    model = build_model("resnet18", 10, "random")
+    model.set_frozen(3)
+    assert not model.blocks[1].bn1.training and all(m.training for m in model.blocks[3].modules())
+    model.set_frozen(0)  # a worker rejoining a PS that restarted before its freeze
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model.set_frozen(2)  # an evaluating model stays in eval mode
+    assert not any(m.training for m in model.modules())
+
+
 def test_frozen_dropout_leaves_batchnorm_frozen():
     """frozen_dropout puts a frozen block back in train mode but for its BatchNorm, whose
     running statistics are part of what was frozen."""

@@ -51,11 +51,13 @@ class BlockModel(nn.Module):
         return x
 
     def set_frozen(self, frozen: int) -> None:
-        """Freeze the first `frozen` blocks: no gradients, eval-mode BatchNorm."""
+        """Freeze the first `frozen` blocks: no gradients, eval-mode BatchNorm (see train). A
+        block unfrozen again (a worker rejoining a PS that restarted) trains as before."""
         self.frozen = frozen
         for i, block in enumerate(self.blocks):
             for p in block.parameters():
                 p.requires_grad_(i >= frozen)
+        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)

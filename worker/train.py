@@ -258,7 +258,6 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             if header.freeze.frozen_blocks != frozen:
                 frozen = header.freeze.frozen_blocks
                 model.set_frozen(frozen)
-                model.train()
                 log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
             if cached:
                 cached.follow(frozen, len(member.shard))
