@@ -123,7 +123,6 @@ def step_times(name: str, repeats: int) -> list[dict]:
     rows = []
     for depth in range(1, len(model.blocks)):
         model.set_frozen(depth)
-        model.train()
         cached = CachedPrefix(model, ActivationCache(1 << 31), f"bench-{depth}", from_depth=1, prefetch_batches=0)
         cached.follow(depth, len(images))
         for ids in np.split(first_epoch, WARM_BATCHES):  # warm: every row in the memory tier
@@ -189,8 +188,7 @@ def scattered_epochs(fractions: list[float], source: int, depth: int, turns: int
     model = build_model(SCATTER_MODEL, 8)  # random weights: speed does not depend on them
     if depth >= len(model.blocks):
         raise ValueError(f"{SCATTER_MODEL} has {len(model.blocks)} blocks: a frozen depth of {depth} leaves none to train")
-    model.set_frozen(depth)
-    model.train()  # the frozen blocks stay in eval mode
+    model.set_frozen(depth)  # the frozen blocks in eval mode, the others training
     rng = np.random.default_rng(0)
     n = SCATTER_BATCH * SCATTER_BATCHES
     x = _token_ids(n, rng)

@@ -37,7 +37,6 @@ def _batches(epoch: int, batch: int = 24) -> list[np.ndarray]:
 
 def _freeze(model, cached: CachedPrefix, depth: int) -> None:
     model.set_frozen(depth)
-    model.train()
     cached.follow(depth, len(IMAGES))
 
 

