@@ -20,7 +20,7 @@ from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES
 from ps.server import SHARDED_CENTRAL
-from worker.cached_prefix import AUGMENT_REFUSED, FROZEN_DROPOUT_REFUSED
+from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
 from worker.models import MODELS, TEXT_MODELS
 from worker.text import TEXT_DATASETS
@@ -218,10 +218,9 @@ class Config:
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)
-        if (self.cache_memory_bytes or self.cache_disk_bytes) and self.augment:
-            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {AUGMENT_REFUSED}")
-        if (self.cache_memory_bytes or self.cache_disk_bytes) and self.frozen_dropout:
-            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {FROZEN_DROPOUT_REFUSED}")
+        if (self.cache_memory_bytes or self.cache_disk_bytes) and (why := cache_refusal(self.augment,
+                                                                                       self.frozen_dropout)):
+            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {why}")
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")

@@ -63,6 +63,14 @@ FROZEN_DROPOUT_REFUSED = ("the activation cache needs the frozen prefix to compu
                           "and frozen_dropout makes it random: turn one of them off")
 
 
+def cache_refusal(augment: bool, frozen_dropout: bool) -> str | None:
+    """Why a cache cannot serve a run with these settings (its frozen prefix's output would
+    change from epoch to epoch), or None."""
+    if augment:
+        return AUGMENT_REFUSED
+    return FROZEN_DROPOUT_REFUSED if frozen_dropout else None
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """A worker's activation cache: budgets per worker process (0: no such tier)."""

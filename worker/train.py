@@ -31,7 +31,7 @@ from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from proto.security import Auth
-from worker.cached_prefix import AUGMENT_REFUSED, FROZEN_DROPOUT_REFUSED, CachedPrefix, CacheSettings
+from worker.cached_prefix import CachedPrefix, CacheSettings, cache_refusal
 from worker.client import PSClient, ShardedClient
 from worker.data import (
     batch_order,
@@ -82,10 +82,8 @@ class WorkerSettings:
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
 
     def __post_init__(self):
-        if self.cache is not None and self.augment:
-            raise ValueError(AUGMENT_REFUSED)
-        if self.cache is not None and self.frozen_dropout:
-            raise ValueError(FROZEN_DROPOUT_REFUSED)
+        if self.cache is not None and (why := cache_refusal(self.augment, self.frozen_dropout)):
+            raise ValueError(why)
 
 
 REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
