@@ -76,6 +76,9 @@ CACHE = ["--cache-memory-bytes", str(1 << 30)]
 # AutoFreeze's own rule and cadence (REFERENCE 1.2): L1 norms, the 50th percentile, 20 tests per run.
 AUTOFREEZE = ["--freeze", "gradnorm", "--freeze-variant", "percentile", "--freeze-percentile", "50",
               "--freeze-norm", "1", "--freeze-interval", "0", "--freeze-warmup", "0"]
+# Settings of the freeze engine and its guards (freezeps.config's freeze_*, linear_* and vote_*),
+# which a run that freezes nothing never reads.
+FREEZE_SETTINGS = ("freeze_", "linear_", "vote_")
 CONFIGS = {
     "ps-none": ["--mode", "ps", "--freeze", "none"],
     "ddp-none": ["--mode", "ddp", "--freeze", "none"],
@@ -181,15 +184,18 @@ def _finished_facts(run_dir: Path) -> dict | None:
 def _settings_differ(run_dir: Path, cmd: list[str]) -> list[str]:
     """How the settings of the run in `run_dir` (its config.toml) differ from those `cmd` would run
     with, as 'name: had -> wants'; empty when they are the same. The environment counts on both
-    sides, as it did for the run: the bench's runs inherit it."""
+    sides, as it did for the run: the bench's runs inherit it. Between two runs that freeze nothing
+    the freeze settings do not count (FREEZE_SETTINGS), so a none run serves benches of another
+    freeze setting (`--freeze-warmup 86` beside one made with 64)."""
     wanted = asdict(config_from_args(build_parser().parse_args(cmd[len(FREEZEPS):])))
     try:
         had = asdict(load_config(config_file=str(run_dir / "config.toml"), environ={}))
     except (OSError, ValueError) as e:  # no config.toml, or one of another version of freezeps
         return [f"its config.toml does not load here ({e})"]
+    ignored = FREEZE_SETTINGS if had["freeze"] == wanted["freeze"] == "none" else ()
     # Where the run lies is not how it ran: a runs folder moved or copied keeps its runs.
     return [f"{name}: {had[name]!r} -> {value!r}" for name, value in wanted.items()
-            if had[name] != value and name != "run_dir"]
+            if had[name] != value and name != "run_dir" and not name.startswith(ignored)]
 
 
 def main() -> None:

@@ -23,14 +23,11 @@ import re
 import sys
 from pathlib import Path
 
-from bench.compare import write_readme
+from bench.compare import FREEZE_SETTINGS, write_readme
 from freezeps.report import seeds_markdown
 
 # Settings that name a run rather than define it.
 PER_RUN = ("seed", "run_dir")
-# Settings of the freeze engine and its guards (freezeps.config's freeze_*, linear_* and vote_*),
-# which a run that freezes nothing never reads.
-FREEZE_SETTINGS = ("freeze_", "linear_", "vote_")
 
 
 def configuration(run_name: str) -> str:

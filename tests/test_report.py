@@ -299,6 +299,11 @@ def test_a_bench_goes_on_in_its_runs_dir_and_runs_only_what_did_not_finish(tmp_p
     # A finished run is not passed off as one made with other flags.
     with pytest.raises(ValueError, match=r"ps-none finished with other settings .*epochs: \d+ -> 7"):
         bench("--only", "ps-none,ps-gradnorm", "--epochs", "7")
+    # Except the freeze settings between two runs that freeze nothing: none serves another warm-up.
+    bench("--only", "ps-none", "--freeze-warmup", "86")
+    assert len(ran) == 2
+    with pytest.raises(ValueError, match=r"ps-gradnorm finished with other settings .*freeze_warmup: 8 -> 86"):
+        bench("--only", "ps-none,ps-gradnorm", "--freeze-warmup", "86")
     (runs / "ps-none" / "config.toml").write_text("no_such_setting = 1\n")  # made by another version
     with pytest.raises(ValueError, match="config.toml does not load here"):
         bench("--only", "ps-none")
