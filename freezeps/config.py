@@ -22,7 +22,7 @@ from ps.schedule import SCHEDULES
 from ps.server import SHARDED_CENTRAL
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
-from worker.models import MODELS, TEXT_MODELS
+from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS
 from worker.text import TEXT_DATASETS
 
 PS, WORKER, RUN, STATUS = "ps", "worker", "run", "status"
@@ -121,6 +121,9 @@ class Config:
     train_samples: int = _f(24576, "use a fixed random subset of the training set; 0 = all", (WORKER, RUN))
     test_samples: int = _f(2000, "use a fixed random subset of the test set; 0 = all", (WORKER, RUN))
     image_size: int = _f(32, "input side in pixels (smaller images are padded)", (WORKER, RUN))
+    text_pooling: str = _f("cls", "text models: what the head classifies: cls, BERT's pooler on the [CLS] token; "
+                           "mean, the mean of the tokens' last hidden states, the pooling sentence-transformers "
+                           "checkpoints (all-MiniLM-L6-v2) were trained with", (WORKER, RUN), TEXT_POOLINGS)
     max_seq_len: int = _f(64, "text: tokens per sample, [CLS] and [SEP] included (padded or truncated)",
                           (WORKER, RUN))
     data_file: str = _f("", "dataset csv: the CSV (or .tsv/.tab) file; a tenth of its rows is held out for testing",
@@ -224,6 +227,8 @@ class Config:
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")
+        if self.text_pooling != "cls" and self.model not in TEXT_MODELS:
+            raise ValueError(f"text_pooling {self.text_pooling!r}: model {self.model} is not a text model")
         if self.auto_resume and (self.resume or not self.checkpoint_dir):
             raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

@@ -70,7 +70,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     share = eval_share(cfg.evaluate, cfg.eval_split, rank, 1 if single else world)
     test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed, text) \
         if share else None
-    model = build_model(cfg.model, train_set.num_classes, cfg.weights, cfg.frozen_dropout)
+    model = build_model(cfg.model, train_set.num_classes, cfg.weights, cfg.frozen_dropout, cfg.text_pooling)
     channels = input_channels(model)
     names = model.block_names
     block_bytes = _block_bytes(model)

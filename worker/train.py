@@ -80,6 +80,7 @@ class WorkerSettings:
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
+    text_pooling: str = "cls"  # what a text model's head classifies (worker.models.bert)
 
     def __post_init__(self):
         if self.cache is not None and (why := cache_refusal(self.augment, self.frozen_dropout)):
@@ -188,7 +189,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                          settings.train_samples, settings.seed, settings.text)
     test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
                         settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
-    model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout)
+    model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout,
+                        settings.text_pooling)
     channels = input_channels(model)
     flat = FlatModel(model, settings.sparse_push)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
