@@ -72,9 +72,9 @@ class InPlaceSGD:
         whenever W, the round's samples, was not a power of two (every round after a drop), and
         runs parted from DDP's and from the serial reference. torch.optim.SGD itself, one per
         block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this 18-22 ms, the folded
-        step 16-18 ms) but made the soak's rounds of 16 workers 13-20 ms slower (64-77 ms against
-        51-56 ms, the tiny model's step 0.6 ms against 0.15 ms): many more small operations, each
-        perhaps waiting for the GIL behind the gRPC threads."""
+        step 16-18 ms) but made the soak's rounds of 16 workers slower (median 64-77 ms against
+        51-56 ms folded and 58 ms this way; the tiny model's step 0.6 ms against 0.15-0.2 ms):
+        many more small operations, each perhaps waiting for the GIL behind the gRPC threads."""
         params, grads, bufs = [], [], []
         for b, (p, g) in blocks.items():
             if b not in self._momentum:

@@ -316,7 +316,7 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
     # Exactly the accepted pushes were applied, weighted by their batch sizes.
     want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
     for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit, with 32 samples
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit: rounds of 48 samples, 32 after the drop
 
 
 # -- PS crash and resume -----------------------------------------------------------------------
