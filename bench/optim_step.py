@@ -54,19 +54,18 @@ def main() -> None:
         store.values[b].copy_(torch.randn(store.values[b].shape, generator=gen))
     summed = {b: torch.randn(store.acc[b].shape, generator=gen) for b in store.owned}
 
-    def ps_step():
-        for b in store.owned:  # a fresh round's sums (the step averages the accumulators in place)
-            store.acc[b].copy_(summed[b])
-        store.apply(store.owned, args.weight, lr)
-
-    def refill_only():
+    def refill():  # a fresh round's sums: the step averages the accumulators in place
         for b in store.owned:
             store.acc[b].copy_(summed[b])
 
-    params = [p for p in model.parameters()]
+    def ps_step():
+        refill()
+        store.apply(store.owned, args.weight, lr)
+
+    params = list(model.parameters())
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    results = {"ps (BlockStore.apply)": _median_ms(ps_step, args.repeats) - _median_ms(refill_only, args.repeats)}
+    results = {"ps (BlockStore.apply)": _median_ms(ps_step, args.repeats) - _median_ms(refill, args.repeats)}
     for foreach in (False, True):
         opt = torch.optim.SGD(params, lr=lr, foreach=foreach, **settings)
         results[f"torch.optim.SGD foreach={foreach}"] = _median_ms(opt.step, args.repeats)

@@ -71,7 +71,7 @@ class InPlaceSGD:
         Folding the 1/W averaging into the momentum update saved a pass but rounded differently
         whenever W, the round's samples, was not a power of two (every round after a drop), and
         runs parted from DDP's and from the serial reference. torch.optim.SGD itself, one per
-        block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this 18-22 ms, the folded
+        block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this 18-23 ms, the folded
         step 16-18 ms) but made the soak's rounds of 16 workers slower (median 64-77 ms against
         51-56 ms folded and 58 ms this way; the tiny model's step 0.6 ms against 0.15-0.2 ms):
         many more small operations, each perhaps waiting for the GIL behind the gRPC threads."""
