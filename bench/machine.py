@@ -8,6 +8,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -46,9 +47,7 @@ def speed_probe_ms() -> float:
     VMs run 5-45% slower or faster from one hour to the next, so a time compares with another only
     where the probes beside them agree."""
     import torch  # the probe is the kind of work the runs do; only the benches that time runs ask for it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
         out = torch.empty_like(a)
         times = []
@@ -58,5 +57,15 @@ def speed_probe_ms() -> float:
                 torch.mm(a, a, out=out)
             times.append((time.perf_counter() - started) * 1e3)
         return statistics.median(times)
+
+
+@contextmanager
+def one_torch_thread():
+    """torch on one thread within the block; the thread count as it was after it."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)

@@ -23,11 +23,11 @@ import signal
 import statistics
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import FREEZEPS
+from bench.machine import one_torch_thread
 from freezeps.launch import free_port
 from freezeps.report import applied_rounds
 
@@ -165,18 +165,6 @@ def _progress(run_log: Path) -> int:
         return 0
     with open(run_log, encoding="utf-8") as f:
         return sum('"event": "round"' in line for line in f)
-
-
-@contextmanager
-def one_torch_thread():
-    """torch on one thread within the block; the thread count as it was after it."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
