@@ -1,7 +1,7 @@
 """The PS's optimizers: one step over the trained blocks' parameter views, state kept per block.
 
-Both take the *summed* gradients (views into the store's accumulators) and the total weight
-they were summed with, and average them in place (the accumulators are scratch). State
+Both step on the *averaged* gradients, views into the store's accumulators, which the store
+divides in place (BlockStore.apply) and the step may overwrite (they are scratch). State
 lives per block so that a frozen block's state is freed at once and the rest is kept as it is
 (a freeze never resets the moments of the blocks that go on training).
 
@@ -20,13 +20,13 @@ import torch
 
 OPTIMIZERS = ("sgd", "adamw")
 
-Blocks = dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]  # block -> (params, summed grads)
+Blocks = dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]  # block -> (params, averaged grads)
 
 
 class Optimizer(Protocol):
     name: str
 
-    def step(self, blocks: Blocks, total_weight: float, lr: float) -> None: ...
+    def step(self, blocks: Blocks, lr: float) -> None: ...
     def drop(self, block: int) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict, params: dict[int, list[torch.Tensor]]) -> None: ...
@@ -64,15 +64,15 @@ class InPlaceSGD:
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self._momentum: dict[int, list[torch.Tensor]] = {}  # allocated at a block's first step
 
-    def step(self, blocks: Blocks, total_weight: float, lr: float) -> None:
+    def step(self, blocks: Blocks, lr: float) -> None:
         """torch.optim.SGD's operations in its order, so that the result is torch's to the bit
         on the averaged gradient, over every block's views at once.
 
-        Folding the 1/W averaging into the momentum update saved a pass but rounded differently
-        whenever W, the round's samples, was not a power of two (every round after a drop), and
-        runs parted from DDP's and from the serial reference. torch.optim.SGD itself, one per
-        block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this 18-23 ms, the folded
-        step 16-18 ms) but made the soak's rounds of 16 workers slower (median 64-77 ms against
+        This step once folded the 1/W averaging into the momentum update, which saved a pass but
+        rounded differently whenever W, the round's samples, was not a power of two (every round
+        after a drop), and runs parted from DDP's and from the serial reference. torch.optim.SGD
+        itself, one per block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this with
+        the store's averaging 18-23 ms, the folded step 16-18 ms) but made the soak's rounds of 16 workers slower (median 64-77 ms against
         51-56 ms folded and 58 ms this way; the tiny model's step 0.6 ms against 0.15-0.2 ms):
         many more small operations, each perhaps waiting for the GIL behind the gRPC threads."""
         params, grads, bufs = [], [], []
@@ -84,8 +84,6 @@ class InPlaceSGD:
             bufs += self._momentum[b]
         if not params:
             return
-        if total_weight != 1.0:
-            torch._foreach_div_(grads, total_weight)  # the accumulators are scratch: average in place
         if self.weight_decay:
             torch._foreach_add_(grads, params, alpha=self.weight_decay)
         torch._foreach_mul_(bufs, self.momentum)  # a zero buffer at the first step: torch's clone of g
@@ -124,13 +122,11 @@ class TorchAdamW:
         return torch.optim.AdamW(params, lr=0.0, betas=self.betas, eps=self.eps,
                                  weight_decay=self.weight_decay, foreach=True)
 
-    def step(self, blocks: Blocks, total_weight: float, lr: float) -> None:
+    def step(self, blocks: Blocks, lr: float) -> None:
         for b, (params, grads) in blocks.items():
             opt = self._per_block.get(b)
             if opt is None:
                 opt = self._per_block[b] = self._make(params)
-            if total_weight != 1.0:
-                torch._foreach_div_(grads, total_weight)  # the accumulators are scratch: average in place
             for p, g in zip(params, grads):
                 p.grad = g
             opt.param_groups[0]["lr"] = lr

@@ -149,7 +149,9 @@ class BlockStore:
                 norms[b] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grads[b])))) / total_weight
                 trained[b] = (self._params[b], self._grads[b])
         if trained:
-            self.optimizer.step(trained, total_weight, lr)
+            if total_weight != 1.0:  # acc / W, rounded as torch's optimizers expect; the accumulators are scratch
+                torch._foreach_div_([g for _, grads in trained.values() for g in grads], total_weight)
+            self.optimizer.step(trained, lr)
         self._fresh = True
         return norms
 
