@@ -18,7 +18,7 @@ from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
-from ps.schedule import SCHEDULES
+from ps.schedule import SCHEDULES, block_lr_scales
 from ps.server import SHARDED_CENTRAL
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
@@ -51,6 +51,8 @@ class Config:
     warmup_steps: int = _f(0, "linear learning-rate warm-up, rounds", (PS, RUN))
     lr_step_size: int = _f(0, "rounds between decays of the step schedule", (PS, RUN))
     lr_gamma: float = _f(0.1, "decay factor of the step schedule", (PS, RUN))
+    lr_block_decay: float = _f(1.0, "layer-wise learning-rate decay: block b of n trains at the schedule's rate "
+                               "times this^(n-1-b), the head at the full rate (1 = off; ELECTRA used 0.8)", (PS, RUN))
     # The defaults make `freezeps run` the main job: EfficientNet-Lite0 (ImageNet weights) on
     # a 24,576-sample slice of Fashion-MNIST, 4 workers, 2 epochs of 96 rounds, with the
     # stem and MBConv blocks 0-13 (half the bytes) frozen from epoch 2: about 5 minutes here.
@@ -229,6 +231,7 @@ class Config:
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")
         if why := text_pooling_refusal(self.model, self.text_pooling):
             raise ValueError(why)
+        block_lr_scales(1, self.lr_block_decay)
         if self.auto_resume and (self.resume or not self.checkpoint_dir):
             raise ValueError("auto_resume needs checkpoint_dir, and not resume (which insists on a checkpoint)")
         if self.lr_schedule == "step" and self.lr_step_size == 0:

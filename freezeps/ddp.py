@@ -45,7 +45,7 @@ from freezeps.roles import text_settings
 from proto.runlog import JsonlLog
 from ps.main import save_params
 from ps.policy import FreezeHistory, decide
-from ps.schedule import learning_rate
+from ps.schedule import block_lr_scales, learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -86,7 +86,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     engine = make_engine(policy.spec)
     frozen = engine.initial(len(names))
     model.set_frozen(frozen)
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = _optimizer(cfg, model.blocks, block_lr_scales(len(names), cfg.lr_block_decay))
     net = model if single else _ddp(model)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
     wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
@@ -109,7 +109,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
         lr = learning_rate(step, base_lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=total_steps,
                            warmup_steps=cfg.warmup_steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # the PS's product (BlockStore.apply), so the rates agree to the bit
         optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
         loss = F.cross_entropy(net(x), y)
@@ -185,8 +185,10 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     return model
 
 
-def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """torch's optimizer for the PS's (ps/optim.py): the same update, so runs compare."""
+def _optimizer(cfg: Config, blocks, lr_scales: list[float]) -> torch.optim.Optimizer:
+    """torch's optimizer for the PS's (ps/optim.py): the same update, so runs compare; one
+    parameter group per block, at that block's share of the learning rate."""
+    params = [{"params": list(block.parameters()), "lr_scale": scale} for block, scale in zip(blocks, lr_scales)]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                  weight_decay=cfg.weight_decay, foreach=True)

@@ -29,7 +29,7 @@ def server_settings(cfg: Config) -> ServerSettings:
                           optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov, adam_betas=(cfg.adam_beta1, cfg.adam_beta2), adam_eps=cfg.adam_eps,
                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-                          lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma,
+                          lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma, lr_block_decay=cfg.lr_block_decay,
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
                           start_timeout_s=cfg.start_timeout_s,
                           max_model_bytes=cfg.max_model_bytes, shard=cfg.ps_shard, num_shards=cfg.ps_shards)

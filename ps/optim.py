@@ -1,7 +1,8 @@
 """The PS's optimizers: one step over the trained blocks' parameter views, state kept per block.
 
 Both step on the *averaged* gradients, views into the store's accumulators, which the store
-divides in place (BlockStore.apply) and the step may overwrite (they are scratch). State
+divides in place (BlockStore.apply) and the step may overwrite (they are scratch), each block at
+its own learning rate (the schedule's, scaled per block: ps/schedule.block_lr_scales). State
 lives per block so that a frozen block's state is freed at once and the rest is kept as it is
 (a freeze never resets the moments of the blocks that go on training).
 
@@ -26,7 +27,7 @@ Blocks = dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]  # block -> (p
 class Optimizer(Protocol):
     name: str
 
-    def step(self, blocks: Blocks, lr: float) -> None: ...
+    def step(self, blocks: Blocks, lrs: dict[int, float]) -> None: ...
     def drop(self, block: int) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict, params: dict[int, list[torch.Tensor]]) -> None: ...
@@ -64,9 +65,10 @@ class InPlaceSGD:
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self._momentum: dict[int, list[torch.Tensor]] = {}  # allocated at a block's first step
 
-    def step(self, blocks: Blocks, lr: float) -> None:
+    def step(self, blocks: Blocks, lrs: dict[int, float]) -> None:
         """torch.optim.SGD's operations in its order, so that the result is torch's to the bit
-        on the averaged gradient, over every block's views at once.
+        on the averaged gradient (with one parameter group per learning rate), over every
+        block's views at once.
 
         This step once folded the 1/W averaging into the momentum update, which saved a pass but
         rounded differently whenever W, the round's samples, was not a power of two (every round
@@ -90,9 +92,16 @@ class InPlaceSGD:
         torch._foreach_add_(bufs, grads)
         if self.nesterov:  # p -= lr * (g + momentum * buf)
             torch._foreach_add_(grads, bufs, alpha=self.momentum)
-            torch._foreach_add_(params, grads, alpha=-lr)
-        else:
-            torch._foreach_add_(params, bufs, alpha=-lr)
+        direction = grads if self.nesterov else bufs
+        by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        at = 0
+        for b, (p, _) in blocks.items():
+            ps, ds = by_lr.setdefault(lrs[b], ([], []))
+            ps += params[at:at + len(p)]
+            ds += direction[at:at + len(p)]
+            at += len(p)
+        for lr, (ps, ds) in by_lr.items():
+            torch._foreach_add_(ps, ds, alpha=-lr)
 
     def drop(self, block: int) -> None:
         self._momentum.pop(block, None)
@@ -122,14 +131,14 @@ class TorchAdamW:
         return torch.optim.AdamW(params, lr=0.0, betas=self.betas, eps=self.eps,
                                  weight_decay=self.weight_decay, foreach=True)
 
-    def step(self, blocks: Blocks, lr: float) -> None:
+    def step(self, blocks: Blocks, lrs: dict[int, float]) -> None:
         for b, (params, grads) in blocks.items():
             opt = self._per_block.get(b)
             if opt is None:
                 opt = self._per_block[b] = self._make(params)
             for p, g in zip(params, grads):
                 p.grad = g
-            opt.param_groups[0]["lr"] = lr
+            opt.param_groups[0]["lr"] = lrs[b]
             opt.step()
             for p in params:
                 p.grad = None

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the step."""
+"""Learning-rate schedules as pure functions of the step, and the blocks' learning-rate scales."""
 from __future__ import annotations
 
 import math
@@ -32,3 +32,13 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
     if step_size <= 0:
         raise ValueError("the step schedule needs step_size > 0")
     return base_lr * gamma ** ((step - warmup_steps) // step_size)
+
+
+def block_lr_scales(num_blocks: int, decay: float) -> list[float]:
+    """Layer-wise learning-rate decay (discriminative fine-tuning, ULMFiT; ELECTRA's 0.8): block b
+    of num_blocks, ordered from the input, trains at the schedule's rate times decay^(num_blocks-1-b).
+    The last block (the head) keeps the full rate; the early blocks, holding the most general
+    features, move least. 1.0: every block at the full rate."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"lr_block_decay must be in (0, 1], got {decay}")
+    return [decay ** (num_blocks - 1 - b) for b in range(num_blocks)]

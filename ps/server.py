@@ -37,7 +37,7 @@ from ps.errors import (
 )
 from ps.optim import Optimizer, make_optimizer
 from ps.policy import FreezeHistory, FreezePolicy, decide
-from ps.schedule import learning_rate
+from ps.schedule import block_lr_scales, learning_rate
 from ps.store import BlockStore, ReceivedPush, as_bytes
 
 log = logging.getLogger("freezeps.ps")
@@ -63,6 +63,7 @@ class ServerSettings:
     warmup_steps: int = 0
     lr_step_size: int = 0
     lr_gamma: float = 0.1
+    lr_block_decay: float = 1.0  # block b of n at lr * decay^(n-1-b) (ps/schedule.block_lr_scales)
     round_timeout_s: float = 300.0  # longest a pull waits for its round
     # A worker that has not pushed the current step this long after the round began is
     # dropped, and the round completes without it. The same bound ends a run that every
@@ -85,6 +86,7 @@ class ServerSettings:
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
         self.make_optimizer()  # ValueError now, not at the first Join
+        block_lr_scales(1, self.lr_block_decay)
 
     def make_optimizer(self) -> Optimizer:
         return make_optimizer(self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
@@ -187,7 +189,8 @@ class ParameterServer:
                 self._manifest.CopyFrom(req.manifest)
                 self._blocks = blocks
                 self._owned = owned
-                self._store = BlockStore(blocks, self._owned, self.settings.make_optimizer())
+                self._store = BlockStore(blocks, self._owned, self.settings.make_optimizer(),
+                                         block_lr_scales(len(blocks), self.settings.lr_block_decay))
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
                     self._on_record(self._freeze_record(-1, 0, frozen, {"initial": True}, self.settings.num_workers))

@@ -66,10 +66,15 @@ class ReceivedPush:
 class BlockStore:
     """Values, accumulators and the optimizer's state for the blocks this server owns."""
 
-    def __init__(self, blocks: list[BlockLayout], owned: range, optimizer: Optimizer):
+    def __init__(self, blocks: list[BlockLayout], owned: range, optimizer: Optimizer,
+                 lr_scales: list[float] | None = None):
+        """lr_scales: each block's learning rate as a fraction of the schedule's (default 1.0)."""
         self.blocks = blocks
         self.owned = owned
         self.optimizer = optimizer
+        self.lr_scales = lr_scales or [1.0] * len(blocks)
+        if len(self.lr_scales) != len(blocks):
+            raise ValueError(f"{len(self.lr_scales)} learning-rate scales for {len(blocks)} blocks")
         self.values = {b: _flat(blocks[b].nbytes) for b in owned}
         self.acc = {b: _flat(blocks[b].nbytes) for b in owned}
         self._fresh = True  # the accumulators hold nothing of the current round yet
@@ -138,8 +143,8 @@ class BlockStore:
 
     def apply(self, blocks: range, total_weight: float, lr: float) -> list[float]:
         """Set buffers to their average and take one optimizer step on the blocks' parameters
-        with the averaged gradient acc / total_weight. Returns each block's gradient L2 norm
-        (0.0 outside `blocks`)."""
+        with the averaged gradient acc / total_weight, block b at lr * lr_scales[b]. Returns each
+        block's gradient L2 norm (0.0 outside `blocks`)."""
         norms = [0.0] * len(self.blocks)
         trained = {}
         for b in blocks:
@@ -151,7 +156,7 @@ class BlockStore:
         if trained:
             if total_weight != 1.0:  # acc / W, rounded as torch's optimizers expect; the accumulators are scratch
                 torch._foreach_div_([g for _, grads in trained.values() for g in grads], total_weight)
-            self.optimizer.step(trained, lr)
+            self.optimizer.step(trained, {b: lr * self.lr_scales[b] for b in trained})
         self._fresh = True
         return norms
 

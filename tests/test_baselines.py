@@ -81,8 +81,10 @@ def test_ddp_averages_running_statistics_as_the_ps_does(tmp_path):
 
 def test_adamw_with_linear_decay_is_the_same_in_ps_and_ddp(tmp_path):
     """AdamW on the PS (torch's, one per block) against torch's AdamW under DDP, through a
-    freeze (the frozen block's moments are freed, the others' kept) and a warm-up + linear decay."""
-    extra = ("--optimizer", "adamw", "--lr", "0.01", "--lr-schedule", "linear", "--warmup-steps", "2")
+    freeze (the frozen block's moments are freed, the others' kept), a warm-up + linear decay,
+    and a layer-wise decay of the rate (fc1 at a quarter of the head's, fc2 at half)."""
+    extra = ("--optimizer", "adamw", "--lr", "0.01", "--lr-schedule", "linear", "--warmup-steps", "2",
+             "--lr-block-decay", "0.5")
     ps = _run("ps", tmp_path / "ps", "random", *extra)
     ddp = _run("ddp", tmp_path / "ddp", "random", *extra)
     for name in ps:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from freezeps.config import Config, load_config, to_toml
-from ps.schedule import learning_rate
+from ps.schedule import block_lr_scales, learning_rate
 from worker.data import batch_order, batch_positions, shard_indices
 
 
@@ -20,6 +20,12 @@ def test_learning_rate_schedules():
         learning_rate(1, base_lr=1.0, schedule="cosine", total_steps=0)
     with pytest.raises(ValueError, match="linear schedule needs total_steps"):
         learning_rate(1, base_lr=1.0, schedule="linear", total_steps=0)
+
+
+def test_block_lr_scales_decay_from_the_head_down():
+    assert block_lr_scales(4, 1.0) == [1.0] * 4
+    assert block_lr_scales(4, 0.5) == [0.125, 0.25, 0.5, 1.0]
+    assert block_lr_scales(1, 0.8) == [1.0]
 
 
 def test_linear_schedule_is_berts():
@@ -103,6 +109,8 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"freeze": "static", "freeze_blocks": "0"}, "blocks > 0"),
     ({"freeze": "gradnorm", "freeze_norm": "3"}, "norm"),
     ({"vote_quorum": "0"}, "quorum"),
+    ({"lr_block_decay": "0"}, r"lr_block_decay must be in \(0, 1\]"),
+    ({"lr_block_decay": "1.5"}, "lr_block_decay"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

@@ -8,6 +8,7 @@ import torch
 from proto import freezeps_pb2 as pb
 from proto.layout import layout_from_manifest
 from ps.optim import make_optimizer
+from ps.schedule import block_lr_scales
 from ps.store import BlockStore, ReceivedPush
 
 
@@ -37,21 +38,25 @@ OPTIMIZERS = {
 }
 
 
-def _store(kind: str) -> BlockStore:
-    return BlockStore(_layout(), range(2), make_optimizer(kind.split("-")[0], **OPTIMIZERS[kind][0]))
+def _store(kind: str, lr_block_decay: float = 1.0) -> BlockStore:
+    return BlockStore(_layout(), range(2), make_optimizer(kind.split("-")[0], **OPTIMIZERS[kind][0]),
+                      block_lr_scales(2, lr_block_decay))
 
 
+@pytest.mark.parametrize("lr_block_decay", [1.0, 0.3])
 @pytest.mark.parametrize("kind", OPTIMIZERS)
-def test_optimizer_matches_torch(kind):
+def test_optimizer_matches_torch(kind, lr_block_decay):
+    """With a layer-wise decay, block 0 steps at 0.3 of the rate: torch with a parameter group per block."""
     gen = torch.Generator().manual_seed(0)
-    store = _store(kind)
+    store = _store(kind, lr_block_decay)
     blocks = store.blocks
     for b in range(2):
         store.values[b].copy_(torch.randn(store.values[b].shape, generator=gen))
     ref = [store.values[b].clone() for b in range(2)]
     is_param = [torch.tensor([t.kind == pb.PARAMETER for t in blk.tensors for _ in range(t.numel)]) for blk in blocks]
     ref_params = [r[m].clone().requires_grad_(False) for r, m in zip(ref, is_param)]
-    opt = OPTIMIZERS[kind][1](ref_params)
+    opt = OPTIMIZERS[kind][1]([{"params": [p], "lr": 0.05 * scale}
+                               for p, scale in zip(ref_params, block_lr_scales(2, lr_block_decay))])
     for _ in range(3):
         pushes = [{b: torch.randn(store.values[b].shape, generator=gen) for b in range(2)} for _ in range(3)]
         weights = [16.0, 32.0, 8.0]
