@@ -93,15 +93,15 @@ class InPlaceSGD:
         if self.nesterov:  # p -= lr * (g + momentum * buf)
             torch._foreach_add_(grads, bufs, alpha=self.momentum)
         direction = grads if self.nesterov else bufs
-        by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # one update per distinct rate
         at = 0
         for b, (p, _) in blocks.items():
-            ps, ds = by_lr.setdefault(lrs[b], ([], []))
-            ps += params[at:at + len(p)]
-            ds += direction[at:at + len(p)]
+            group_params, group_steps = by_lr.setdefault(lrs[b], ([], []))
+            group_params += params[at:at + len(p)]
+            group_steps += direction[at:at + len(p)]
             at += len(p)
-        for lr, (ps, ds) in by_lr.items():
-            torch._foreach_add_(ps, ds, alpha=-lr)
+        for lr, (group_params, group_steps) in by_lr.items():
+            torch._foreach_add_(group_params, group_steps, alpha=-lr)
 
     def drop(self, block: int) -> None:
         self._momentum.pop(block, None)
