@@ -74,9 +74,10 @@ class InPlaceSGD:
         rounded differently whenever W, the round's samples, was not a power of two (every round
         after a drop), and runs parted from DDP's and from the serial reference. torch.optim.SGD
         itself, one per block, steps ResNet-18 as fast (bench/optim_step.py: 18-20 ms, this with
-        the store's averaging 18-23 ms, the folded step 16-18 ms) but made the soak's rounds of 16 workers slower (median 64-77 ms against
-        51-56 ms folded and 58 ms this way; the tiny model's step 0.6 ms against 0.15-0.2 ms):
-        many more small operations, each perhaps waiting for the GIL behind the gRPC threads."""
+        the store's averaging 18-23 ms, the folded step 16-18 ms) but made the soak's rounds of 16
+        workers slower (median 64-77 ms against 51-56 ms folded and 58 ms this way; the tiny
+        model's step 0.6 ms against 0.15-0.2 ms): many more small operations, each perhaps
+        waiting for the GIL behind the gRPC threads."""
         params, grads, bufs = [], [], []
         for b, (p, g) in blocks.items():
             if b not in self._momentum:
@@ -92,14 +93,11 @@ class InPlaceSGD:
         torch._foreach_add_(bufs, grads)
         if self.nesterov:  # p -= lr * (g + momentum * buf)
             torch._foreach_add_(grads, bufs, alpha=self.momentum)
-        direction = grads if self.nesterov else bufs
         by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # one update per distinct rate
-        at = 0
-        for b, (p, _) in blocks.items():
+        for b, (p, g) in blocks.items():
             group_params, group_steps = by_lr.setdefault(lrs[b], ([], []))
-            group_params += params[at:at + len(p)]
-            group_steps += direction[at:at + len(p)]
-            at += len(p)
+            group_params += p
+            group_steps += g if self.nesterov else self._momentum[b]
         for lr, (group_params, group_steps) in by_lr.items():
             torch._foreach_add_(group_params, group_steps, alpha=-lr)
 
