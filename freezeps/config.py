@@ -35,8 +35,8 @@ def _f(default, help: str, roles: tuple[str, ...], choices: tuple | None = None)
 @dataclass(frozen=True)
 class Config:
     # -- parameter server ------------------------------------------------------------------
-    listen: str = _f("127.0.0.1:50051", "address the PS binds, host:port; one that is not loopback needs tls or "
-                     "token_file, or insecure", (PS,))
+    listen: str = _f("127.0.0.1:50051", "address the PS binds, host:port; one that is not loopback needs "
+                     "token_file or tls_client_auth, or insecure", (PS,))
     num_workers: int = _f(4, "workers in the run; round 0 starts when this many have joined", (PS, RUN))
     chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
     optimizer: str = _f("sgd", "the PS's optimizer", (PS, RUN), OPTIMIZERS)
@@ -178,7 +178,7 @@ class Config:
                                (PS, RUN))
     token_file: str = _f("", "file holding the shared-secret token that every call carries and the PS checks; "
                          "empty: none (run: a fresh one in RUN_DIR/secrets)", (PS, WORKER, RUN, STATUS))
-    insecure: bool = _f(False, "let the PS listen on a non-loopback address without TLS or a token", (PS,))
+    insecure: bool = _f(False, "let the PS listen on a non-loopback address without a token or mutual TLS", (PS,))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
     mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo); single: one "

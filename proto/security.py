@@ -49,7 +49,9 @@ class Auth:
 
     @property
     def authenticates(self) -> bool:
-        """Does the PS side of this refuse strangers (a token, or certificates it checks)?"""
+        """Does the PS side of this refuse strangers (a token, or client certificates it checks)?
+        TLS alone does not: it hides the traffic and proves the PS to the workers, but serves
+        any caller."""
         return bool(self.token) or (self.tls and self.client_auth)
 
     def check_server(self) -> None:
@@ -126,13 +128,15 @@ def is_loopback(address: str) -> bool:
 
 def check_listen(address: str, auth: Auth, insecure: bool) -> None:
     """Raise AuthError unless a PS may serve on `address` with `auth`: its TLS settings must be
-    usable, and a non-loopback address needs TLS or a token, or an explicit `insecure`."""
+    usable, and a non-loopback address needs callers authenticated (a token, or mutual TLS), or
+    an explicit `insecure`."""
     auth.check_server()
-    if is_loopback(address) or auth.tls or auth.token or insecure:
+    if is_loopback(address) or auth.authenticates or insecure:
         return
-    raise AuthError(f"refusing to listen on {address} without TLS or a token: anyone who reaches it could push "
-                    "gradients and read the parameters. Give tls (with tls_cert, tls_key) or token_file, "
-                    "or --insecure to accept that")
+    plain = "with TLS but" if auth.tls else "without TLS and"
+    raise AuthError(f"refusing to listen on {address} {plain} without authenticating callers: anyone who "
+                    "reaches it could push gradients and read the parameters. Give token_file, or "
+                    "tls_client_auth (with tls_ca), or --insecure to accept that")
 
 
 def open_channel(address: str, auth: Auth) -> grpc.Channel:

@@ -61,7 +61,7 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     `params_out`, the final values are saved there ({manifest name: tensor}, torch.save).
     With `resume`, the newest good checkpoint in that folder is restored first (a
     CheckpointError when there is none that fits, before serving anything). A non-loopback
-    `address` needs TLS or a token in `auth`, or `insecure` (an AuthError otherwise)."""
+    `address` needs a token or mutual TLS in `auth`, or `insecure` (an AuthError otherwise)."""
     check_listen(address, auth, insecure)
     meter = ByteMeter()
     wire_total: dict[str, int] = {}

@@ -162,7 +162,9 @@ def test_listen_addresses():
             check_listen(address, Auth(), insecure=False)
         check_listen(address, Auth(), insecure=True)
         check_listen(address, Auth(token=b"t" * 16), insecure=False)
-        check_listen(address, Auth(tls=True, cert=b"c", key=b"k"), insecure=False)
+        check_listen(address, Auth(tls=True, cert=b"c", key=b"k", ca=b"a", client_auth=True), insecure=False)
+        with pytest.raises(AuthError, match="with TLS but without authenticating callers"):
+            check_listen(address, Auth(tls=True, cert=b"c", key=b"k"), insecure=False)  # serves anyone
     check_listen("127.0.0.1:50051", Auth(), insecure=False)
 
 
