@@ -184,6 +184,7 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
     import torch
     import torch.nn.functional as F
 
+    from ps.optim import torch_adamw
     from worker.data import batch_order, load_dataset, make_batch, shard_indices
     from worker.flat import manifest_for
     from worker.models import build_model
@@ -191,7 +192,7 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
     train = load_dataset("synthetic", None, True)
     model = build_model("mlp", train.num_classes, str(weights))
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch_adamw(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     shards = [shard_indices(train.labels.numpy(), r, num_workers) for r in range(num_workers)]

@@ -44,6 +44,7 @@ from freezeps.config import Config, freeze_policy, load_config
 from freezeps.roles import text_settings
 from proto.runlog import JsonlLog
 from ps.main import save_params
+from ps.optim import torch_adamw
 from ps.policy import FreezeHistory, decide
 from ps.schedule import block_lr_scales, learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
@@ -190,8 +191,8 @@ def _optimizer(cfg: Config, blocks, lr_scales: list[float]) -> torch.optim.Optim
     parameter group per block, at that block's share of the learning rate."""
     params = [{"params": list(block.parameters()), "lr_scale": scale} for block, scale in zip(blocks, lr_scales)]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay, foreach=True)
+        return torch_adamw(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov)
 

@@ -7,7 +7,7 @@ import torch
 
 from proto import freezeps_pb2 as pb
 from proto.layout import layout_from_manifest
-from ps.optim import make_optimizer
+from ps.optim import make_optimizer, torch_adamw
 from ps.schedule import block_lr_scales
 from ps.store import BlockStore, ReceivedPush
 
@@ -34,7 +34,7 @@ OPTIMIZERS = {
     "sgd-nesterov": (dict(momentum=0.9, weight_decay=0.01, nesterov=True),
                      lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)),
     "adamw": (dict(weight_decay=0.01, betas=(0.8, 0.99), eps=1e-6),
-              lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01, betas=(0.8, 0.99), eps=1e-6)),
+              lambda ps: torch_adamw(ps, lr=0.05, weight_decay=0.01, betas=(0.8, 0.99), eps=1e-6)),
 }
 
 
