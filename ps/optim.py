@@ -171,9 +171,12 @@ class TorchAdamW:
             if not fits:
                 raise ValueError(f"AdamW state of block {b} does not fit its parameters")
             opt = self._make(params[b])
+            ours = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
             opt.load_state_dict(copy.deepcopy(saved))  # ValueError when its parameter count differs
-            # The settings of this run, not the checkpoint's, as for SGD.
-            opt.param_groups[0].update(betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+            # The settings of this run, not the checkpoint's, as for SGD: torch's load_state_dict
+            # takes every group setting from the checkpoint, the kernel too (one saved before
+            # the fused kernel would step on foreach again).
+            opt.param_groups[0].update(ours)
             restored[b] = opt
         self._per_block = restored
 

@@ -134,6 +134,26 @@ def test_state_round_trips_and_bad_state_changes_nothing(kind):
     assert fresh.optimizer_state_bytes() == 0
 
 
+def test_adamw_resumes_on_this_runs_settings_not_the_checkpoints():
+    """torch's load_state_dict takes the group's settings from the checkpoint; the PS keeps its
+    own, the kernel included (a checkpoint written before the fused kernel, on foreach, with
+    other betas), and steps as a store that never stopped."""
+    store = _store("adamw")
+    store.accumulate(_push({b: torch.randn(store.values[b].shape) for b in range(2)}), 1.0)
+    store.apply(range(2), 1.0, lr=0.1)
+    saved = store.state()
+    for group in (g for blk in saved["optimizer"]["blocks"].values() for g in blk["param_groups"]):
+        group.update(foreach=True, fused=None, betas=(0.5, 0.5))  # as an older PS with other settings wrote it
+    resumed = _store("adamw")
+    resumed.load_state(saved)
+    settings = [opt.param_groups[0] for opt in resumed.optimizer._per_block.values()]
+    assert all(g["fused"] and not g["foreach"] and g["betas"] == (0.8, 0.99) for g in settings)
+    for s in (store, resumed):
+        s.accumulate(_push({b: torch.full(store.values[b].shape, 0.5) for b in range(2)}), 1.0)
+        s.apply(range(2), 1.0, lr=0.1)
+    assert all(torch.equal(store.values[b], resumed.values[b]) for b in range(2))
+
+
 def test_bad_optimizer_settings_are_value_errors():
     for name, kwargs, words in [("adam", {}, "unknown optimizer"), ("sgd", {"momentum": 1.0}, "momentum"),
                                 ("adamw", {"betas": (0.9, 1.0)}, "betas"), ("adamw", {"eps": 0.0}, "eps"),
