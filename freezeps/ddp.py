@@ -1,5 +1,5 @@
 """The baselines a user would otherwise run, on the same code: DDP (torch.distributed with
-gloo, NCCL where a GPU is), and a single process with no communication at all.
+gloo), and a single process with no communication at all.
 
 Same model, data, sharding, batch order, optimizer maths, LR schedule and freeze engines as
 a freezeps run. The freeze decision is made on rank 0 from the all-reduced gradients (the
@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     # no other output; never reproduced here (140 pairs of ranks under load). faulthandler puts
     # every thread's Python stack into the rank's log should it happen again.
     faulthandler.enable()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
+    # gloo even where a GPU is: the ranks train on the CPU, as the PS's workers do, and NCCL
+    # all-reduces only CUDA tensors (it refuses the CPU model's gradients).
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
         train(cfg, args.rank, args.world, run_dir)
