@@ -163,6 +163,12 @@ class ParameterServer:
     def _owned_range(self, blocks: list[BlockLayout]) -> range:
         return assign_blocks([b.nbytes for b in blocks], self.settings.num_shards)[self.settings.shard]
 
+    def _new_store(self, blocks: list[BlockLayout], owned: range) -> BlockStore:
+        """Storage for the owned blocks, with this run's optimizer and per-block rates (a fresh
+        run's and a resumed one's alike)."""
+        return BlockStore(blocks, owned, self.settings.make_optimizer(),
+                          block_lr_scales(len(blocks), self.settings.lr_block_decay))
+
     def _active(self) -> range:
         return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)
 
@@ -189,8 +195,7 @@ class ParameterServer:
                 self._manifest.CopyFrom(req.manifest)
                 self._blocks = blocks
                 self._owned = owned
-                self._store = BlockStore(blocks, self._owned, self.settings.make_optimizer(),
-                                         block_lr_scales(len(blocks), self.settings.lr_block_decay))
+                self._store = self._new_store(blocks, owned)
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
                     self._on_record(self._freeze_record(-1, 0, frozen, {"initial": True}, self.settings.num_workers))
@@ -542,7 +547,7 @@ class ParameterServer:
                 raise ValueError(f"the checkpoint is of PS shard {shard[0]} of {shard[1]}; this PS is shard "
                                  f"{self.settings.shard} of {self.settings.num_shards}")
             owned = self._owned_range(blocks)
-            store = BlockStore(blocks, owned, self.settings.make_optimizer())
+            store = self._new_store(blocks, owned)
             store.load_state(state)
             frozen, version, since = (int(x) for x in state["freeze"])
             if not 0 <= frozen < len(blocks):

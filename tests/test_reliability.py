@@ -129,6 +129,33 @@ def test_freeze_guards_memory_survives_a_checkpoint():
     assert oldest._freeze_history == FreezeHistory(3, ())
 
 
+def test_a_resumed_ps_trains_each_block_at_its_own_rate():
+    """A PS resumed from a snapshot steps with the run's layer-wise rates (--lr-block-decay), as
+    the one that wrote it: one round from the snapshot gives both the same values, and a PS
+    at one rate for all blocks other ones."""
+    def one_round(server, worker_id, flat):
+        _push(server, worker_id, flat, 0)
+        return server.values_by_name()
+
+    def resumed(state, **settings):
+        server = ParameterServer(ServerSettings(num_workers=1, chunk_bytes=1 << 20, lr=0.1, **settings),
+                                 FreezePolicy(), lambda r: None)
+        server.restore(state)
+        return server, server.join(pb.JoinRequest(worker_name="again", manifest=flat.manifest)).worker_id
+
+    straight, ids, flat = _joined_server(1, 1, lr=0.1, lr_block_decay=0.5)
+    torch.manual_seed(3)
+    for g in flat.grads:
+        g.copy_(torch.randn_like(g))
+    state = straight.snapshot()
+    want = one_round(straight, ids[0], flat)
+    got = one_round(*resumed(state, lr_block_decay=0.5), flat)
+    flat_rate = one_round(*resumed(state), flat)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert any(not np.array_equal(flat_rate[name], want[name]) for name in want)
+
+
 def test_stateless_engine_refuses_foreign_state():
     assert NoFreeze().state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):
