@@ -139,7 +139,8 @@ class Config:
     epochs: int = _f(2, "passes over the training set", (WORKER, RUN))
     steps: int = _f(0, "rounds to run; 0 = epochs x steps per epoch", (WORKER, RUN))
     seed: int = _f(0, "seed of sharding, batch order, augmentation and init", (WORKER, RUN))
-    threads: int = _f(0, "torch threads per worker; 0 = cores / workers on this host", (WORKER, RUN))
+    threads: int = _f(0, "torch threads per worker; 0 = this host's cores / num_workers (right when every "
+                       "worker runs here; a worker on a host of its own wants the host's cores)", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
                            "when that is smaller than the matrix", (WORKER, RUN))
     frozen_dropout: bool = _f(False, "frozen blocks keep dropout on while training, as before their freeze (BatchNorm "
