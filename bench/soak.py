@@ -169,7 +169,7 @@ def _progress(run_log: Path) -> int:
 
 def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
                momentum: float, weight_decay: float, image_size: int = 8, freeze_blocks: int = 0,
-               freeze_step: int = 0, optimizer: str = "sgd") -> dict:
+               freeze_step: int = 0, optimizer: str = "sgd", push_dtype: str = "float32") -> dict:
     """The MLP on the synthetic set trained serially, step t on the batches of ranks_per_step[t]
     (the pushes the PS accepted), freezing as the PS does: what a freezeps run's final values
     must be. {tensor name: array}.
@@ -179,7 +179,8 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
     batches is the same sum in exact arithmetic, but its float rounding differs, and a ReLU input
     within rounding of zero then flips: one step's gradient jumps (1e-5 relative, seen once in
     the soak's 100 rounds of 16 workers) and the runs part by more than any fair tolerance.
-    For the same reason it runs on one torch thread, as the soak's and the tests' workers do."""
+    For the same reason it runs on one torch thread, as the soak's and the tests' workers do.
+    `push_dtype`: each rank's gradient is rounded to it before the sum, as a push in it is."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -207,7 +208,7 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
                 model.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 for acc, p in zip(summed, model.parameters()):
-                    acc.add_(p.grad, alpha=batch_size)
+                    acc.add_(p.grad.to(getattr(torch, push_dtype)).float(), alpha=batch_size)
             for acc, p in zip(summed, model.parameters()):
                 p.grad = acc / (batch_size * len(ranks))
             if freeze_blocks and step >= freeze_step:

@@ -14,6 +14,7 @@ from typing import Any
 
 from freeze.engines import ENGINES, EngineSpec
 from freezeps.netns import LinkShape
+from proto.layout import PUSH_DTYPES
 from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
@@ -39,6 +40,9 @@ class Config:
                      "token_file or tls_client_auth, or insecure", (PS,))
     num_workers: int = _f(4, "workers in the run; round 0 starts when this many have joined", (PS, RUN))
     chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
+    push_dtype: str = _f("float32", "what pushes carry gradients (and running statistics) in: bfloat16 halves "
+                         "their bytes, and the PS sums them in float32; with --mode ddp, DDP's bf16 compression "
+                         "hook (gradients only)", (PS, RUN), tuple(PUSH_DTYPES))
     optimizer: str = _f("sgd", "the PS's optimizer", (PS, RUN), OPTIMIZERS)
     lr: float = _f(0.1, "learning rate (the schedule's peak)", (PS, RUN))
     momentum: float = _f(0.9, "sgd: momentum", (PS, RUN))
@@ -221,6 +225,8 @@ class Config:
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")
         if not 0 <= self.ps_shard < self.ps_shards:
             raise ValueError(f"ps_shard {self.ps_shard} must be in 0..ps_shards-1 ({self.ps_shards} shards)")
+        if self.push_dtype != "float32" and self.mode == "single":
+            raise ValueError(f"push_dtype {self.push_dtype!r}: mode 'single' sends nothing")
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)

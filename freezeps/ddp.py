@@ -18,7 +18,8 @@ Rank 0 writes RUN_DIR/params.pt as the PS does, and RUN_DIR/ddp.jsonl in the sha
 tensor bytes each rank handed to the all-reduce per block, "freeze" records, a "summary"),
 so `freezeps report` reads both. Bytes: a rank hands its gradients to the all-reduce and gets
 the average back (with the running statistics); that is counted as its push and pull
-payload, which then equals a PS worker's. The wire bytes (ring
+payload, which then equals a PS worker's (with push_dtype bfloat16, torch's bf16 compression
+hook halves the gradients' both ways, where a PS halves only the push). The wire bytes (ring
 all-reduce moves 2(N-1)/N of them each way) come from the links in --network netns.
 
     python -m freezeps.ddp --config RUN_DIR/config.toml --rank R --world N --master HOST:PORT
@@ -37,11 +38,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from freeze.engines import RoundStats, make_engine
 from freezeps.config import Config, freeze_policy, load_config
 from freezeps.roles import text_settings
+from proto.layout import PUSH_DTYPES
 from proto.runlog import JsonlLog
 from ps.main import save_params
 from ps.optim import torch_adamw
@@ -53,10 +56,12 @@ from worker.models import build_model
 from worker.train import eval_due, eval_share, evaluate, input_channels
 
 
-def _block_bytes(model) -> list[int]:
-    """Per block: what a step all-reduces for it, its gradients and float buffers."""
-    return [sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]
-                if t.is_floating_point()) for block in model.blocks]
+def _block_bytes(model, grad_element_bytes: int = 4) -> list[int]:
+    """Per block: what a step all-reduces for it, its gradients (`grad_element_bytes` an element:
+    2 with the bf16 hook) and float32 buffers."""
+    return [sum(p.numel() * grad_element_bytes for p in block.parameters())
+            + sum(b.numel() * b.element_size() for b in block.buffers() if b.is_floating_point())
+            for block in model.blocks]
 
 
 def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool = False) -> torch.nn.Module:
@@ -74,7 +79,8 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     model = build_model(cfg.model, train_set.num_classes, cfg.weights, cfg.frozen_dropout, cfg.text_pooling)
     channels = input_channels(model)
     names = model.block_names
-    block_bytes = _block_bytes(model)
+    block_bytes = _block_bytes(model)  # the model's, in float32: the no-freeze reference
+    moves = _block_bytes(model, PUSH_DTYPES[cfg.push_dtype])  # what an all-reduce moves per block
     workers = cfg.num_workers  # data-parallel width: world for ddp, emulated for single
     steps_per_epoch = max(len(train_set) // (workers * cfg.batch_size), 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -88,7 +94,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     frozen = engine.initial(len(names))
     model.set_frozen(frozen)
     optimizer = _optimizer(cfg, model.blocks, block_lr_scales(len(names), cfg.lr_block_decay))
-    net = model if single else _ddp(model)
+    net = model if single else _ddp(model, cfg.push_dtype)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
     wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
     if frozen:
@@ -133,7 +139,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             decision = torch.tensor([decided])
             dist.broadcast(decision, src=0)
             decided = int(decision)
-        moved = {names[b]: block_bytes[b] for b in active if block_bytes[b]}
+        moved = {names[b]: moves[b] for b in active if moves[b]}
         for name, n in moved.items():
             by_block_total[name] = by_block_total.get(name, 0) + n * workers
         allreduce["in"] += sum(moved.values()) * workers
@@ -161,7 +167,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             frozen = decided
             model.set_frozen(frozen)
             if not single:  # DDP over the parameters that still train
-                net = _ddp(model)
+                net = _ddp(model, cfg.push_dtype)
     if share and total_steps > 0:
         evals.append(evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, share=share))
         wlog.write(evals[-1])
@@ -197,10 +203,16 @@ def _optimizer(cfg: Config, blocks, lr_scales: list[float]) -> torch.optim.Optim
                            nesterov=cfg.nesterov)
 
 
-def _ddp(model) -> DistributedDataParallel:
+def _ddp(model, push_dtype: str) -> DistributedDataParallel:
     # Running statistics are averaged over the ranks after each step, as the PS does, rather
     # than DDP's default of broadcasting rank 0's: the two modes then compute the same thing.
-    return DistributedDataParallel(model, broadcast_buffers=False)
+    net = DistributedDataParallel(model, broadcast_buffers=False)
+    if push_dtype == "bfloat16":
+        # torch's own: each rank's gradient / world, rounded to bf16, all-reduced (summed in
+        # bf16) and widened back. Not the PS's float32 sum, so the two modes no longer agree
+        # to the bit; the bytes halve alike.
+        net.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return net
 
 
 def _average_running_stats(model, frozen: int, world: int) -> None:

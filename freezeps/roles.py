@@ -32,7 +32,8 @@ def server_settings(cfg: Config) -> ServerSettings:
                           lr_step_size=cfg.lr_step_size, lr_gamma=cfg.lr_gamma, lr_block_decay=cfg.lr_block_decay,
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
                           start_timeout_s=cfg.start_timeout_s,
-                          max_model_bytes=cfg.max_model_bytes, shard=cfg.ps_shard, num_shards=cfg.ps_shards)
+                          max_model_bytes=cfg.max_model_bytes, shard=cfg.ps_shard, num_shards=cfg.ps_shards,
+                          push_dtype=cfg.push_dtype)
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:

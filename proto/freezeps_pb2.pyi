@@ -97,7 +97,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine", "worker_timeout_s")
+    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine", "worker_timeout_s", "push_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class JoinReply(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     WORKER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     num_workers: int
@@ -120,7 +121,8 @@ class JoinReply(_message.Message):
     total_steps: int
     engine: EngineConfig
     worker_timeout_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ..., worker_timeout_s: _Optional[float] = ...) -> None: ...
+    push_dtype: str
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ..., worker_timeout_s: _Optional[float] = ..., push_dtype: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("block", "tensor", "offset", "data", "rows")

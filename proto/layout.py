@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from proto import freezeps_pb2 as pb
 
-# The only dtype accepted on the wire today; the name is numpy's and torch's.
+# The dtype a manifest's tensors have: the PS holds float32 values. Names are torch's.
 DTYPE_SIZES = {"float32": 4}
+# The dtypes a push may travel in (JoinReply.push_dtype), with their element sizes.
+PUSH_DTYPES = {"float32": 4, "bfloat16": 2}
 
 
 class ManifestError(ValueError):
@@ -31,7 +33,7 @@ class TensorLayout:
 
     @property
     def numel(self) -> int:
-        return self.nbytes // DTYPE_SIZES[self.dtype]
+        return self.nbytes // PUSH_DTYPES[self.dtype]
 
     @property
     def row_bytes(self) -> int:
@@ -94,6 +96,22 @@ def layout_from_manifest(manifest: pb.Manifest) -> list[BlockLayout]:
             offset += nbytes
         blocks.append(BlockLayout(b, block.name, tuple(tensors), offset))
     return blocks
+
+
+def push_layout(blocks: list[BlockLayout], dtype: str) -> list[BlockLayout]:
+    """The layout a push travels in: the same tensors in the same order, each in `dtype`
+    (JoinReply.push_dtype), so offsets and sizes scale with its element size."""
+    if dtype not in PUSH_DTYPES:
+        raise ValueError(f"push dtype {dtype!r} not supported (use {sorted(PUSH_DTYPES)})")
+    out = []
+    for block in blocks:
+        offset, tensors = 0, []
+        for t in block.tensors:
+            nbytes = t.numel * PUSH_DTYPES[dtype]
+            tensors.append(TensorLayout(t.name, t.shape, dtype, t.kind, offset, nbytes, t.row_sparse))
+            offset += nbytes
+        out.append(BlockLayout(block.index, block.name, tuple(tensors), offset))
+    return out
 
 
 def model_bytes(blocks: list[BlockLayout]) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proto.codec import Frame, RawChunk, encode_chunk
-from proto.layout import BlockLayout
+from proto.layout import PUSH_DTYPES, BlockLayout
 
 # Room for a chunk's header and gRPC's framing under the 4 MB default limit.
 MAX_CHUNK_BYTES = 4 * (1 << 20) - 4096
@@ -62,24 +62,25 @@ def _byte_chunks(block: BlockLayout, view: memoryview, pos: int, end: int, chunk
         pos = stop
 
 
-def sparse_rows(block: BlockLayout, grads: np.ndarray) -> SparseRows:
+def sparse_rows(block: BlockLayout, grads: np.ndarray, element_bytes: int = 4) -> SparseRows:
     """The block's row-sparse tensors that are cheaper as their nonzero rows, from its flat
-    float32 gradient: {tensor index: (rows, values)}; the others stay out (sent dense)."""
+    float32 gradient (`block`: its float32 layout), when each value travels in `element_bytes`:
+    {tensor index: (rows, float32 values)}; the others stay out (sent dense)."""
     sparse = {}
     for i, t in enumerate(block.tensors):
         if t.row_sparse:
-            rows = nonzero_rows(grads[t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1])
+            rows = nonzero_rows(grads[t.offset // 4:(t.offset + t.nbytes) // 4], t.shape[1], element_bytes)
             if rows is not None:
                 sparse[i] = rows
     return sparse
 
 
-def nonzero_rows(grad: np.ndarray, row_elems: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(row indices, rows) of a row-major float32 gradient's nonzero rows, when sending them
-    with their indices takes fewer bytes than the dense tensor; else None."""
+def nonzero_rows(grad: np.ndarray, row_elems: int, element_bytes: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
+    """(row indices, rows) of a row-major gradient's nonzero rows, when sending them with their
+    indices takes fewer bytes than the dense tensor, each value in `element_bytes`; else None."""
     matrix = grad.reshape(-1, row_elems)
     rows = np.flatnonzero(matrix.any(axis=1)).astype(np.uint32)
-    if len(rows) * (row_elems * 4 + 4) >= matrix.nbytes:
+    if len(rows) * (row_elems * element_bytes + 4) >= matrix.size * element_bytes:
         return None
     return rows, np.ascontiguousarray(matrix[rows])
 
@@ -137,8 +138,9 @@ class ChunkReceiver:
         n = len(chunk.data)
         if n == 0 or n > self._chunk_bytes:
             raise WireError(f"chunk of {n} bytes; must be 1..{self._chunk_bytes}")
-        if n % 4 or start % 4:
-            raise WireError(f"chunk of {n} bytes at {start} is not aligned to float32 (4 bytes)")
+        size = PUSH_DTYPES[tensor.dtype]  # a block's tensors share one dtype
+        if n % size or start % size:
+            raise WireError(f"chunk of {n} bytes at {start} is not aligned to {tensor.dtype} ({size} bytes)")
         if start + n > block.nbytes:
             raise WireError(f"chunk runs {start + n - block.nbytes} bytes past the end of block {block.name!r}")
         self._write(chunk.block, start, chunk.data)

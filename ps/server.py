@@ -19,11 +19,13 @@ from freeze.engines import RoundStats
 from proto import freezeps_pb2 as pb
 from proto.codec import Frame, encode_header
 from proto.layout import (
+    PUSH_DTYPES,
     BlockLayout,
     ManifestError,
     assign_blocks,
     layout_from_manifest,
     model_bytes,
+    push_layout,
 )
 from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import (
@@ -79,12 +81,16 @@ class ServerSettings:
     # block ranges of roughly equal bytes (proto/layout.assign_blocks), ps-lite style.
     shard: int = 0
     num_shards: int = 1
+    # What pushes travel in (JoinReply.push_dtype): float32, or bfloat16 for half the bytes.
+    push_dtype: str = "float32"
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
+        if self.push_dtype not in PUSH_DTYPES:
+            raise ValueError(f"push dtype {self.push_dtype!r} not supported (use {sorted(PUSH_DTYPES)})")
         self.make_optimizer()  # ValueError now, not at the first Join
         block_lr_scales(1, self.lr_block_decay)
 
@@ -122,6 +128,7 @@ class ParameterServer:
         self._ever_joined = 0
         self._manifest: pb.Manifest | None = None
         self._blocks: list[BlockLayout] = []
+        self._push_blocks: list[BlockLayout] = []  # the same blocks as a push carries them (push_dtype)
         self._store: BlockStore | None = None
         self._owned = range(0)
         self._initialized = False
@@ -193,7 +200,7 @@ class ParameterServer:
                     raise FailedPrecondition(f"this model does not fit the PS shards: {e}") from None
                 self._manifest = pb.Manifest()
                 self._manifest.CopyFrom(req.manifest)
-                self._blocks = blocks
+                self._blocks, self._push_blocks = blocks, push_layout(blocks, self.settings.push_dtype)
                 self._owned = owned
                 self._store = self._new_store(blocks, owned)
                 if frozen:
@@ -236,7 +243,8 @@ class ParameterServer:
                             needs_init=needs_init, step=self._step, freeze=self._freeze_copy(),
                             owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
                             chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps,
-                            engine=self.policy.engine_config(), worker_timeout_s=self.settings.worker_timeout_s)
+                            engine=self.policy.engine_config(), worker_timeout_s=self.settings.worker_timeout_s,
+                            push_dtype=self.settings.push_dtype)
 
     def init(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
@@ -316,8 +324,8 @@ class ParameterServer:
             worker.pushing = True
             active = self._active()
         try:
-            received = ReceivedPush()
-            receiver = ChunkReceiver(self._blocks, list(active), received.write, self.settings.chunk_bytes,
+            received = ReceivedPush(self.settings.push_dtype)
+            receiver = ChunkReceiver(self._push_blocks, list(active), received.write, self.settings.chunk_bytes,
                                      write_rows=received.write_rows)
             _receive(receiver, messages)
             bad = self._store.non_finite(received)
@@ -554,6 +562,7 @@ class ParameterServer:
                 raise ValueError(f"checkpoint freezes {frozen} of {len(blocks)} blocks")
             self.engine.load_state_dict(state["engine"])
             self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
+            self._push_blocks = push_layout(blocks, self.settings.push_dtype)
             self._store.freeze(range(owned.start, min(frozen, owned.stop)))
             self._freeze = pb.FreezeState(frozen_blocks=frozen, version=version, since_step=since)
             self._step, self._total_steps = int(state["step"]), int(state["total_steps"])

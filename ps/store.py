@@ -2,7 +2,7 @@
 
 Every block owned by this server gets flat float32 buffers allocated once: the values and
 an accumulator. A push is held as the received chunks themselves (views into gRPC's
-buffers, no copy), checked whole, then added into the accumulator in place (the row chunks
+buffers, no copy; a bfloat16 push widened to float32 once), checked whole, then added into the accumulator in place (the row chunks
 of a row-sparse tensor with index_add); nothing is stacked or re-flattened per step. Tensors
 are views into those buffers. The optimizer (ps/optim.py) steps those views.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from proto import freezeps_pb2 as pb
-from proto.layout import BlockLayout
+from proto.layout import PUSH_DTYPES, BlockLayout
 from ps.optim import Optimizer
 
 
@@ -41,26 +41,31 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
-def _float_view(data: memoryview) -> torch.Tensor:
-    """float32 view of received bytes, without a copy."""
-    return torch.frombuffer(data, dtype=torch.float32)
-
-
 @dataclass
 class ReceivedPush:
     """One worker's push as received: (block, first element, values) per byte-range chunk,
-    and (block, tensor, row indices, rows' values) per row chunk of a row-sparse tensor."""
+    and (block, tensor, row indices, rows' values) per row chunk of a row-sparse tensor.
+
+    `dtype`: what the push travels in (JoinReply.push_dtype). float32 values are views of the
+    received bytes, without a copy; bfloat16 ones are widened to float32 here, once, so that
+    checking and summing are the same for both."""
+    dtype: str = "float32"
     pieces: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     rows: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     sparse_tensors: set[tuple[int, int]] = field(default_factory=set)  # sent as rows, even as none
 
+    def _values(self, data: memoryview) -> torch.Tensor:
+        if self.dtype == "float32":
+            return torch.frombuffer(data, dtype=torch.float32)
+        return torch.frombuffer(data, dtype=getattr(torch, self.dtype)).float()
+
     def write(self, block: int, start: int, data: memoryview) -> None:
-        self.pieces.append((block, start // 4, _float_view(data)))
+        self.pieces.append((block, start // PUSH_DTYPES[self.dtype], self._values(data)))
 
     def write_rows(self, block: int, tensor: int, rows: np.ndarray, data: memoryview) -> None:
         self.sparse_tensors.add((block, tensor))
         if len(rows):
-            self.rows.append((block, tensor, torch.from_numpy(rows.astype(np.int64)), _float_view(data)))
+            self.rows.append((block, tensor, torch.from_numpy(rows.astype(np.int64)), self._values(data)))
 
 
 class BlockStore:

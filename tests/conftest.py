@@ -72,7 +72,7 @@ def as_pb_chunk(frame) -> pb.Chunk:
 
 def good_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
     """A whole push of the model's current gradients, as protobuf chunks (small, so several per block)."""
-    return [as_pb_chunk(f) for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
+    return [as_pb_chunk(f) for b in flat.push_layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
 
 
 @contextlib.contextmanager

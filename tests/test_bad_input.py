@@ -14,6 +14,7 @@ import pytest
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
 from tests.conftest import good_chunks as _good_chunks
+from tests.conftest import one_worker
 from worker.flat import FlatModel
 from worker.models import build_model
 
@@ -74,6 +75,39 @@ def test_bad_pushes_are_refused_and_change_nothing(one_worker_run):
     _push(stub, worker_id, 0, _good_chunks(flat))
     assert ps.server.step == 1
     assert not np.array_equal(before["fc1/fc.weight"], ps.server.values_by_name()["fc1/fc.weight"])
+
+
+def test_a_bfloat16_ps_takes_half_the_bytes_and_refuses_float32_or_misaligned_pushes():
+    """With push_dtype bfloat16 the PS says so at Join and reads pushes of 2 bytes an element:
+    a float32 push, a chunk cut inside an element, or a bfloat16 NaN is refused and changes
+    nothing; a good push is half the float32 one's bytes and applies."""
+    with one_worker(push_dtype="bfloat16") as (ps, stub, worker_id, flat):
+        joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)  # the same one again
+        assert joined.push_dtype == "bfloat16"
+        flat.grads[0].fill_(0.5)
+        wide = _good_chunks(flat)
+        flat.set_push_dtype(joined.push_dtype)
+        good = _good_chunks(flat)
+        assert sum(len(c.data) for c in good) * 2 == sum(len(c.data) for c in wide)
+        cut = pb.Chunk()
+        cut.CopyFrom(good[0])
+        cut.data = good[0].data[:-1]
+        nan = pb.Chunk()
+        nan.CopyFrom(good[0])
+        nan.data = b"\xc0\x7f" + good[0].data[2:]  # bfloat16 NaN, little-endian
+        before = ps.server.values_by_name()
+        for what, chunks, words in [("float32", wide, "past the end"), ("cut", [cut] + good[1:], "aligned to bfloat16"),
+                                    ("NaN", [nan] + good[1:], "NaN")]:
+            with pytest.raises(grpc.RpcError) as err:
+                _push(stub, worker_id, 0, chunks)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert words in err.value.details(), (what, err.value.details())
+            assert ps.server.step == 0, what
+            after = ps.server.values_by_name()
+            assert all(np.array_equal(before[k], after[k]) for k in before), what
+        _push(stub, worker_id, 0, good)
+        assert ps.server.step == 1
+        assert not np.array_equal(before["fc1/fc.weight"], ps.server.values_by_name()["fc1/fc.weight"])
 
 
 def channel_bytes_call(address: str, raw: bytes) -> grpc.RpcError:

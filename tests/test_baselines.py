@@ -110,3 +110,24 @@ def test_a_deadline_freezes_at_its_step_over_grpc_and_in_ddp_alike(tmp_path):
         assert [(f["step"], f["to"], f["deadline"]) for f in freezes] == [(4, len(blocks) - 1, 4)], mode
     for name in ps:
         torch.testing.assert_close(ddp[name], ps[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bfloat16_halves_the_ps_push_and_ddps_all_reduce(runs, tmp_path):
+    """--push-dtype bfloat16: the PS's pushes and DDP's all-reduce (torch's bf16 compression
+    hook) carry half the float32 runs' bytes; the PS's pulls stay float32. The two modes no
+    longer agree to the bit (DDP sums in bf16, the PS in float32) but train alike."""
+    weights = runs["ps"][1].parent / "init.pt"  # the float32 runs' initial values
+    ps = _run("ps", tmp_path / "ps", weights, "--push-dtype", "bfloat16")
+    ddp = _run("ddp", tmp_path / "ddp", weights, "--push-dtype", "bfloat16")
+    wide = {mode: summarize_run(runs[mode][1]) for mode in ("ps", "ddp")}
+    narrow = {mode: summarize_run(tmp_path / mode) for mode in ("ps", "ddp")}
+    for mode in ("ps", "ddp"):
+        assert 2 * narrow[mode]["push_payload"] == wide[mode]["push_payload"], mode
+    assert narrow["ps"]["pull_payload"] == wide["ps"]["pull_payload"]
+    assert 2 * narrow["ddp"]["pull_payload"] == wide["ddp"]["pull_payload"]
+    for name in ps:  # 8 steps apart by bf16's rounding (here at most 1.3e-4)
+        torch.testing.assert_close(ddp[name], ps[name], rtol=0, atol=3e-4, msg=name)
+        torch.testing.assert_close(ps[name], runs["ps"][0][name], rtol=0, atol=3e-4, msg=name)
+    # Both rounded: neither is its float32 run.
+    assert any(not torch.equal(ps[name], runs["ps"][0][name]) for name in ps)
+    assert any(not torch.equal(ddp[name], runs["ddp"][0][name]) for name in ddp)

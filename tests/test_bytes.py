@@ -3,22 +3,29 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from freeze.engines import EngineSpec
-from proto.layout import layout_from_manifest
+from proto.layout import PUSH_DTYPES, layout_from_manifest, push_layout
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.flat import manifest_for
 from worker.models import build_model
 
 
-def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
+@pytest.mark.parametrize("push_dtype", ["float32", "bfloat16"])
+def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype):
+    """Pulls carry the unfrozen blocks' float32 values; pushes the same blocks in push_dtype
+    (bfloat16: half of it, running statistics too)."""
     num_workers, steps, freeze_at = 2, 6, 3
     layout = layout_from_manifest(manifest_for(build_model("tiny_cnn", 4)))
     sizes = {str(b.index): b.nbytes for b in layout}
+    push_sizes = {str(b.index): b.nbytes for b in push_layout(layout, push_dtype)}
+    assert push_sizes == {k: n // (4 // PUSH_DTYPES[push_dtype]) for k, n in sizes.items()}
     log = tmp_path / "ps.jsonl"
     # Chunks of 256 bytes, so blocks span several chunks and chunks span tensors.
     with ps_factory(num_workers, policy=FreezePolicy(EngineSpec("static", blocks=2, from_step=freeze_at)), log_path=log,
-                    chunk_bytes=256) as ps:
+                    chunk_bytes=256, push_dtype=push_dtype) as ps:
         run_workers([worker_settings(ps.address, model="tiny_cnn", steps=steps) for _ in range(num_workers)])
     records = [json.loads(line) for line in log.read_text().splitlines()]
     rounds = [r for r in records if r["event"] == "round"]
@@ -30,12 +37,10 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path):
         push = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Push"]["in"].items()}
         pull = {k: v["payload"] for k, v in r["bytes"]["by_block"]["Pull"]["out"].items() if k != "-1"}
         push.pop("-1", None)
-        if r["step"] < freeze_at:
-            want_push = want_pull = {k: n * num_workers for k, n in sizes.items()}
-        else:
-            want_push = {k: n * num_workers for k, n in sizes.items() if int(k) >= 2}
-            # The pull at the freeze boundary carries the newly frozen blocks' final values once.
-            want_pull = want_push if r["step"] > freeze_at else {k: n * num_workers for k, n in sizes.items()}
+        first = 0 if r["step"] < freeze_at else 2
+        want_push = {k: n * num_workers for k, n in push_sizes.items() if int(k) >= first}
+        # The pull at the freeze boundary carries the newly frozen blocks' final values once.
+        want_pull = {k: n * num_workers for k, n in sizes.items() if int(k) >= (first if r["step"] > freeze_at else 0)}
         assert push == want_push, r["step"]
         assert pull == want_pull, r["step"]
         # A chunk message costs its payload plus a few bytes of field tags and varints.

@@ -111,6 +111,8 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"vote_quorum": "0"}, "quorum"),
     ({"lr_block_decay": "0"}, r"lr_block_decay must be in \(0, 1\]"),
     ({"lr_block_decay": "1.5"}, "lr_block_decay"),
+    ({"push_dtype": "float16"}, r"push_dtype: 'float16' is not one of \['float32', 'bfloat16'\]"),
+    ({"push_dtype": "bfloat16", "mode": "single"}, "mode 'single' sends nothing"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

@@ -2,6 +2,7 @@
 loaded offline and cut into blocks, and a tiny random BERT trained and frozen over gRPC."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -175,14 +176,14 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bert_runs(tmp_path_factory, tiny_bert):
-    """The same two-worker run with dense and with row-sparse embedding pushes: (run log
-    records by step, final values), keyed by sparse_push."""
+    """The same two-worker run with dense and with row-sparse embedding pushes, in float32 and
+    in bfloat16: (run log records by step, final values), keyed by (sparse_push, push_dtype)."""
     runs = {}
-    for sparse in (False, True):
-        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}")
+    for sparse, push_dtype in itertools.product((False, True), ("float32", "bfloat16")):
+        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}-{push_dtype}")
         policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
         log = tmp_path / "ps.jsonl"
-        with running_ps(num_workers=2, policy=policy, log_path=log) as ps:
+        with running_ps(num_workers=2, policy=policy, log_path=log, push_dtype=push_dtype) as ps:
             summaries = run_workers([worker_settings(
                 ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes", train_samples=256,
                 steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
@@ -190,7 +191,7 @@ def tiny_bert_runs(tmp_path_factory, tiny_bert):
             values = ps.server.values_by_name()
         assert all(s["steps"] == 6 for s in summaries)
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        runs[sparse] = ({r["step"]: r for r in records if r["event"] == "round"}, values)
+        runs[sparse, push_dtype] = ({r["step"]: r for r in records if r["event"] == "round"}, values)
     return runs
 
 
@@ -200,7 +201,7 @@ def _payload(rounds, step, method, direction, block=None):
 
 
 def test_tiny_bert_trains_over_grpc_and_freezing_cuts_exactly_its_blocks(tiny_bert_runs, tiny_bert):
-    rounds, _ = tiny_bert_runs[False]
+    rounds, _ = tiny_bert_runs[False, "float32"]
     layout = FlatModel(build_model("bert", 2, str(tiny_bert))).layout
     sizes = {b.name: b.nbytes for b in layout}
     assert list(sizes) == ["embeddings", "layer0", "layer1", "head"]
@@ -215,7 +216,7 @@ def test_sparse_embedding_push_trains_the_same_for_fewer_bytes(tiny_bert_runs, t
     the embeddings block's push is the rows that changed (here under a third of the dense
     bytes: 2x8 samples of 16 tokens touch a few dozen of 30,522 vocabulary rows); the other
     blocks and every pull are as dense."""
-    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False], tiny_bert_runs[True]
+    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False, "float32"], tiny_bert_runs[True, "float32"]
     for name in dense_values:
         np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=name)
     embeddings = FlatModel(build_model("bert", 2, str(tiny_bert))).layout[0].nbytes
@@ -228,3 +229,22 @@ def test_sparse_embedding_push_trains_the_same_for_fewer_bytes(tiny_bert_runs, t
         assert _payload(sparse, step, "Pull", "out") == _payload(dense, step, "Pull", "out")
         if step >= 3:  # frozen: no embeddings at all
             assert _payload(sparse, step, "Push", "in") == _payload(dense, step, "Push", "in")
+
+
+def test_bfloat16_pushes_halve_every_block_and_train_alike_dense_or_sparse(tiny_bert_runs, tiny_bert):
+    """bfloat16 pushes: each dense block's push is half the float32 one, embedding rows cost
+    half their values plus their indices, pulls are as in float32; dense and row-sparse bfloat16
+    pushes train to the same bits, and not to float32's (the rounding is real)."""
+    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False, "bfloat16"], tiny_bert_runs[True, "bfloat16"]
+    wide, wide_sparse = tiny_bert_runs[False, "float32"][0], tiny_bert_runs[True, "float32"][0]
+    for name in dense_values:
+        np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=name)
+    wide_values = tiny_bert_runs[False, "float32"][1]
+    assert any(not np.array_equal(dense_values[n], wide_values[n]) for n in wide_values)
+    for step in range(6):
+        for block in range(0 if step < 3 else 2, 4):
+            assert 2 * _payload(dense, step, "Push", "in", block) == _payload(wide, step, "Push", "in", block)
+        assert _payload(dense, step, "Pull", "out") == _payload(wide, step, "Pull", "out")
+    for step in range(3):  # the same rows (the same tokens): values halve, their 4-byte indices do not
+        narrow_rows, wide_rows = _payload(sparse, step, "Push", "in", 0), _payload(wide_sparse, step, "Push", "in", 0)
+        assert wide_rows / 2 < narrow_rows < wide_rows

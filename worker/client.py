@@ -93,7 +93,7 @@ class PSClient:
                 yield from iter_chunks(flat.layout[b], flat.value_bytes(b), self.chunk_bytes)
             else:
                 data = flat.push_bytes(b)
-                yield from iter_chunks(flat.layout[b], data, self.chunk_bytes, flat.push_rows(b))
+                yield from iter_chunks(flat.push_layout[b], data, self.chunk_bytes, flat.push_rows(b))
 
     def init(self, flat: FlatModel, owned: range, total_steps: int, steps_per_epoch: int = 0) -> pb.PushReply:
         header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -206,6 +206,7 @@ class ShardedClient:
         self._agree("the step", [r.step for r in replies])
         self._agree("the freeze state", [r.freeze for r in replies])
         self._agree("the number of workers", [r.num_workers for r in replies])
+        self._agree("the push dtype", [r.push_dtype or "float32" for r in replies])
         self._owned = [range(r.owned.first, r.owned.end) for r in replies]
         if any(a.stop != b.start for a, b in zip(self._owned, self._owned[1:])) or self._owned[0].start != 0:
             raise ShardMismatch(f"the PS shards' blocks do not follow each other: {self._owned} (are the addresses "

@@ -3,7 +3,8 @@
 After binding, every parameter and float buffer of block b is a view into values[b], and
 every parameter's .grad a view into grads[b]. A pull writes chunks straight into
 values[b]; a push sends grads[b] (with the running statistics copied into their slots)
-as it is: no per-step flattening or unflattening.
+as it is, or rounded to the PS's push dtype in one copy: no per-step flattening or
+unflattening.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from proto import freezeps_pb2 as pb
-from proto.layout import BlockLayout, layout_from_manifest
+from proto.layout import PUSH_DTYPES, BlockLayout, layout_from_manifest, push_layout
 from proto.transport import SparseRows, sparse_rows
 from worker.models import BlockModel
 
@@ -44,6 +45,9 @@ class FlatModel:
         self.model = model
         self.manifest = manifest_for(model, sparse_push)
         self.layout: list[BlockLayout] = layout_from_manifest(self.manifest)
+        self.push_dtype = "float32"
+        self.push_layout: list[BlockLayout] = self.layout  # how a push carries the blocks
+        self._narrow: list[torch.Tensor] = []  # per block, the push in push_dtype (not float32)
         self.values: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -71,16 +75,37 @@ class FlatModel:
     def value_bytes(self, b: int) -> np.ndarray:
         return self.values[b].numpy().view(np.uint8)
 
+    def set_push_dtype(self, dtype: str) -> None:
+        """Push in `dtype` from now on (what the PS's JoinReply.push_dtype says; "" is float32)."""
+        dtype = dtype or "float32"
+        if dtype not in PUSH_DTYPES:
+            raise ValueError(f"the PS asks for pushes in {dtype!r}, which this worker cannot send "
+                             f"(it knows {sorted(PUSH_DTYPES)})")
+        self.push_dtype = dtype
+        self.push_layout = push_layout(self.layout, dtype)
+        self._narrow = [] if dtype == "float32" else [torch.empty(len(g), dtype=getattr(torch, dtype))
+                                                       for g in self.grads]
+
     def push_bytes(self, b: int) -> np.ndarray:
-        """Block b's push payload: parameter gradients, and running statistics in their slots."""
+        """Block b's push payload in push_layout: parameter gradients, and running statistics in
+        their slots."""
         for value, slot in self._buffer_slots[b]:
             slot.copy_(value.reshape(-1))
-        return self.grads[b].numpy().view(np.uint8)
+        if not self._narrow:
+            return self.grads[b].numpy().view(np.uint8)
+        self._narrow[b].copy_(self.grads[b])  # rounds to nearest even
+        return self._narrow[b].view(torch.uint8).numpy()
 
     def push_rows(self, b: int) -> SparseRows:
-        """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows, values)}.
-        Call after push_bytes(b)."""
-        return sparse_rows(self.layout[b], self.grads[b].numpy())
+        """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows,
+        values in push_dtype)}. Call after push_bytes(b)."""
+        sparse = sparse_rows(self.layout[b], self.grads[b].numpy(), PUSH_DTYPES[self.push_dtype])
+        if not self._narrow:
+            return sparse
+        dtype = getattr(torch, self.push_dtype)
+        # numpy has no bfloat16: the rounded values travel as their raw 16-bit patterns.
+        return {t: (rows, torch.from_numpy(values).to(dtype).view(torch.int16).numpy())
+                for t, (rows, values) in sparse.items()}
 
     def values_by_name(self) -> dict[str, torch.Tensor]:
         """A copy of every tensor's value by manifest name (the names the PS saves under)."""

@@ -106,6 +106,7 @@ def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train
     """Join (and Init, when the PS asks for the first values); total_steps and steps_per_epoch
     are functions of the number of workers, which Join tells."""
     joined = client.join(flat.manifest, name)
+    flat.set_push_dtype(joined.push_dtype)
     world = joined.num_workers
     if joined.needs_init:
         client.init(flat, range(joined.owned.first, joined.owned.end), total_steps(world), steps_per_epoch(world))
