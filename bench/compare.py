@@ -124,6 +124,9 @@ CONFIGS = {
     "ps-autofreeze-5of8-deadline-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625",
                                           "--freeze-deadline", "104", *CACHE],
 }
+# The same with bfloat16 pushes (DDP: torch's bf16 compression hook): half the push bytes (DDP's both ways).
+CONFIGS.update({f"{name}-bf16": [*CONFIGS[name], "--push-dtype", "bfloat16"]
+                for name in ("ps-none", "ddp-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

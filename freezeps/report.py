@@ -269,8 +269,14 @@ def format_cache(cache: dict, what: str = "activation cache") -> str:
 
 
 def _mode(facts: dict) -> str:
-    """"ps", "ddp", or "ps, 2 shards"."""
-    return f"{facts['mode']}, {facts['ps_shards']} shards" if facts.get("ps_shards", 1) > 1 else facts["mode"]
+    """"ps", "ddp", "ps, 2 shards" or "ps, bfloat16 pushes"."""
+    parts = [facts["mode"]]
+    if facts.get("ps_shards", 1) > 1:
+        parts.append(f"{facts['ps_shards']} shards")
+    if facts.get("config", {}).get("push_dtype", "float32") != "float32":
+        parts.append(f"{facts['config']['push_dtype']} pushes" if facts["mode"] == "ps"
+                     else f"{facts['config']['push_dtype']} all-reduce")
+    return ", ".join(parts)
 
 
 def format_report(facts: dict) -> str:

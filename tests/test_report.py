@@ -15,6 +15,7 @@ import pytest
 from freeze.maths import apply_guards
 from freezeps.cli import main
 from freezeps.report import (
+    _mode,
     _paired,
     comparison_markdown,
     format_report,
@@ -157,6 +158,14 @@ def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
     early = {**facts, "name": "early", "frozen_over_time": [(1.0 + i, 0 if i < 5 else 1) for i in range(20)]}
     assert full_model_pace([runs[0], early]) is None
     assert "Seconds per round" not in comparison_markdown([runs[0], early])
+
+
+def test_the_mode_column_names_shards_and_narrow_pushes():
+    def facts(mode, shards=1, **config):
+        return {"mode": mode, "ps_shards": shards, "config": config}
+    assert _mode(facts("ps")) == "ps" and _mode(facts("ddp", push_dtype="float32")) == "ddp"
+    assert _mode(facts("ps", 3, push_dtype="bfloat16")) == "ps, 3 shards, bfloat16 pushes"
+    assert _mode(facts("ddp", push_dtype="bfloat16")) == "ddp, bfloat16 all-reduce"
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
