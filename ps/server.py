@@ -420,8 +420,8 @@ class ParameterServer:
         self._cond.notify_all()
 
     def _freeze_record(self, step: int, before: int, after: int, info: dict, workers: int) -> dict:
-        def per_step(frozen: int) -> int:  # push + pull payload of one round, all workers
-            return 2 * workers * sum(b.nbytes for b in self._blocks[frozen:])
+        def per_step(frozen: int) -> int:  # push (in push_dtype) + pull payload of one round, all workers
+            return workers * sum(p.nbytes + b.nbytes for p, b in zip(self._push_blocks[frozen:], self._blocks[frozen:]))
         epoch = (step + 1) / self._steps_per_epoch if self._steps_per_epoch else None
         log.info("[PS.Freeze] step %d: %d -> %d blocks frozen (%s)", step + 1, before, after,
                  ", ".join(b.name for b in self._blocks[before:after]))

@@ -43,6 +43,10 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype
         want_pull = {k: n * num_workers for k, n in sizes.items() if int(k) >= (first if r["step"] > freeze_at else 0)}
         assert push == want_push, r["step"]
         assert pull == want_pull, r["step"]
+        # The freeze record's bytes per round before and after, as measured.
+        if r["step"] != freeze_at:
+            key = "bytes_per_step_before" if r["step"] < freeze_at else "bytes_per_step_after"
+            assert sum(push.values()) + sum(pull.values()) == freezes[0][key], r["step"]
         # A chunk message costs its payload plus a few bytes of field tags and varints.
         traffic = r["bytes"]["by_block"]["Push"]["in"]
         chunks = [v for k, v in traffic.items() if k != "-1"]
