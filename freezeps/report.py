@@ -299,12 +299,15 @@ def format_report(facts: dict) -> str:
     if facts.get("eval_cache"):
         lines.append(format_cache(facts["eval_cache"], "evaluation through the cache"))
     lines.append("")
-    # The reference is every block, dense, every step: savings from row-sparse pushes count too.
+    # The reference is every block, dense, float32, every step: savings from row-sparse and
+    # bfloat16 pushes count too.
     lines.append(f"{'tensor payload':<16}{'this run':>16}{'dense, no freeze':>18}{'saved':>9}")
     for name in ("push", "pull"):
         got, full = facts[f"{name}_payload"], facts[f"{name}_payload_no_freeze"]
         saved = f"{1 - got / full:.1%}" if full else "-"
         lines.append(f"{name:<16}{_mb(got):>16}{_mb(full):>18}{saved:>9}")
+    if (narrow := facts.get("config", {}).get("push_dtype", "float32")) != "float32":
+        lines.append(f"(pushes in {narrow}: 'dense, no freeze' counts float32, so 'saved' holds the narrower push too)")
     msg = facts["message_bytes"]
     if facts["mode"] == "ps":
         lines.append(f"serialized messages: push {_mb(msg.get('Push', {}).get('in', 0))}, "

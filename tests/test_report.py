@@ -160,12 +160,18 @@ def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
     assert "Seconds per round" not in comparison_markdown([runs[0], early])
 
 
-def test_the_mode_column_names_shards_and_narrow_pushes():
+def test_the_mode_and_the_savings_name_shards_and_narrow_pushes():
     def facts(mode, shards=1, **config):
         return {"mode": mode, "ps_shards": shards, "config": config}
     assert _mode(facts("ps")) == "ps" and _mode(facts("ddp", push_dtype="float32")) == "ddp"
     assert _mode(facts("ps", 3, push_dtype="bfloat16")) == "ps, 3 shards, bfloat16 pushes"
     assert _mode(facts("ddp", push_dtype="bfloat16")) == "ddp, bfloat16 all-reduce"
+    # A run's report says its savings count the narrower push too.
+    run = summarize_run(FIXTURE)
+    assert "counts float32" not in format_report(run)
+    run["config"]["push_dtype"] = "bfloat16"
+    assert "(pushes in bfloat16: 'dense, no freeze' counts float32" in format_report(run)
+    assert format_report(run).startswith("ps, bfloat16 pushes:")
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
