@@ -19,7 +19,6 @@ from freeze.engines import RoundStats
 from proto import freezeps_pb2 as pb
 from proto.codec import Frame, encode_header
 from proto.layout import (
-    PUSH_DTYPES,
     BlockLayout,
     ManifestError,
     assign_blocks,
@@ -89,9 +88,8 @@ class ServerSettings:
             raise ValueError("timeouts must be > 0")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
-        if self.push_dtype not in PUSH_DTYPES:
-            raise ValueError(f"push dtype {self.push_dtype!r} not supported (use {sorted(PUSH_DTYPES)})")
-        self.make_optimizer()  # ValueError now, not at the first Join
+        push_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
+        self.make_optimizer()
         block_lr_scales(1, self.lr_block_decay)
 
     def make_optimizer(self) -> Optimizer:

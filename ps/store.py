@@ -2,9 +2,10 @@
 
 Every block owned by this server gets flat float32 buffers allocated once: the values and
 an accumulator. A push is held as the received chunks themselves (views into gRPC's
-buffers, no copy; a bfloat16 push widened to float32 once), checked whole, then added into the accumulator in place (the row chunks
-of a row-sparse tensor with index_add); nothing is stacked or re-flattened per step. Tensors
-are views into those buffers. The optimizer (ps/optim.py) steps those views.
+buffers, no copy; a bfloat16 push widened to float32 once), checked whole, then added into
+the accumulator in place (the row chunks of a row-sparse tensor with index_add); nothing is
+stacked or re-flattened per step. Tensors are views into those buffers. The optimizer
+(ps/optim.py) steps those views.
 """
 from __future__ import annotations
 
