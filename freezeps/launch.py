@@ -188,6 +188,11 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             proc.wait()
 
 
+def _failed(procs: list[subprocess.Popen]) -> int | None:
+    """The index of the first process that ended with a non-zero status, or None."""
+    return next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+
+
 def _report_failure(what: str, proc: subprocess.Popen, log_file: Path) -> None:
     tail = log_file.read_text().strip().splitlines()[-30:]
     print(f"freezeps run: {what} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)
@@ -209,10 +214,10 @@ def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
                                       stdout=log, stderr=subprocess.STDOUT, env=env))
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
+            if _failed(procs) is not None:
                 break
             time.sleep(1.0)
-        bad = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        bad = _failed(procs)
         if bad is not None:
             _report_failure(f"{cfg.mode} rank {bad}", procs[bad], run_dir / f"ddp-{bad}.log")
             return 1
@@ -267,7 +272,7 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
     started, last_line, failed = time.monotonic(), "", None
     try:
         while any(w.poll() is None for w in workers):
-            failed = next((i for i, w in enumerate(workers) if w.poll() not in (None, 0)), None)
+            failed = _failed(workers)
             if failed is not None or any(p.poll() is not None for p in servers):
                 break
             status = _status(stub)
@@ -281,11 +286,14 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
                     print(line, flush=True)
                     last_line = line.split("  ")[1]
             time.sleep(2.0)
-        if failed is not None or any(w.wait() != 0 for w in workers):
-            bad = failed if failed is not None else next(i for i, w in enumerate(workers) if w.returncode != 0)
+        # A PS that died is the cause of whatever its workers do next (they would go on trying
+        # to join it for minutes): report it at once.
+        bad = _failed(servers)
+        if bad is None and (failed is not None or any(w.wait() != 0 for w in workers)):
+            bad = failed if failed is not None else _failed(workers)
             _report_failure(f"worker {bad}", workers[bad], run_dir / f"worker-{bad}.log")
             return 1
-        bad = next((i for i, p in enumerate(servers) if p.poll() not in (None, 0)), None)
+        bad = _failed(servers) if bad is None else bad
         if bad is not None:
             _report_failure(f"PS shard {bad}" if len(servers) > 1 else "the PS", servers[bad],
                             run_dir / shard_file("ps.log", bad))
