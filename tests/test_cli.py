@@ -1,6 +1,7 @@
 """The command line as a user runs it: help, a whole tiny job, and an unreachable PS."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -79,8 +80,10 @@ def test_run_end_to_end(tmp_path):
     assert list((run_dir / "cache").glob("*/*.act"))
 
 
-def test_sigterm_stops_the_whole_run(tmp_path):
-    """`kill`, systemd or docker stop the launcher: its PS and workers stop with it."""
+@contextlib.contextmanager
+def _training_run(tmp_path):
+    """A run of a PS and two workers that goes on for long, once it has trained a round:
+    (launcher, its children's pids); whatever is left of them is killed afterwards."""
     run = subprocess.Popen(FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random",
                                        "--image-size", "8", "--num-workers", "2", "--epochs", "1000", "--freeze",
                                        "none", "--run-dir", str(tmp_path / "run")],
@@ -95,35 +98,29 @@ def test_sigterm_stops_the_whole_run(tmp_path):
         while time.monotonic() < deadline and not _trained(tmp_path / "run"):
             time.sleep(0.5)
         assert _trained(tmp_path / "run"), "the run never trained: the test would prove nothing"
-        run.terminate()
-        out, _ = run.communicate(timeout=60)
-        assert run.returncode == 143, out
-        for pid in children:
-            assert not _alive(pid), f"process {pid} outlived the launcher"
+        yield run, children
     finally:
         for pid in [run.pid, *children]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_sigterm_stops_the_whole_run(tmp_path):
+    """`kill`, systemd or docker stop the launcher: its PS and workers stop with it."""
+    with _training_run(tmp_path) as (run, children):
+        run.terminate()
+        out, _ = run.communicate(timeout=60)
+        assert run.returncode == 143, out
+        for pid in children:
+            assert not _alive(pid), f"process {pid} outlived the launcher"
+
+
 def test_a_ps_that_dies_is_reported_at_once_as_the_cause(tmp_path):
     """The PS killed mid-run: the launcher says the PS failed and stops its workers, instead of
     waiting for them to give up joining it and blaming a worker."""
-    run = subprocess.Popen(FREEZEPS + ["run", "--model", "mlp", "--dataset", "synthetic", "--weights", "random",
-                                       "--image-size", "8", "--num-workers", "2", "--epochs", "1000", "--freeze",
-                                       "none", "--run-dir", str(tmp_path / "run")],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    children = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(children) < 3:  # the PS and two workers
-            time.sleep(0.5)
-            children = [int(p) for p in open(f"/proc/{run.pid}/task/{run.pid}/children").read().split()]
+    with _training_run(tmp_path) as (run, children):
         ps = [pid for pid in children if open(f"/proc/{pid}/cmdline").read().split("\0")[3] == "ps"]
         assert len(ps) == 1, children
-        while time.monotonic() < deadline and not _trained(tmp_path / "run"):
-            time.sleep(0.5)
-        assert _trained(tmp_path / "run"), "the run never trained: the test would prove nothing"
         started = time.monotonic()
         os.kill(ps[0], signal.SIGKILL)
         out, _ = run.communicate(timeout=60)
@@ -132,10 +129,6 @@ def test_a_ps_that_dies_is_reported_at_once_as_the_cause(tmp_path):
         assert time.monotonic() - started < 20, "the launcher waited for the workers to give up"
         for pid in children:
             assert not _alive(pid), f"process {pid} outlived the launcher"
-    finally:
-        for pid in [run.pid, *children]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_bench_run_past_its_timeout_is_stopped_with_all_it_started(tmp_path):
