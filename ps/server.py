@@ -174,6 +174,11 @@ class ParameterServer:
         return BlockStore(blocks, owned, self.settings.make_optimizer(),
                           block_lr_scales(len(blocks), self.settings.lr_block_decay))
 
+    def _adopt(self, manifest: pb.Manifest, blocks: list[BlockLayout], owned: range, store: BlockStore) -> None:
+        """Make this the run's model (at the first Join, or from a checkpoint)."""
+        self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
+        self._push_blocks = push_layout(blocks, self.settings.push_dtype)
+
     def _active(self) -> range:
         return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)
 
@@ -196,11 +201,9 @@ class ParameterServer:
                     owned = self._owned_range(blocks)
                 except ValueError as e:
                     raise FailedPrecondition(f"this model does not fit the PS shards: {e}") from None
-                self._manifest = pb.Manifest()
-                self._manifest.CopyFrom(req.manifest)
-                self._blocks, self._push_blocks = blocks, push_layout(blocks, self.settings.push_dtype)
-                self._owned = owned
-                self._store = self._new_store(blocks, owned)
+                manifest = pb.Manifest()
+                manifest.CopyFrom(req.manifest)
+                self._adopt(manifest, blocks, owned, self._new_store(blocks, owned))
                 if frozen:
                     self._set_frozen(frozen, since_step=0)
                     self._on_record(self._freeze_record(-1, 0, frozen, {"initial": True}, self.settings.num_workers))
@@ -559,8 +562,7 @@ class ParameterServer:
             if not 0 <= frozen < len(blocks):
                 raise ValueError(f"checkpoint freezes {frozen} of {len(blocks)} blocks")
             self.engine.load_state_dict(state["engine"])
-            self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
-            self._push_blocks = push_layout(blocks, self.settings.push_dtype)
+            self._adopt(manifest, blocks, owned, store)
             self._store.freeze(range(owned.start, min(frozen, owned.stop)))
             self._freeze = pb.FreezeState(frozen_blocks=frozen, version=version, since_step=since)
             self._step, self._total_steps = int(state["step"]), int(state["total_steps"])
