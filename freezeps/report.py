@@ -268,14 +268,18 @@ def format_cache(cache: dict, what: str = "activation cache") -> str:
             f"{store['memory_evictions'] + store['disk_evictions']} evictions, {store['corrupt']} corrupt entries")
 
 
+def _push_dtype(facts: dict) -> str:
+    """What the run's pushes (DDP: its all-reduce) carried; float32 for runs from before the setting."""
+    return facts.get("config", {}).get("push_dtype", "float32")
+
+
 def _mode(facts: dict) -> str:
     """"ps", "ddp", "ps, 2 shards" or "ps, bfloat16 pushes"."""
     parts = [facts["mode"]]
     if facts.get("ps_shards", 1) > 1:
         parts.append(f"{facts['ps_shards']} shards")
-    if facts.get("config", {}).get("push_dtype", "float32") != "float32":
-        parts.append(f"{facts['config']['push_dtype']} pushes" if facts["mode"] == "ps"
-                     else f"{facts['config']['push_dtype']} all-reduce")
+    if (narrow := _push_dtype(facts)) != "float32":
+        parts.append(f"{narrow} pushes" if facts["mode"] == "ps" else f"{narrow} all-reduce")
     return ", ".join(parts)
 
 
@@ -306,7 +310,7 @@ def format_report(facts: dict) -> str:
         got, full = facts[f"{name}_payload"], facts[f"{name}_payload_no_freeze"]
         saved = f"{1 - got / full:.1%}" if full else "-"
         lines.append(f"{name:<16}{_mb(got):>16}{_mb(full):>18}{saved:>9}")
-    if (narrow := facts.get("config", {}).get("push_dtype", "float32")) != "float32":
+    if (narrow := _push_dtype(facts)) != "float32":
         lines.append(f"(pushes in {narrow}: 'dense, no freeze' counts float32, so 'saved' holds the narrower push too)")
     msg = facts["message_bytes"]
     if facts["mode"] == "ps":
