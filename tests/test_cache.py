@@ -243,3 +243,74 @@ def test_rows_a_caller_wrote_into_are_dropped_never_served_and_views_stop():
     assert cache.stats.spoilt == 3 and cache.stats.views == 1
 
 
+
+def test_a_sample_twice_in_a_batch_read_from_disk_is_promoted_once(tmp_path):
+    """Promoted twice, it held two rows of which a discard forgot one; the other was later
+    demoted to disk and served after the discard."""
+    cache = ActivationCache(memory_bytes=4 * ENTRY, disk_bytes=1 << 20, disk_dir=tmp_path)
+    cache.put_many("p", np.arange(8), torch.stack([_act(i) for i in range(8)]))  # 4-7 do not fit: to disk
+    rows, missing = cache.read("p", np.array([4, 4]))
+    assert not len(missing) and torch.equal(rows[0], _act(4)) and torch.equal(rows[1], _act(4))
+    assert cache.stats.memory_evictions == 1, "one row made for sample 4, not two"
+    cache.discard("p", np.array([4]))
+    cache.put_many("p", np.arange(10, 14), torch.stack([_act(i) for i in range(10, 14)]))  # demotes all held
+    assert cache.get("p", 4) is None
+
+
+def test_an_entry_put_again_replaces_its_disk_copy(tmp_path):
+    cache = ActivationCache(memory_bytes=2 * ENTRY, disk_bytes=1 << 20, disk_dir=tmp_path)
+    cache.put_many("p", np.arange(3), torch.stack([_act(i) for i in range(3)]))  # 2 does not fit: to disk
+    assert torch.equal(cache.get("p", 2), _act(2))  # promoted; its disk copy is still there
+    cache.put("p", 2, _act(50))
+    cache.put_many("p", np.array([3, 4]), torch.stack([_act(3), _act(4)]))  # 2 demoted again
+    assert torch.equal(cache.get("p", 2), _act(50))
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "memory-and-disk"])
+def test_random_operations_never_serve_a_wrong_entry_and_keep_the_budgets(tmp_path, disk):
+    """Differential test against a dict: puts (fresh values, duplicates), reads (lent or not,
+    duplicates, writes into what was lent), arrange, discard, drop_prefix and load, on budgets
+    of a few rows. The cache may forget an entry, never serve one that is wrong or gone; its
+    byte counters match its slabs after every operation."""
+    row = 3 * 4
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        memory = int(rng.choice([5, 17, 40])) * row
+        disk_bytes = int(rng.choice([2000, 5000])) if disk else 0
+        cache = ActivationCache(memory_bytes=memory, disk_bytes=disk_bytes,
+                                disk_dir=tmp_path / str(seed) if disk else None)
+        truth: dict[tuple[str, int], torch.Tensor] = {}
+        for step in range(300):
+            op, prefix = rng.random(), str(rng.choice(["a", "b", "c"]))
+            samples = rng.integers(0, 30, size=int(rng.integers(1, 9)))
+            where = f"seed {seed} step {step}"
+            if op < 0.35:
+                rows = torch.from_numpy(rng.standard_normal((len(samples), 3)).astype(np.float32))
+                cache.put_many(prefix, samples, rows)
+                for i, s in reversed(list(enumerate(samples.tolist()))):  # a sample given twice keeps its first
+                    truth[prefix, s] = rows[i]
+            elif op < 0.75:
+                lend = bool(rng.random() < 0.5)
+                rows, missing = cache.read(prefix, samples, lend=lend)
+                hits = np.setdiff1d(np.arange(len(samples)), missing)
+                assert (0 if rows is None else len(rows)) == len(hits), where
+                for r, i in zip(rows if rows is not None else [], hits.tolist()):
+                    key = (prefix, int(samples[i]))
+                    assert key in truth and torch.equal(r, truth[key]), f"{where}: {key} served wrong"
+                if lend and rows is not None and rng.random() < 0.1:
+                    rows.add_(1.0)  # written into: must not be served again
+            elif op < 0.82:
+                cache.arrange(prefix, rng.permutation(30))
+            elif op < 0.88:
+                cache.discard(prefix, samples)
+                for s in samples.tolist():
+                    truth.pop((prefix, s), None)
+            elif op < 0.9:
+                cache.drop_prefix(prefix)
+                truth = {k: v for k, v in truth.items() if k[0] != prefix}
+            elif disk:
+                cache.load(prefix, int(samples[0]))
+            st, slabs = cache.stats, cache._slabs.values()
+            assert st.memory_bytes == sum(s.count * s.row_bytes for s in slabs) <= st.memory_reserved, where
+            assert st.memory_reserved == sum(s.capacity * s.row_bytes for s in slabs) <= memory, where
+            assert st.disk_bytes <= disk_bytes, where

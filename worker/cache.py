@@ -336,12 +336,14 @@ class ActivationCache:
                 slab.touch(slots, self._clock)
                 return torch.index_select(slab.rows, 0, torch.from_numpy(slots)), _NONE
             in_memory = slots >= 0
-            from_disk = {}
+            from_disk, read_back = {}, {}  # position in the batch -> entry; sample -> entry (read once)
             if self._disk:
-                for i in np.flatnonzero(~in_memory):
-                    key = (prefix, int(samples[i]))
-                    if key in self._disk and (tensor := self._read_disk(key)) is not None:
-                        from_disk[int(i)] = tensor
+                for i in np.flatnonzero(~in_memory).tolist():
+                    sample = batch[i]
+                    if sample not in read_back and (prefix, sample) in self._disk:
+                        read_back[sample] = self._read_disk((prefix, sample))
+                    if (tensor := read_back.get(sample)) is not None:
+                        from_disk[i] = tensor
             found = in_memory.copy()
             found[list(from_disk)] = True
             n_mem, n = int(np.count_nonzero(in_memory)), int(np.count_nonzero(found))
@@ -363,7 +365,8 @@ class ActivationCache:
             if n_mem:
                 slab.touch(slots[in_memory], self._clock)
             if from_disk and self.memory_bytes:  # promoted after the memory hits were read out
-                self._insert(prefix, samples[list(from_disk)], torch.stack(list(from_disk.values())))
+                promoted = {s: t for s, t in read_back.items() if t is not None}  # once, if twice in the batch
+                self._insert(prefix, np.array(list(promoted), np.int64), torch.stack(list(promoted.values())))
             return out, np.flatnonzero(~found)
 
     def arrange(self, prefix: str, order: np.ndarray) -> bool:
@@ -455,6 +458,10 @@ class ActivationCache:
         with self._lock:
             self.stats.puts += len(samples)
             self._clock += 1
+            if self._disk:  # a disk copy of an entry put again is stale: never to be read or kept
+                for s in samples.tolist():
+                    if (prefix, s) in self._disk:
+                        self._forget_disk((prefix, s))
             if self.memory_bytes:
                 self._insert(prefix, samples, rows)
             elif self.disk_bytes:
