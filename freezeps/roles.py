@@ -82,7 +82,8 @@ def resume_from(cfg: Config) -> Path | None:
 
 def run_ps(cfg: Config) -> int:
     """Serve one run; exit status 0, 2 when the security settings cannot be used (or would
-    serve strangers), or 5 when --resume finds no checkpoint that fits."""
+    serve strangers), or 5 when --resume finds no checkpoint that fits (or a run that does not
+    resume finds checkpoints in its folder)."""
     try:
         serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
                  auth=auth_for(cfg, PS), insecure=cfg.insecure, wire=InterfaceCounter() if cfg.count_wire_bytes else None,
@@ -92,7 +93,7 @@ def run_ps(cfg: Config) -> int:
         print(f"freezeps ps: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
-        print(f"freezeps ps: cannot resume: {e}", file=sys.stderr)
+        print(f"freezeps ps: {e}", file=sys.stderr)
         return 5
     return 0
 

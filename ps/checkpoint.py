@@ -52,9 +52,19 @@ def write_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> 
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[keep:]:
+    # The file just written is this run's newest state whatever its step: never rotated away,
+    # even by a file of a higher step (one set aside at a resume is renamed, see set_aside).
+    for old in [p for p in list_checkpoints(directory) if p != final][keep - 1:]:
         old.unlink(missing_ok=True)
     return final
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a refused checkpoint to `<name>.refused`: kept to look at, no longer one of the
+    folder's checkpoints (a resumed run's rotation would otherwise count it as the newest)."""
+    aside = path.with_name(path.name + ".refused")
+    os.replace(path, aside)
+    return aside
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -91,17 +101,17 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def read_latest(directory: Path) -> tuple[Path, dict, list[str]]:
-    """The newest good checkpoint in `directory`: (path, state, why each newer one was refused)."""
-    refused: list[str] = []
+def read_latest(directory: Path) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """The newest good checkpoint in `directory`: (path, state, each newer one refused and why)."""
+    refused: list[tuple[Path, str]] = []
     for path in list_checkpoints(directory):
         try:
             return path, read_checkpoint(path), refused
         except CheckpointError as e:
-            refused.append(str(e))
+            refused.append((path, str(e)))
     if not refused:
         raise CheckpointError(f"no checkpoint in {directory}")
-    raise CheckpointError(f"no good checkpoint in {directory}: " + "; ".join(refused))
+    raise CheckpointError(f"no good checkpoint in {directory}: " + "; ".join(why for _, why in refused))
 
 
 def _fsync_dir(directory: Path) -> None:

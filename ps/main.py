@@ -19,7 +19,7 @@ from pathlib import Path
 from proto.runlog import JsonlLog
 from proto.security import Auth, check_listen
 from proto.transport import ByteMeter, InterfaceCounter
-from ps.checkpoint import CheckpointError, read_latest, write_checkpoint
+from ps.checkpoint import CheckpointError, list_checkpoints, read_latest, set_aside, write_checkpoint
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
@@ -60,7 +60,9 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     With `wire`, each round record also gets the interface bytes of that round; with
     `params_out`, the final values are saved there ({manifest name: tensor}, torch.save).
     With `resume`, the newest good checkpoint in that folder is restored first (a
-    CheckpointError when there is none that fits, before serving anything). A non-loopback
+    CheckpointError when there is none that fits, before serving anything), and the newer ones
+    it refused are set aside (renamed *.refused). Without it, a checkpoint folder that already
+    holds checkpoints is refused (CheckpointError): two runs' files would mix. A non-loopback
     `address` needs a token or mutual TLS in `auth`, or `insecure` (an AuthError otherwise)."""
     check_listen(address, auth, insecure)
     meter = ByteMeter()
@@ -94,19 +96,28 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
 
     server = ParameterServer(settings, policy, log_record)
     resumed = None
-    if resume is not None:  # before the run log opens: a refused checkpoint writes nothing
-        path, state, refused = read_latest(resume)
+    # Checked before the run log opens: a refused start writes nothing.
+    if resume is None and checkpoints is not None and (found := list_checkpoints(checkpoints.directory)):
+        raise CheckpointError(f"{checkpoints.directory} already holds checkpoints (the newest {found[0].name}) "
+                              f"and this run does not resume them: resume (resume, auto_resume) or give "
+                              f"another checkpoint_dir, so that two runs' checkpoints do not mix")
+    if resume is not None:
+        try:
+            path, state, refused = read_latest(resume)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}") from None
         try:
             server.restore(state["server"])
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path} does not fit this run: {e}") from None
+            raise CheckpointError(f"cannot resume: {path} does not fit this run: {e}") from None
         meter.restore(state["bytes"])
         counter.pushes = int(state["pushes"])
         wire_total.update(state["wire_rounds"])
+        for refused_path, why in refused:
+            log.error("[PS] checkpoint refused, set aside as %s: %s", set_aside(refused_path).name, why)
         resumed = {"event": "resume", "checkpoint": str(path), "step": int(state["server"]["step"]),
-                   "refused": refused, "rounds_lost": _rounds_lost(run_log, int(state["server"]["step"]))}
-        for why in refused:
-            log.error("[PS] checkpoint refused: %s", why)
+                   "refused": [why for _, why in refused],
+                   "rounds_lost": _rounds_lost(run_log, int(state["server"]["step"]))}
         log.warning("[PS] resumed from %s at step %d (%d rounds lost since it was written)",
                     path, resumed["step"], resumed["rounds_lost"])
     runlog = JsonlLog(run_log)

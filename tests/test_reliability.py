@@ -60,7 +60,17 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, damag
         read_checkpoint(newest)
     path, state, refused = read_latest(tmp_path)
     assert state["step"] == 2 and path.name == "ckpt-000000002.fzck"
-    assert len(refused) == 1 and why in refused[0]
+    assert len(refused) == 1 and refused[0][0] == newest and why in refused[0][1]
+
+
+def test_the_checkpoint_just_written_is_never_rotated_away(tmp_path):
+    """A file of a higher step (a refused one, another run's) must not make the rotation delete
+    the file it just wrote: with keep=1 that left only the bad one."""
+    write_checkpoint(tmp_path, 9, {"step": 9})
+    written = write_checkpoint(tmp_path, 4, {"step": 4}, keep=1)
+    assert list_checkpoints(tmp_path) == [written]
+    write_checkpoint(tmp_path, 2, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000004.fzck", "ckpt-000000002.fzck"]
 
 
 def test_no_good_checkpoint_is_an_error_naming_each_file(tmp_path):
@@ -440,6 +450,10 @@ def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_pa
     assert resume["step"] == (4 if corrupt_newest else 6)
     assert resume["rounds_lost"] == 7 - resume["step"]  # rounds 0..6 had completed before the kill
     assert len(resume["refused"]) == int(corrupt_newest)
+    # The refused file is set aside, so the resumed run's rotation keeps its fallback.
+    kept = ["ckpt-000000010.fzck", "ckpt-000000004.fzck" if corrupt_newest else "ckpt-000000006.fzck"]
+    assert [p.name for p in list_checkpoints(ckpt)] == kept
+    assert (ckpt / "ckpt-000000006.fzck.refused").is_file() == corrupt_newest
     assert all(r["rejoins"] == 1 for r in results.values())
     got = torch.load(tmp_path / "params.pt", weights_only=True)
     for name, value in want.items():
@@ -465,6 +479,12 @@ def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
                                      "--freeze-blocks", "1"), cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 5 and "does not fit this run" in out.stderr and "freeze engine" in out.stderr
+    # A run that does not resume refuses a folder holding checkpoints: its files and another
+    # run's would mix (and rotate each other away).
+    out = subprocess.run(_ps_command(port, tmp_path, "--checkpoint-dir", str(tmp_path / "ckpt")), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 5 and "already holds checkpoints (the newest ckpt-000000000.fzck)" in out.stderr
+    assert not (tmp_path / "ps.jsonl").exists()
 
 
 # -- soak ------------------------------------------------------------------------------------
