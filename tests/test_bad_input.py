@@ -6,15 +6,20 @@ they also show that the wire is plain protobuf.
 from __future__ import annotations
 
 import math
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
+from proto.service import SERVICE
+from proto.transport import WireError
 from tests.conftest import good_chunks as _good_chunks
 from tests.conftest import one_worker
+from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
 
@@ -226,3 +231,29 @@ def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(
     want[[2, 5]] = -0.5  # lr 0.5 x gradient 1, the other rows untouched
     assert ps.server.step == 1 and np.array_equal(values["emb/table"], want)
     assert np.array_equal(values["emb/bias"], np.full(4, -0.5, np.float32))
+
+
+@pytest.mark.parametrize("replies,words", [
+    ([], "ended before its header"),
+    ([pb.PullMessage(chunk=pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * 4))], "did not start with a header"),
+])
+def test_a_worker_refuses_a_pull_stream_without_its_header(replies, words):
+    """The other direction: a broken or hostile PS answering a pull with nothing, or with a chunk
+    first, gets a WireError saying so, not a StopIteration or a write into the model."""
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+        "Pull": grpc.unary_stream_rpc_method_handler(lambda request, context: iter(replies),
+                                                     request_deserializer=pb.PullRequest.FromString,
+                                                     response_serializer=pb.PullMessage.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = PSClient(f"127.0.0.1:{port}", rpc_timeout_s=10.0)
+    flat = FlatModel(build_model("mlp", 4))
+    before = [v.clone() for v in flat.model.state_dict().values()]
+    try:
+        with pytest.raises(WireError, match=words):
+            client.pull(0, 0, flat)
+        assert all(torch.equal(a, b) for a, b in zip(before, flat.model.state_dict().values()))
+    finally:
+        client.close()
+        server.stop(None)

@@ -110,8 +110,10 @@ class PSClient:
         started = time.perf_counter()
         replies = metered(self._stub.Pull(request, timeout=self._timeout, metadata=self._metadata()),
                           self.meter, "Pull", "in", self.worker_id)
-        first = next(replies)
+        first = next(replies, None)
         first_at = time.perf_counter()
+        if first is None:  # a bare StopIteration would escape as no error the caller knows
+            raise WireError("pull stream ended before its header")
         if first.header is None:
             raise WireError(f"pull stream did not start with a header {first.error}")
         header = first.header
