@@ -84,6 +84,12 @@ def test_a_second_cache_on_the_folder_shares_entries_and_ignores_temporary_files
     assert torch.equal(second.get("p", 2), _act(2)) and second.get("p", 5) is None
     # Read once from disk, then from memory.
     assert torch.equal(second.get("p", 2), _act(2)) and second.stats.memory_hits == 1
+    # Files that vanish between listing and reading (another worker renamed its temporary
+    # file, or evicted an entry): dangling links stand in for them.
+    (tmp_path / "p" / ".6.act.124.tmp").symlink_to(tmp_path / "gone")
+    (tmp_path / "p" / "7.act").symlink_to(tmp_path / "gone")
+    third = ActivationCache(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=tmp_path)
+    assert third.stats.disk_bytes == first.stats.disk_bytes and third.get("p", 7) is None
 
 
 def test_drop_prefix_forgets_a_depth(tmp_path):

@@ -629,11 +629,14 @@ class ActivationCache:
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         found = []
         for path in self.disk_dir.glob("*/*"):
+            try:  # another process sharing the folder may rename or evict a file meanwhile
+                st = path.stat()
+            except FileNotFoundError:
+                continue
             if path.name.endswith(".tmp"):
-                if time.time() - path.stat().st_mtime > 3600:
+                if time.time() - st.st_mtime > 3600:
                     path.unlink(missing_ok=True)
             elif path.suffix == ".act" and path.stem.isdigit():
-                st = path.stat()
                 found.append((st.st_mtime_ns, (path.parent.name, int(path.stem)), st.st_size))
         for _, key, size in sorted(found):
             self._disk[key] = size
