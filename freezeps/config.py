@@ -14,7 +14,7 @@ from typing import Any
 
 from freeze.engines import ENGINES, EngineSpec
 from freezeps.netns import LinkShape
-from proto.layout import PUSH_DTYPES
+from proto.layout import WIRE_DTYPES
 from proto.security import Auth, read_auth
 from proto.transport import MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
@@ -42,7 +42,7 @@ class Config:
     chunk_bytes: int = _f(1 << 20, "largest tensor payload of one message, bytes", (PS, RUN))
     push_dtype: str = _f("float32", "what pushes carry gradients (and running statistics) in: bfloat16 halves "
                          "their bytes, and the PS sums them in float32; with --mode ddp, DDP's bf16 compression "
-                         "hook (gradients only)", (PS, RUN), tuple(PUSH_DTYPES))
+                         "hook (gradients only)", (PS, RUN), tuple(WIRE_DTYPES))
     optimizer: str = _f("sgd", "the PS's optimizer", (PS, RUN), OPTIMIZERS)
     lr: float = _f(0.1, "learning rate (the schedule's peak)", (PS, RUN))
     momentum: float = _f(0.9, "sgd: momentum", (PS, RUN))

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from freeze.engines import RoundStats, make_engine
 from freezeps.config import Config, freeze_policy, load_config
 from freezeps.roles import text_settings
-from proto.layout import PUSH_DTYPES
+from proto.layout import WIRE_DTYPES
 from proto.runlog import JsonlLog
 from ps.main import save_params
 from ps.optim import torch_adamw
@@ -80,7 +80,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     channels = input_channels(model)
     names = model.block_names
     block_bytes = _block_bytes(model)  # the model's, in float32: the no-freeze reference
-    moves = _block_bytes(model, PUSH_DTYPES[cfg.push_dtype])  # what an all-reduce moves per block
+    moves = _block_bytes(model, WIRE_DTYPES[cfg.push_dtype])  # what an all-reduce moves per block
     workers = cfg.num_workers  # data-parallel width: world for ddp, emulated for single
     steps_per_epoch = max(len(train_set) // (workers * cfg.batch_size), 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch

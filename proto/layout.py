@@ -13,8 +13,9 @@ from proto import freezeps_pb2 as pb
 
 # The dtype a manifest's tensors have: the PS holds float32 values. Names are torch's.
 DTYPE_SIZES = {"float32": 4}
-# The dtypes a push may travel in (JoinReply.push_dtype), with their element sizes.
-PUSH_DTYPES = {"float32": 4, "bfloat16": 2}
+# The dtypes a push or a pull's changes may travel in (JoinReply.push_dtype, pull_dtype), with
+# their element sizes.
+WIRE_DTYPES = {"float32": 4, "bfloat16": 2}
 
 
 class ManifestError(ValueError):
@@ -33,7 +34,7 @@ class TensorLayout:
 
     @property
     def numel(self) -> int:
-        return self.nbytes // PUSH_DTYPES[self.dtype]
+        return self.nbytes // WIRE_DTYPES[self.dtype]
 
     @property
     def row_bytes(self) -> int:
@@ -98,16 +99,17 @@ def layout_from_manifest(manifest: pb.Manifest) -> list[BlockLayout]:
     return blocks
 
 
-def push_layout(blocks: list[BlockLayout], dtype: str) -> list[BlockLayout]:
-    """The layout a push travels in: the same tensors in the same order, each in `dtype`
-    (JoinReply.push_dtype), so offsets and sizes scale with its element size."""
-    if dtype not in PUSH_DTYPES:
-        raise ValueError(f"push dtype {dtype!r} not supported (use {sorted(PUSH_DTYPES)})")
+def wire_layout(blocks: list[BlockLayout], dtype: str) -> list[BlockLayout]:
+    """The layout the blocks travel in as `dtype` (a push in JoinReply.push_dtype, a pull's
+    changes in JoinReply.pull_dtype): the same tensors in the same order, each in `dtype`, so
+    offsets and sizes scale with its element size."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {dtype!r} not supported (use {sorted(WIRE_DTYPES)})")
     out = []
     for block in blocks:
         offset, tensors = 0, []
         for t in block.tensors:
-            nbytes = t.numel * PUSH_DTYPES[dtype]
+            nbytes = t.numel * WIRE_DTYPES[dtype]
             tensors.append(TensorLayout(t.name, t.shape, dtype, t.kind, offset, nbytes, t.row_sparse))
             offset += nbytes
         out.append(BlockLayout(block.index, block.name, tuple(tensors), offset))

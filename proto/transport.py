@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proto.codec import Frame, RawChunk, encode_chunk
-from proto.layout import PUSH_DTYPES, BlockLayout
+from proto.layout import WIRE_DTYPES, BlockLayout
 
 # Room for a chunk's header and gRPC's framing under the 4 MB default limit.
 MAX_CHUNK_BYTES = 4 * (1 << 20) - 4096
@@ -138,7 +138,7 @@ class ChunkReceiver:
         n = len(chunk.data)
         if n == 0 or n > self._chunk_bytes:
             raise WireError(f"chunk of {n} bytes; must be 1..{self._chunk_bytes}")
-        size = PUSH_DTYPES[tensor.dtype]  # a block's tensors share one dtype
+        size = WIRE_DTYPES[tensor.dtype]  # a block's tensors share one dtype
         if n % size or start % size:
             raise WireError(f"chunk of {n} bytes at {start} is not aligned to {tensor.dtype} ({size} bytes)")
         if start + n > block.nbytes:

@@ -24,7 +24,7 @@ from proto.layout import (
     assign_blocks,
     layout_from_manifest,
     model_bytes,
-    push_layout,
+    wire_layout,
 )
 from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import (
@@ -88,7 +88,7 @@ class ServerSettings:
             raise ValueError("timeouts must be > 0")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
-        push_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
+        wire_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
         self.make_optimizer()
         block_lr_scales(1, self.lr_block_decay)
 
@@ -177,7 +177,7 @@ class ParameterServer:
     def _adopt(self, manifest: pb.Manifest, blocks: list[BlockLayout], owned: range, store: BlockStore) -> None:
         """Make this the run's model (at the first Join, or from a checkpoint)."""
         self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
-        self._push_blocks = push_layout(blocks, self.settings.push_dtype)
+        self._push_blocks = wire_layout(blocks, self.settings.push_dtype)
 
     def _active(self) -> range:
         return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)

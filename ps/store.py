@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from proto import freezeps_pb2 as pb
-from proto.layout import PUSH_DTYPES, BlockLayout
+from proto.layout import WIRE_DTYPES, BlockLayout
 from ps.optim import Optimizer
 
 
@@ -61,7 +61,7 @@ class ReceivedPush:
         return torch.frombuffer(data, dtype=getattr(torch, self.dtype)).float()
 
     def write(self, block: int, start: int, data: memoryview) -> None:
-        self.pieces.append((block, start // PUSH_DTYPES[self.dtype], self._values(data)))
+        self.pieces.append((block, start // WIRE_DTYPES[self.dtype], self._values(data)))
 
     def write_rows(self, block: int, tensor: int, rows: np.ndarray, data: memoryview) -> None:
         self.sparse_tensors.add((block, tensor))

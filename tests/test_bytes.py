@@ -6,7 +6,7 @@ import json
 import pytest
 
 from freeze.engines import EngineSpec
-from proto.layout import PUSH_DTYPES, layout_from_manifest, push_layout
+from proto.layout import WIRE_DTYPES, layout_from_manifest, wire_layout
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, worker_settings
 from worker.flat import manifest_for
@@ -20,8 +20,8 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype
     num_workers, steps, freeze_at = 2, 6, 3
     layout = layout_from_manifest(manifest_for(build_model("tiny_cnn", 4)))
     sizes = {str(b.index): b.nbytes for b in layout}
-    push_sizes = {str(b.index): b.nbytes for b in push_layout(layout, push_dtype)}
-    assert push_sizes == {k: n // (4 // PUSH_DTYPES[push_dtype]) for k, n in sizes.items()}
+    push_sizes = {str(b.index): b.nbytes for b in wire_layout(layout, push_dtype)}
+    assert push_sizes == {k: n // (4 // WIRE_DTYPES[push_dtype]) for k, n in sizes.items()}
     log = tmp_path / "ps.jsonl"
     # Chunks of 256 bytes, so blocks span several chunks and chunks span tensors.
     with ps_factory(num_workers, policy=FreezePolicy(EngineSpec("static", blocks=2, from_step=freeze_at)), log_path=log,

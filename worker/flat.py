@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from proto import freezeps_pb2 as pb
-from proto.layout import PUSH_DTYPES, BlockLayout, layout_from_manifest, push_layout
+from proto.layout import WIRE_DTYPES, BlockLayout, layout_from_manifest, wire_layout
 from proto.transport import SparseRows, sparse_rows
 from worker.models import BlockModel
 
@@ -78,11 +78,11 @@ class FlatModel:
     def set_push_dtype(self, dtype: str) -> None:
         """Push in `dtype` from now on (what the PS's JoinReply.push_dtype says; "" is float32)."""
         dtype = dtype or "float32"
-        if dtype not in PUSH_DTYPES:
+        if dtype not in WIRE_DTYPES:
             raise ValueError(f"the PS asks for pushes in {dtype!r}, which this worker cannot send "
-                             f"(it knows {sorted(PUSH_DTYPES)})")
+                             f"(it knows {sorted(WIRE_DTYPES)})")
         self.push_dtype = dtype
-        self.push_layout = push_layout(self.layout, dtype)
+        self.push_layout = wire_layout(self.layout, dtype)
         self._narrow = [] if dtype == "float32" else [torch.empty(len(g), dtype=getattr(torch, dtype))
                                                        for g in self.grads]
 
@@ -99,7 +99,7 @@ class FlatModel:
     def push_rows(self, b: int) -> SparseRows:
         """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows,
         values in push_dtype)}. Call after push_bytes(b)."""
-        sparse = sparse_rows(self.layout[b], self.grads[b].numpy(), PUSH_DTYPES[self.push_dtype])
+        sparse = sparse_rows(self.layout[b], self.grads[b].numpy(), WIRE_DTYPES[self.push_dtype])
         if not self._narrow:
             return sparse
         dtype = getattr(torch, self.push_dtype)
