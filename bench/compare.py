@@ -127,6 +127,9 @@ CONFIGS = {
 # The same with bfloat16 pushes (DDP: torch's bf16 compression hook): half the push bytes (DDP's both ways).
 CONFIGS.update({f"{name}-bf16": [*CONFIGS[name], "--push-dtype", "bfloat16"]
                 for name in ("ps-none", "ddp-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
+# ... and pulls too: each round's change in bfloat16, with error feedback (a PS's; DDP's hook already narrows both).
+CONFIGS.update({f"{name}-bf16both": [*CONFIGS[f"{name}-bf16"], "--pull-dtype", "bfloat16"]
+                for name in ("ps-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

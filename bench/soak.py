@@ -169,7 +169,8 @@ def _progress(run_log: Path) -> int:
 
 def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[int]], *, batch_size: int, lr: float,
                momentum: float, weight_decay: float, image_size: int = 8, freeze_blocks: int = 0,
-               freeze_step: int = 0, optimizer: str = "sgd", push_dtype: str = "float32") -> dict:
+               freeze_step: int = 0, optimizer: str = "sgd", push_dtype: str = "float32",
+               pull_dtype: str = "float32") -> dict:
     """The MLP on the synthetic set trained serially, step t on the batches of ranks_per_step[t]
     (the pushes the PS accepted), freezing as the PS does: what a freezeps run's final values
     must be. {tensor name: array}.
@@ -180,7 +181,10 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
     within rounding of zero then flips: one step's gradient jumps (1e-5 relative, seen once in
     the soak's 100 rounds of 16 workers) and the runs part by more than any fair tolerance.
     For the same reason it runs on one torch thread, as the soak's and the tests' workers do.
-    `push_dtype`: each rank's gradient is rounded to it before the sum, as a push in it is."""
+    `push_dtype`: each rank's gradient is rounded to it before the sum, as a push in it is.
+    `pull_dtype`: the ranks compute on what they hold, a copy to which each step's change of
+    the trained parameters, rounded to it, is added (ps/store.BlockStore.publish); a block
+    that freezes is held at its final values."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -191,7 +195,8 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
     from worker.models import build_model
 
     train = load_dataset("synthetic", None, True)
-    model = build_model("mlp", train.num_classes, str(weights))
+    model = build_model("mlp", train.num_classes, str(weights))  # the PS's values, which the optimizer steps
+    held = build_model("mlp", train.num_classes, str(weights)) if pull_dtype != "float32" else model  # the ranks'
     if optimizer == "adamw":
         opt = torch_adamw(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     else:
@@ -205,9 +210,9 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
             for r in sorted(ranks):
                 idx = np.take(batch_order(shards[r], epoch, r, 0), np.arange(pos, pos + batch_size), mode="wrap")
                 x, y = make_batch(train, idx, image_size, 3, augment=False)
-                model.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                for acc, p in zip(summed, model.parameters()):
+                held.zero_grad()
+                F.cross_entropy(held(x), y).backward()
+                for acc, p in zip(summed, held.parameters()):
                     acc.add_(p.grad.to(getattr(torch, push_dtype)).float(), alpha=batch_size)
             for acc, p in zip(summed, model.parameters()):
                 p.grad = acc / (batch_size * len(ranks))
@@ -216,6 +221,15 @@ def serial_training(weights: Path, num_workers: int, ranks_per_step: list[list[i
                     for p in block.parameters():
                         p.grad = None  # torch's optimizers skip a parameter without a gradient
             opt.step()
+            if held is not model:
+                with torch.no_grad():
+                    frozen_next = freeze_blocks if freeze_blocks and step + 1 >= freeze_step else 0
+                    for b, (block, copy) in enumerate(zip(model.blocks, held.blocks)):
+                        for p, q in zip(block.parameters(), copy.parameters()):
+                            if b < frozen_next:
+                                q.copy_(p)  # its last pull: the final values
+                            else:
+                                q.add_((p - q).to(getattr(torch, pull_dtype)))
     names = [t.name for b in manifest_for(model).blocks for t in b.tensors]
     return dict(zip(names, [p.detach().numpy() for p in model.parameters()]))
 

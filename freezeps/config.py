@@ -43,6 +43,10 @@ class Config:
     push_dtype: str = _f("float32", "what pushes carry gradients (and running statistics) in: bfloat16 halves "
                          "their bytes, and the PS sums them in float32; with --mode ddp, DDP's bf16 compression "
                          "hook (gradients only)", (PS, RUN), tuple(WIRE_DTYPES))
+    pull_dtype: str = _f("float32", "what pulls carry the parameters' changes in: bfloat16 halves their bytes "
+                         "(each round's change, rounded, with error feedback: the PS keeps what the workers "
+                         "hold, so rounding does not accumulate); float32 pulls whole values", (PS, RUN),
+                         tuple(WIRE_DTYPES))
     optimizer: str = _f("sgd", "the PS's optimizer", (PS, RUN), OPTIMIZERS)
     lr: float = _f(0.1, "learning rate (the schedule's peak)", (PS, RUN))
     momentum: float = _f(0.9, "sgd: momentum", (PS, RUN))
@@ -227,6 +231,9 @@ class Config:
             raise ValueError(f"ps_shard {self.ps_shard} must be in 0..ps_shards-1 ({self.ps_shards} shards)")
         if self.push_dtype != "float32" and self.mode == "single":
             raise ValueError(f"push_dtype {self.push_dtype!r}: mode 'single' sends nothing")
+        if self.pull_dtype != "float32" and self.mode != "ps":
+            raise ValueError(f"pull_dtype {self.pull_dtype!r} is a PS's: mode {self.mode!r} pulls nothing (with "
+                             f"ddp, push_dtype bfloat16 narrows the all-reduce both ways)")
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)

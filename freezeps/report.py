@@ -268,19 +268,21 @@ def format_cache(cache: dict, what: str = "activation cache") -> str:
             f"{store['memory_evictions'] + store['disk_evictions']} evictions, {store['corrupt']} corrupt entries")
 
 
-def _push_dtype(facts: dict) -> str:
-    """What the run's pushes (DDP: its all-reduce) carried; float32 for runs from before the setting."""
-    return facts.get("config", {}).get("push_dtype", "float32")
+def _narrower(facts: dict) -> list[str]:
+    """What the run sent narrower than float32: "bfloat16 pushes" (DDP: "bfloat16 all-reduce"),
+    "bfloat16 pull changes"; none for runs from before the settings."""
+    config = facts.get("config", {})
+    push, pull = config.get("push_dtype", "float32"), config.get("pull_dtype", "float32")
+    return ([f"{push} pushes" if facts["mode"] == "ps" else f"{push} all-reduce"] if push != "float32" else []) + \
+        ([f"{pull} pull changes"] if pull != "float32" else [])
 
 
 def _mode(facts: dict) -> str:
-    """"ps", "ddp", "ps, 2 shards" or "ps, bfloat16 pushes"."""
+    """"ps", "ddp", "ps, 2 shards", "ps, bfloat16 pushes" or "ps, bfloat16 pushes, bfloat16 pull changes"."""
     parts = [facts["mode"]]
     if facts.get("ps_shards", 1) > 1:
         parts.append(f"{facts['ps_shards']} shards")
-    if (narrow := _push_dtype(facts)) != "float32":
-        parts.append(f"{narrow} pushes" if facts["mode"] == "ps" else f"{narrow} all-reduce")
-    return ", ".join(parts)
+    return ", ".join(parts + _narrower(facts))
 
 
 def format_report(facts: dict) -> str:
@@ -310,8 +312,9 @@ def format_report(facts: dict) -> str:
         got, full = facts[f"{name}_payload"], facts[f"{name}_payload_no_freeze"]
         saved = f"{1 - got / full:.1%}" if full else "-"
         lines.append(f"{name:<16}{_mb(got):>16}{_mb(full):>18}{saved:>9}")
-    if (narrow := _push_dtype(facts)) != "float32":
-        lines.append(f"(pushes in {narrow}: 'dense, no freeze' counts float32, so 'saved' holds the narrower push too)")
+    if narrower := _narrower(facts):
+        lines.append(f"({', '.join(narrower)}: 'dense, no freeze' counts float32, so 'saved' holds the narrower "
+                     f"dtype too)")
     msg = facts["message_bytes"]
     if facts["mode"] == "ps":
         lines.append(f"serialized messages: push {_mb(msg.get('Push', {}).get('in', 0))}, "

@@ -97,7 +97,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine", "worker_timeout_s", "push_dtype")
+    __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine", "worker_timeout_s", "push_dtype", "pull_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class JoinReply(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     WORKER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PUSH_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     num_workers: int
@@ -122,7 +123,8 @@ class JoinReply(_message.Message):
     engine: EngineConfig
     worker_timeout_s: float
     push_dtype: str
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ..., worker_timeout_s: _Optional[float] = ..., push_dtype: _Optional[str] = ...) -> None: ...
+    pull_dtype: str
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., needs_init: _Optional[bool] = ..., step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., owned: _Optional[_Union[BlockRange, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., total_steps: _Optional[int] = ..., engine: _Optional[_Union[EngineConfig, _Mapping]] = ..., worker_timeout_s: _Optional[float] = ..., push_dtype: _Optional[str] = ..., pull_dtype: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("block", "tensor", "offset", "data", "rows")
@@ -189,24 +191,28 @@ class PushReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "step", "frozen_blocks")
+    __slots__ = ("worker_id", "step", "frozen_blocks", "base_step")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FROZEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     frozen_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., frozen_blocks: _Optional[int] = ...) -> None: ...
+    base_step: int
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("step", "freeze", "blocks")
+    __slots__ = ("step", "freeze", "blocks", "delta")
     STEP_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     step: int
     freeze: FreezeState
     blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    delta: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ..., delta: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class PullMessage(_message.Message):
     __slots__ = ("header", "chunk")

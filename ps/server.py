@@ -82,6 +82,9 @@ class ServerSettings:
     num_shards: int = 1
     # What pushes travel in (JoinReply.push_dtype): float32, or bfloat16 for half the bytes.
     push_dtype: str = "float32"
+    # What a pull's changes travel in (JoinReply.pull_dtype): float32 (whole values every
+    # pull), or bfloat16 for changes with error feedback, half the bytes.
+    pull_dtype: str = "float32"
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
@@ -89,6 +92,7 @@ class ServerSettings:
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
         wire_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
+        wire_layout([], self.pull_dtype)
         self.make_optimizer()
         block_lr_scales(1, self.lr_block_decay)
 
@@ -127,6 +131,8 @@ class ParameterServer:
         self._manifest: pb.Manifest | None = None
         self._blocks: list[BlockLayout] = []
         self._push_blocks: list[BlockLayout] = []  # the same blocks as a push carries them (push_dtype)
+        self._change_blocks: list[BlockLayout] = []  # ... and as a pull's changes (pull_dtype)
+        self._changes_step: int | None = None  # the step a pull of the store's changes leads to
         self._store: BlockStore | None = None
         self._owned = range(0)
         self._initialized = False
@@ -151,8 +157,8 @@ class ParameterServer:
         self._empty_since: float | None = None  # started, no live worker: since when
         self._abandoned = False  # every worker gone for worker_timeout_s before the last step
         self._dropped = 0
-        # Every worker pulls the same bytes in a round: encode them once per (step, first block).
-        self._pull_cache: dict[tuple[int, int], list[Frame]] = {}
+        # Every worker pulls the same bytes in a round: encode each block once per (step, block, kind).
+        self._pull_cache: dict[tuple[int, int, str], list[Frame]] = {}
         self._pull_cache_lock = threading.Lock()
 
     # -- helpers (call with the lock held) -------------------------------------------------
@@ -172,12 +178,13 @@ class ParameterServer:
         """Storage for the owned blocks, with this run's optimizer and per-block rates (a fresh
         run's and a resumed one's alike)."""
         return BlockStore(blocks, owned, self.settings.make_optimizer(),
-                          block_lr_scales(len(blocks), self.settings.lr_block_decay))
+                          block_lr_scales(len(blocks), self.settings.lr_block_decay), self.settings.pull_dtype)
 
     def _adopt(self, manifest: pb.Manifest, blocks: list[BlockLayout], owned: range, store: BlockStore) -> None:
         """Make this the run's model (at the first Join, or from a checkpoint)."""
         self._manifest, self._blocks, self._owned, self._store = manifest, blocks, owned, store
         self._push_blocks = wire_layout(blocks, self.settings.push_dtype)
+        self._change_blocks = wire_layout(blocks, self.settings.pull_dtype)
 
     def _active(self) -> range:
         return range(max(self._owned.start, self._freeze.frozen_blocks), self._owned.stop)
@@ -245,7 +252,7 @@ class ParameterServer:
                             owned=pb.BlockRange(first=self._owned.start, end=self._owned.stop),
                             chunk_bytes=self.settings.chunk_bytes, total_steps=self._total_steps,
                             engine=self.policy.engine_config(), worker_timeout_s=self.settings.worker_timeout_s,
-                            push_dtype=self.settings.push_dtype)
+                            push_dtype=self.settings.push_dtype, pull_dtype=self.settings.pull_dtype)
 
     def init(self, messages: Iterable[Frame]) -> pb.PushReply:
         messages = iter(messages)
@@ -262,6 +269,7 @@ class ParameterServer:
         if bad:
             raise InvalidArgument(f"initial value of tensor {bad!r} holds NaN or Inf")
         with self._cond:
+            self._store.hold(self._active())
             self._initialized = True
             self._waiting_since = time.monotonic()
             self._total_steps = header.total_steps
@@ -299,21 +307,34 @@ class ParameterServer:
             if self._step != req.step:
                 raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
             blocks = [b for b in self._owned if b >= req.frozen_blocks]
-            header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks)
+            kinds = [self._pull_kind(req, b) for b in blocks]
+            header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks,
+                                   delta=[k == "change" for k in kinds] if self._store.held else [])
         # Values cannot change while we stream: round req.step needs this worker's push.
-        return self._pull_stream(header, blocks)
+        return self._pull_stream(header, blocks, kinds)
 
-    def _pull_stream(self, header: pb.PullHeader, blocks: list[int]) -> Iterator[Frame]:
+    def _pull_kind(self, req: pb.PullRequest, b: int) -> str:
+        """What a pull carries of block b: "values" (float32: always without narrower changes,
+        and a block's last pull when it has just frozen), "change" (the last round's, for a
+        worker that pulled the round before), or "held" (float32: what the other workers hold)."""
+        if b < self._freeze.frozen_blocks or b not in self._store.held:
+            return "values"
+        follows = req.HasField("base_step") and req.base_step + 1 == req.step == self._changes_step
+        return "change" if follows and b in self._store.changes else "held"
+
+    def _pull_stream(self, header: pb.PullHeader, blocks: list[int], kinds: list[str]) -> Iterator[Frame]:
         yield encode_header(header)
-        key = (header.step, blocks[0] if blocks else -1)
-        with self._pull_cache_lock:
-            frames = self._pull_cache.get(key)
-            if frames is None:
-                self._pull_cache.clear()  # older steps are never pulled again
-                frames = [f for b in blocks for f in
-                          iter_chunks(self._blocks[b], as_bytes(self._store.values[b]), self.settings.chunk_bytes)]
-                self._pull_cache[key] = frames
-        yield from frames
+        for b, kind in zip(blocks, kinds):
+            key = (header.step, b, kind)
+            with self._pull_cache_lock:
+                frames = self._pull_cache.get(key)
+                if frames is None:
+                    if any(k[0] != header.step for k in self._pull_cache):
+                        self._pull_cache.clear()  # older steps are never pulled again
+                    layout = self._change_blocks[b] if kind == "change" else self._blocks[b]
+                    frames = list(iter_chunks(layout, self._store.pull_bytes(b, kind), self.settings.chunk_bytes))
+                    self._pull_cache[key] = frames
+            yield from frames
 
     # -- Push ------------------------------------------------------------------------------
     def push(self, messages: Iterable[Frame]) -> pb.PushReply:
@@ -401,6 +422,8 @@ class ParameterServer:
         if frozen > frozen_before:
             self._set_frozen(frozen, since_step=step + 1)
             self._on_record(self._freeze_record(step, frozen_before, frozen, decision_info, len(pushes)))
+        self._store.publish(self._active())
+        self._changes_step = step + 1
         now = time.monotonic()
         record = {
             "event": "round", "step": step, "round_s": round(now - self._round_started, 6), "lr": lr,
@@ -421,8 +444,8 @@ class ParameterServer:
         self._cond.notify_all()
 
     def _freeze_record(self, step: int, before: int, after: int, info: dict, workers: int) -> dict:
-        def per_step(frozen: int) -> int:  # push (in push_dtype) + pull payload of one round, all workers
-            return workers * sum(p.nbytes + b.nbytes for p, b in zip(self._push_blocks[frozen:], self._blocks[frozen:]))
+        def per_step(frozen: int) -> int:  # push (in push_dtype) + pull (in pull_dtype) payload of a round, all workers
+            return workers * sum(p.nbytes + c.nbytes for p, c in zip(self._push_blocks[frozen:], self._change_blocks[frozen:]))
         epoch = (step + 1) / self._steps_per_epoch if self._steps_per_epoch else None
         log.info("[PS.Freeze] step %d: %d -> %d blocks frozen (%s)", step + 1, before, after,
                  ", ".join(b.name for b in self._blocks[before:after]))

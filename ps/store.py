@@ -73,11 +73,19 @@ class BlockStore:
     """Values, accumulators and the optimizer's state for the blocks this server owns."""
 
     def __init__(self, blocks: list[BlockLayout], owned: range, optimizer: Optimizer,
-                 lr_scales: list[float] | None = None):
-        """lr_scales: each block's learning rate as a fraction of the schedule's (default 1.0)."""
+                 lr_scales: list[float] | None = None, pull_dtype: str = "float32"):
+        """lr_scales: each block's learning rate as a fraction of the schedule's (default 1.0).
+        pull_dtype: what a pull's changes travel in (JoinReply.pull_dtype)."""
         self.blocks = blocks
         self.owned = owned
         self.optimizer = optimizer
+        self.pull_dtype = pull_dtype
+        # With pull changes narrower than float32: per active block, what the workers hold (the
+        # values as they were pulled, each round's rounded change added as the workers add it)
+        # and the last round's change, rounded. Error feedback: the next change is taken
+        # against what the workers hold, so rounding never accumulates.
+        self.held: dict[int, torch.Tensor] = {}
+        self.changes: dict[int, torch.Tensor] = {}
         self.lr_scales = lr_scales or [1.0] * len(blocks)
         if len(self.lr_scales) != len(blocks):
             raise ValueError(f"{len(self.lr_scales)} learning-rate scales for {len(blocks)} blocks")
@@ -166,16 +174,51 @@ class BlockStore:
         self._fresh = True
         return norms
 
+    def hold(self, blocks: range) -> None:
+        """The workers will pull these blocks' values whole: what they hold is the values now."""
+        if self.pull_dtype != "float32":
+            for b in blocks:
+                self.held[b] = self.values[b].clone()
+                self.changes.pop(b, None)
+
+    def publish(self, blocks: range) -> None:
+        """After apply(): each block's change since the last round, taken against what the
+        workers hold and rounded to pull_dtype, and added to what they hold, as a worker adds
+        it (a float32 addition of the rounded change, so both get the same bits)."""
+        if self.pull_dtype == "float32":
+            return
+        dtype = getattr(torch, self.pull_dtype)
+        for b in blocks:
+            scratch = self.acc[b]  # free until the round's first push overwrites it (accumulate)
+            torch.sub(self.values[b], self.held[b], out=scratch)
+            change = self.changes.get(b)
+            if change is None:
+                change = self.changes[b] = torch.empty(len(scratch), dtype=dtype)
+            change.copy_(scratch)  # rounds to nearest even
+            self.held[b].add_(change)
+
+    def pull_bytes(self, b: int, kind: str) -> np.ndarray:
+        """What a pull carries of block b (ParameterServer._pull_kind): its "values" or what the
+        workers "held", in float32, or its last "change" in pull_dtype."""
+        if kind == "change":
+            return self.changes[b].view(torch.uint8).numpy()
+        return as_bytes(self.values[b] if kind == "values" else self.held[b])
+
     def freeze(self, blocks: range) -> None:
-        """Drop the optimizer state and accumulators of newly frozen blocks."""
+        """Drop the optimizer state and accumulators of newly frozen blocks (and what the
+        workers hold of them: their last pull carries their values)."""
         for b in blocks:
             self.optimizer.drop(b)
             self._grads[b] = []
             self.acc[b] = torch.empty(0)
+            self.held.pop(b, None)
+            self.changes.pop(b, None)
 
     def state(self) -> dict:
-        """Copies of the values and the optimizer's state, for a checkpoint."""
+        """Copies of the values, of what the workers hold (pull changes narrower than float32)
+        and of the optimizer's state, for a checkpoint."""
         return {"values": {b: v.clone() for b, v in self.values.items()},
+                "held": {b: v.clone() for b, v in self.held.items()},
                 "optimizer": {"name": self.optimizer.name, "blocks": self.optimizer.state_dict()}}
 
     def load_state(self, state: dict) -> None:
@@ -190,9 +233,18 @@ class BlockStore:
                                  f"expected float32 {tuple(self.values[b].shape)}")
         if optimizer["name"] != self.optimizer.name:
             raise ValueError(f"the checkpoint's optimizer is {optimizer['name']!r}, this run's {self.optimizer.name!r}")
+        held = state.get("held", {}) if self.pull_dtype != "float32" else {}  # older checkpoints: none
+        for b, v in held.items():
+            if b not in self.values or v.dtype != torch.float32 or v.shape != self.values[b].shape:
+                raise ValueError(f"what the workers hold of block {b}: {v.dtype} {tuple(v.shape)} does not fit")
         self.optimizer.load_state_dict(optimizer["blocks"], self._params)  # checks before it changes anything
         for b, v in values.items():
             self.values[b].copy_(v)
+        # Workers join a restored PS afresh and pull whole: what they hold is kept only so that a
+        # resumed run goes on with the same bits as one not interrupted.
+        self.hold(self.owned)
+        for b, v in held.items():
+            self.held[b] = v.clone()
 
     def optimizer_state_bytes(self) -> int:
         return self.optimizer.state_bytes()

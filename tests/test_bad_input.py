@@ -236,10 +236,13 @@ def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(
 @pytest.mark.parametrize("replies,words", [
     ([], "ended before its header"),
     ([pb.PullMessage(chunk=pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * 4))], "did not start with a header"),
+    ([pb.PullMessage(header=pb.PullHeader(step=0, blocks=[0], delta=[True]))],
+     "marks 1 of 1 blocks as changes, with pull changes in float32"),
 ])
 def test_a_worker_refuses_a_pull_stream_without_its_header(replies, words):
-    """The other direction: a broken or hostile PS answering a pull with nothing, or with a chunk
-    first, gets a WireError saying so, not a StopIteration or a write into the model."""
+    """The other direction: a broken or hostile PS answering a pull with nothing, with a chunk
+    first, or with changes the worker did not ask for, gets a WireError saying so, not a
+    StopIteration or a write into the model."""
     server = grpc.server(futures.ThreadPoolExecutor(1))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
         "Pull": grpc.unary_stream_rpc_method_handler(lambda request, context: iter(replies),

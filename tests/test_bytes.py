@@ -13,19 +13,23 @@ from worker.flat import manifest_for
 from worker.models import build_model
 
 
-@pytest.mark.parametrize("push_dtype", ["float32", "bfloat16"])
-def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype):
-    """Pulls carry the unfrozen blocks' float32 values; pushes the same blocks in push_dtype
-    (bfloat16: half of it, running statistics too)."""
+@pytest.mark.parametrize("push_dtype,pull_dtype", [("float32", "float32"), ("bfloat16", "float32"),
+                                                   ("float32", "bfloat16"), ("bfloat16", "bfloat16")])
+def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype, pull_dtype):
+    """Pulls carry the unfrozen blocks' float32 values, or with pull_dtype bfloat16 their
+    changes in half of it after the first pull; a block that has just frozen comes once more
+    in float32. Pushes carry the same blocks in push_dtype (bfloat16: half of it, running
+    statistics too)."""
     num_workers, steps, freeze_at = 2, 6, 3
     layout = layout_from_manifest(manifest_for(build_model("tiny_cnn", 4)))
     sizes = {str(b.index): b.nbytes for b in layout}
     push_sizes = {str(b.index): b.nbytes for b in wire_layout(layout, push_dtype)}
     assert push_sizes == {k: n // (4 // WIRE_DTYPES[push_dtype]) for k, n in sizes.items()}
+    change_sizes = {str(b.index): b.nbytes for b in wire_layout(layout, pull_dtype)}
     log = tmp_path / "ps.jsonl"
     # Chunks of 256 bytes, so blocks span several chunks and chunks span tensors.
     with ps_factory(num_workers, policy=FreezePolicy(EngineSpec("static", blocks=2, from_step=freeze_at)), log_path=log,
-                    chunk_bytes=256, push_dtype=push_dtype) as ps:
+                    chunk_bytes=256, push_dtype=push_dtype, pull_dtype=pull_dtype) as ps:
         run_workers([worker_settings(ps.address, model="tiny_cnn", steps=steps) for _ in range(num_workers)])
     records = [json.loads(line) for line in log.read_text().splitlines()]
     rounds = [r for r in records if r["event"] == "round"]
@@ -39,12 +43,16 @@ def test_payload_is_exactly_the_unfrozen_blocks(ps_factory, tmp_path, push_dtype
         push.pop("-1", None)
         first = 0 if r["step"] < freeze_at else 2
         want_push = {k: n * num_workers for k, n in push_sizes.items() if int(k) >= first}
-        # The pull at the freeze boundary carries the newly frozen blocks' final values once.
-        want_pull = {k: n * num_workers for k, n in sizes.items() if int(k) >= (first if r["step"] > freeze_at else 0)}
+        # The pull at the freeze boundary carries the newly frozen blocks' final values once; the
+        # first pull (no pull before it to change from) whole values.
+        pull_sizes = {k: sizes[k] if r["step"] == 0 or (r["step"] == freeze_at and int(k) < 2) else change_sizes[k]
+                      for k in sizes}
+        want_pull = {k: n * num_workers for k, n in pull_sizes.items()
+                     if int(k) >= (first if r["step"] > freeze_at else 0)}
         assert push == want_push, r["step"]
         assert pull == want_pull, r["step"]
         # The freeze record's bytes per round before and after, as measured.
-        if r["step"] != freeze_at:
+        if r["step"] != freeze_at and (r["step"] or pull_dtype == "float32"):
             key = "bytes_per_step_before" if r["step"] < freeze_at else "bytes_per_step_after"
             assert sum(push.values()) + sum(pull.values()) == freezes[0][key], r["step"]
         # A chunk message costs its payload plus a few bytes of field tags and varints.

@@ -113,6 +113,8 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"lr_block_decay": "1.5"}, "lr_block_decay"),
     ({"push_dtype": "float16"}, r"push_dtype: 'float16' is not one of \['float32', 'bfloat16'\]"),
     ({"push_dtype": "bfloat16", "mode": "single"}, "mode 'single' sends nothing"),
+    ({"pull_dtype": "int8"}, r"pull_dtype: 'int8' is not one of \['float32', 'bfloat16'\]"),
+    ({"pull_dtype": "bfloat16", "mode": "ddp"}, "mode 'ddp' pulls nothing"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

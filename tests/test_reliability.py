@@ -166,6 +166,29 @@ def test_a_resumed_ps_trains_each_block_at_its_own_rate():
     assert any(not np.array_equal(flat_rate[name], want[name]) for name in want)
 
 
+def test_a_resumed_ps_keeps_what_the_workers_hold_of_bfloat16_pull_changes():
+    """With --pull-dtype bfloat16 the PS keeps what its workers hold (the values as pulled plus
+    each round's rounded change). A snapshot keeps it: the workers of a resumed PS pull the same
+    values as those of the uninterrupted one, and the next change is the same, to the bit."""
+    straight, ids, flat = _joined_server(1, 1, lr=0.1, pull_dtype="bfloat16")
+    torch.manual_seed(3)
+    for g in flat.grads:
+        g.copy_(torch.randn_like(g))
+    for step in range(2):
+        _push(straight, ids[0], flat, step)
+    held = straight._store.held
+    assert any(not torch.equal(held[b], straight._store.values[b]) for b in held)  # the rounding is real
+    again = ParameterServer(ServerSettings(num_workers=1, chunk_bytes=1 << 20, lr=0.1, pull_dtype="bfloat16"),
+                            FreezePolicy(), lambda r: None)
+    again.restore(straight.snapshot())
+    assert held.keys() == again._store.held.keys() and all(torch.equal(held[b], again._store.held[b]) for b in held)
+    _push(straight, ids[0], flat, 2)
+    _push(again, again.join(pb.JoinRequest(worker_name="again", manifest=flat.manifest)).worker_id, flat, 2)
+    for b in held:
+        assert torch.equal(again._store.changes[b], straight._store.changes[b])
+        assert torch.equal(again._store.held[b], straight._store.held[b])
+
+
 def test_stateless_engine_refuses_foreign_state():
     assert NoFreeze().state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):
@@ -322,14 +345,17 @@ class _StallingClient(PSClient):
         return super().push(header, flat, blocks)
 
 
-def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
+@pytest.mark.parametrize("pull_dtype", ["float32", "bfloat16"])
+def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path, pull_dtype):
+    """With --pull-dtype bfloat16 too: the rejoined worker pulls what the others hold, whole,
+    and goes on with their bits."""
     torch.manual_seed(3)
     weights = tmp_path / "init.pt"
     torch.save(build_model("mlp", 4).state_dict(), weights)
     steps, lr = 10, 0.05
     log_path = tmp_path / "ps.jsonl"
     with ps_factory(3, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, worker_timeout_s=0.5,
-                    round_timeout_s=10.0) as ps:
+                    round_timeout_s=10.0, pull_dtype=pull_dtype) as ps:
         settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(3)]
         staller = _StallingClient(ps.address, step=3, seconds=2.0, connect_retries=3, rpc_timeout_s=30.0)
         from worker.train import run_worker
@@ -351,7 +377,8 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path):
     assert stalled["rejoins"] == 1 and stalled["steps"] < steps  # it missed the rounds it was away
     assert all(s["rejoins"] == 0 for s in summaries)
     # Exactly the accepted pushes were applied, weighted by their batch sizes.
-    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
+    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0,
+                           pull_dtype=pull_dtype)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit: rounds of 48 samples, 32 after the drop
 

@@ -166,12 +166,16 @@ def test_the_mode_and_the_savings_name_shards_and_narrow_pushes():
     assert _mode(facts("ps")) == "ps" and _mode(facts("ddp", push_dtype="float32")) == "ddp"
     assert _mode(facts("ps", 3, push_dtype="bfloat16")) == "ps, 3 shards, bfloat16 pushes"
     assert _mode(facts("ddp", push_dtype="bfloat16")) == "ddp, bfloat16 all-reduce"
-    # A run's report says its savings count the narrower push too.
+    assert _mode(facts("ps", push_dtype="bfloat16", pull_dtype="bfloat16")) == \
+        "ps, bfloat16 pushes, bfloat16 pull changes"
+    # A run's report says its savings count the narrower dtypes too.
     run = summarize_run(FIXTURE)
     assert "counts float32" not in format_report(run)
     run["config"]["push_dtype"] = "bfloat16"
-    assert "(pushes in bfloat16: 'dense, no freeze' counts float32" in format_report(run)
+    assert "(bfloat16 pushes: 'dense, no freeze' counts float32" in format_report(run)
     assert format_report(run).startswith("ps, bfloat16 pushes:")
+    run["config"]["pull_dtype"] = "bfloat16"
+    assert "(bfloat16 pushes, bfloat16 pull changes: 'dense, no freeze' counts float32" in format_report(run)
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):

@@ -109,7 +109,7 @@ def _run(run_dir, *flags):
                                     ["--freeze", "threshold", "--freeze-interval", "2", "--freeze-tau", "100",
                                      "--freeze-rate", "1", "--freeze-decision", "votes", "--vote-quorum", "1"],
                                     ["--freeze", "static", "--freeze-blocks", "1", "--freeze-step", "3",
-                                     "--push-dtype", "bfloat16"]],
+                                     "--push-dtype", "bfloat16", "--pull-dtype", "bfloat16"]],
                          ids=["static", "votes", "static-bfloat16"])
 def test_two_shards_train_exactly_as_one_ps(tmp_path, freeze):
     _run(tmp_path / "one", *freeze)

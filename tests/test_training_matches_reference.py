@@ -14,10 +14,12 @@ from worker.flat import FlatModel
 from worker.models import build_model
 
 
-@pytest.mark.parametrize("num_workers,freeze,optimizer,push_dtype", [
-    (2, None, "sgd", "float32"), (3, (1, 3), "sgd", "float32"), (4, None, "sgd", "float32"),
-    (3, (1, 3), "adamw", "float32"), (3, None, "sgd", "bfloat16"), (3, (1, 3), "adamw", "bfloat16")])
-def test_ps_matches_serial_training(ps_factory, tmp_path, num_workers, freeze, optimizer, push_dtype):
+@pytest.mark.parametrize("num_workers,freeze,optimizer,push_dtype,pull_dtype", [
+    (2, None, "sgd", "float32", "float32"), (3, (1, 3), "sgd", "float32", "float32"),
+    (4, None, "sgd", "float32", "float32"), (3, (1, 3), "adamw", "float32", "float32"),
+    (3, None, "sgd", "bfloat16", "float32"), (3, (1, 3), "adamw", "bfloat16", "float32"),
+    (3, None, "sgd", "float32", "bfloat16"), (3, (1, 3), "adamw", "bfloat16", "bfloat16")])
+def test_ps_matches_serial_training(ps_factory, tmp_path, num_workers, freeze, optimizer, push_dtype, pull_dtype):
     torch.manual_seed(7)
     weights = tmp_path / "init.pt"
     torch.save(build_model("mlp", 4, "random").state_dict(), weights)
@@ -27,7 +29,7 @@ def test_ps_matches_serial_training(ps_factory, tmp_path, num_workers, freeze, o
     if optimizer == "adamw":
         lr = 0.01
     with ps_factory(num_workers, policy=policy, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=wd,
-                    push_dtype=push_dtype) as ps:
+                    push_dtype=push_dtype, pull_dtype=pull_dtype) as ps:
         run_workers([worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(num_workers)])
         got = ps.server.values_by_name()
         assert ps.server.step == steps
@@ -37,16 +39,18 @@ def test_ps_matches_serial_training(ps_factory, tmp_path, num_workers, freeze, o
         per_param = 2 if optimizer == "adamw" else 1
         assert ps.server.describe()["optimizer_state_bytes"] == per_param * sum(t.nbytes for t in trained)
     freeze_blocks, freeze_step = freeze or (0, 0)
-    def reference(push_dtype: str) -> dict:
+    def reference(push_dtype: str, pull_dtype: str) -> dict:
         return serial_training(weights, num_workers, [list(range(num_workers))] * steps, batch_size=16, lr=lr,
                                momentum=momentum, weight_decay=wd, freeze_blocks=freeze_blocks,
-                               freeze_step=freeze_step, optimizer=optimizer, push_dtype=push_dtype)
-    want = reference(push_dtype)
+                               freeze_step=freeze_step, optimizer=optimizer, push_dtype=push_dtype,
+                               pull_dtype=pull_dtype)
+    want = reference(push_dtype, pull_dtype)
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit
-    if push_dtype != "float32":  # the rounding is real: unrounded gradients train elsewhere
-        exact = reference("float32")
+    # The rounding is real: unrounded gradients, or the PS's values themselves, train elsewhere.
+    for exact in ([reference("float32", pull_dtype)] if push_dtype != "float32" else []) + \
+                 ([reference(push_dtype, "float32")] if pull_dtype != "float32" else []):
         assert any(not np.array_equal(exact[name], want[name]) for name in want)
     # The check can fail: training moved the parameters away from where they started.
     init = build_model("mlp", 4, str(weights))

@@ -20,7 +20,6 @@ from proto.transport import (
     ByteMeter,
     ChunkReceiver,
     WireError,
-    copy_into,
     iter_chunks,
     metered,
 )
@@ -105,7 +104,8 @@ class PSClient:
 
     def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
         """Pull step `step` into the model's flat buffers; returns (header, wait_s, pull_s)."""
-        request = pb.PullRequest(worker_id=self.worker_id, step=step, frozen_blocks=frozen_blocks)
+        request = pb.PullRequest(worker_id=self.worker_id, step=step, frozen_blocks=frozen_blocks,
+                                 base_step=flat.pulled_step)
         self.meter.count("Pull", "out", self.worker_id, request)
         started = time.perf_counter()
         replies = metered(self._stub.Pull(request, timeout=self._timeout, metadata=self._metadata()),
@@ -117,13 +117,17 @@ class PSClient:
         if first.header is None:
             raise WireError(f"pull stream did not start with a header {first.error}")
         header = first.header
-        receiver = ChunkReceiver(flat.layout, list(header.blocks),
-                                 copy_into({b: flat.value_bytes(b) for b in header.blocks}), self.chunk_bytes)
+        if header.delta and (len(header.delta) != len(header.blocks) or not flat.held):
+            raise WireError(f"pull header marks {len(header.delta)} of {len(header.blocks)} blocks as changes, "
+                            f"with pull changes in {flat.pull_dtype}")
+        layouts, write = flat.pull_sink(header)
+        receiver = ChunkReceiver(layouts, list(header.blocks), write, self.chunk_bytes)
         for msg in replies:
             if msg.chunk is None:
                 raise WireError(f"pull stream: expected a chunk {msg.error}")
             receiver.accept(msg.chunk)
         receiver.finish()
+        flat.finish_pull(header)
         return header, first_at - started, time.perf_counter() - first_at
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
@@ -209,6 +213,7 @@ class ShardedClient:
         self._agree("the freeze state", [r.freeze for r in replies])
         self._agree("the number of workers", [r.num_workers for r in replies])
         self._agree("the push dtype", [r.push_dtype or "float32" for r in replies])
+        self._agree("the pull dtype", [r.pull_dtype or "float32" for r in replies])
         self._owned = [range(r.owned.first, r.owned.end) for r in replies]
         if any(a.stop != b.start for a, b in zip(self._owned, self._owned[1:])) or self._owned[0].start != 0:
             raise ShardMismatch(f"the PS shards' blocks do not follow each other: {self._owned} (are the addresses "
@@ -235,6 +240,8 @@ class ShardedClient:
         wait_s = max(w for _, w, _ in pulled)
         merged = pb.PullHeader(step=headers[0].step, freeze=headers[0].freeze,
                                blocks=[b for h in headers for b in h.blocks])
+        if any(h.delta for h in headers):
+            merged.delta.extend(d for h in headers for d in (h.delta or [False] * len(h.blocks)))
         return merged, wait_s, time.perf_counter() - started - wait_s
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:

@@ -8,6 +8,9 @@ unflattening.
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -15,6 +18,11 @@ from proto import freezeps_pb2 as pb
 from proto.layout import WIRE_DTYPES, BlockLayout, layout_from_manifest, wire_layout
 from proto.transport import SparseRows, sparse_rows
 from worker.models import BlockModel
+
+# A pull's changes are read straight from gRPC's read-only buffers and only read: torch's
+# warning about non-writable buffers is moot (as in ps/store.py). Set once, for this module.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
 
 
 def _tensors(block: torch.nn.Module):
@@ -48,6 +56,13 @@ class FlatModel:
         self.push_dtype = "float32"
         self.push_layout: list[BlockLayout] = self.layout  # how a push carries the blocks
         self._narrow: list[torch.Tensor] = []  # per block, the push in push_dtype (not float32)
+        self.pull_dtype = "float32"
+        self.change_layout: list[BlockLayout] = self.layout  # how a pull carries a block's change
+        # With changes narrower than float32: per block, the values as pulled, the changes
+        # added, as the PS adds them to its copy (the model's own values drift from it: a
+        # training forward updates BatchNorm's running statistics in place).
+        self.held: list[torch.Tensor] = []
+        self.pulled_step: int | None = None  # the step of the last pull; None: none since the Join
         self.values: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -85,6 +100,42 @@ class FlatModel:
         self.push_layout = wire_layout(self.layout, dtype)
         self._narrow = [] if dtype == "float32" else [torch.empty(len(g), dtype=getattr(torch, dtype))
                                                        for g in self.grads]
+
+    def set_pull_dtype(self, dtype: str) -> None:
+        """Take pulls' changes in `dtype` (JoinReply.pull_dtype; "" is float32), from a Join on:
+        the first pull after it carries whole values."""
+        dtype = dtype or "float32"
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"the PS sends pull changes in {dtype!r}, which this worker cannot read "
+                             f"(it knows {sorted(WIRE_DTYPES)})")
+        self.pull_dtype = dtype
+        self.change_layout = wire_layout(self.layout, dtype)
+        self.held = [] if dtype == "float32" else [torch.empty_like(v) for v in self.values]
+        self.pulled_step = None
+
+    def pull_sink(self, header: pb.PullHeader) -> tuple[list[BlockLayout], Callable[[int, int, memoryview], None]]:
+        """The layouts a pull's chunks come in and the sink that takes them (a ChunkReceiver's):
+        values are copied into the model, changes added to what this worker holds."""
+        changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
+        layouts = [self.change_layout[b] if b in changed else layout for b, layout in enumerate(self.layout)]
+        dtype, size = getattr(torch, self.pull_dtype), WIRE_DTYPES[self.pull_dtype]
+
+        def write(block: int, start: int, data: memoryview) -> None:
+            if block in changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
+                self.held[block][start // size:(start + len(data)) // size].add_(torch.frombuffer(data, dtype=dtype))
+            else:
+                self.value_bytes(block)[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return layouts, write
+
+    def finish_pull(self, header: pb.PullHeader) -> None:
+        """After a pull's last chunk: the model's values are what this worker holds."""
+        delta = list(header.delta) or [False] * len(header.blocks)
+        for b, changed in zip(header.blocks, delta):
+            if changed:
+                self.values[b].copy_(self.held[b])
+            elif self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
+                self.held[b].copy_(self.values[b])
+        self.pulled_step = header.step
 
     def push_bytes(self, b: int) -> np.ndarray:
         """Block b's push payload in push_layout: parameter gradients, and running statistics in

@@ -107,6 +107,7 @@ def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train
     are functions of the number of workers, which Join tells."""
     joined = client.join(flat.manifest, name)
     flat.set_push_dtype(joined.push_dtype)
+    flat.set_pull_dtype(joined.pull_dtype)
     world = joined.num_workers
     if joined.needs_init:
         client.init(flat, range(joined.owned.first, joined.owned.end), total_steps(world), steps_per_epoch(world))
