@@ -260,3 +260,15 @@ def test_a_worker_refuses_a_pull_stream_without_its_header(replies, words):
     finally:
         client.close()
         server.stop(None)
+
+
+def test_a_worker_refuses_wire_dtypes_it_does_not_know():
+    """A PS (a newer one, or a hostile one) naming a dtype at Join that this worker cannot send
+    or read is refused with a message saying which, before anything is sent or written."""
+    flat = FlatModel(build_model("mlp", 4))
+    with pytest.raises(ValueError, match="the PS asks for pushes in 'int8', which this worker does not know"):
+        flat.set_push_dtype("int8")
+    with pytest.raises(ValueError, match="the PS sends pull changes in 'int8', which this worker does not know"):
+        flat.set_pull_dtype("int8")
+    flat.set_pull_dtype("")  # an older PS: whole float32 values
+    assert flat.pull_dtype == "float32" and flat.held == [] and flat.pulled_step is None

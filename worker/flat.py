@@ -48,6 +48,15 @@ def manifest_for(model: BlockModel, sparse_push: bool = False) -> pb.Manifest:
     return manifest
 
 
+def _known(dtype: str, what_the_ps: str) -> str:
+    """A wire dtype the PS named at Join ("" is float32), or ValueError saying what it asked."""
+    dtype = dtype or "float32"
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"the PS {what_the_ps} {dtype!r}, which this worker does not know (it knows "
+                         f"{sorted(WIRE_DTYPES)})")
+    return dtype
+
+
 class FlatModel:
     def __init__(self, model: BlockModel, sparse_push: bool = False):
         self.model = model
@@ -92,10 +101,7 @@ class FlatModel:
 
     def set_push_dtype(self, dtype: str) -> None:
         """Push in `dtype` from now on (what the PS's JoinReply.push_dtype says; "" is float32)."""
-        dtype = dtype or "float32"
-        if dtype not in WIRE_DTYPES:
-            raise ValueError(f"the PS asks for pushes in {dtype!r}, which this worker cannot send "
-                             f"(it knows {sorted(WIRE_DTYPES)})")
+        dtype = _known(dtype, "asks for pushes in")
         self.push_dtype = dtype
         self.push_layout = wire_layout(self.layout, dtype)
         self._narrow = [] if dtype == "float32" else [torch.empty(len(g), dtype=getattr(torch, dtype))
@@ -104,10 +110,7 @@ class FlatModel:
     def set_pull_dtype(self, dtype: str) -> None:
         """Take pulls' changes in `dtype` (JoinReply.pull_dtype; "" is float32), from a Join on:
         the first pull after it carries whole values."""
-        dtype = dtype or "float32"
-        if dtype not in WIRE_DTYPES:
-            raise ValueError(f"the PS sends pull changes in {dtype!r}, which this worker cannot read "
-                             f"(it knows {sorted(WIRE_DTYPES)})")
+        dtype = _known(dtype, "sends pull changes in")
         self.pull_dtype = dtype
         self.change_layout = wire_layout(self.layout, dtype)
         self.held = [] if dtype == "float32" else [torch.empty_like(v) for v in self.values]
