@@ -2,7 +2,8 @@
 
 After binding, every parameter and float buffer of block b is a view into values[b], and
 every parameter's .grad a view into grads[b]. A pull writes chunks straight into
-values[b]; a push sends grads[b] (with the running statistics copied into their slots)
+values[b] (or, with narrower pull changes, adds them to held[b] and copies that into
+values[b]); a push sends grads[b] (with the running statistics copied into their slots)
 as it is, or rounded to the PS's push dtype in one copy: no per-step flattening or
 unflattening.
 """
