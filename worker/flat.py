@@ -17,7 +17,7 @@ import torch
 
 from proto import freezeps_pb2 as pb
 from proto.layout import WIRE_DTYPES, BlockLayout, layout_from_manifest, wire_layout
-from proto.transport import SparseRows, sparse_rows
+from proto.transport import SparseRows, copy_into, sparse_rows
 from worker.models import BlockModel
 
 # A pull's changes are read straight from gRPC's read-only buffers and only read: torch's
@@ -123,12 +123,13 @@ class FlatModel:
         changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
         layouts = [self.change_layout[b] if b in changed else layout for b, layout in enumerate(self.layout)]
         dtype, size = getattr(torch, self.pull_dtype), WIRE_DTYPES[self.pull_dtype]
+        copy = copy_into({b: self.value_bytes(b) for b in header.blocks if b not in changed})
 
         def write(block: int, start: int, data: memoryview) -> None:
             if block in changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
                 self.held[block][start // size:(start + len(data)) // size].add_(torch.frombuffer(data, dtype=dtype))
             else:
-                self.value_bytes(block)[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                copy(block, start, data)
         return layouts, write
 
     def finish_pull(self, header: pb.PullHeader) -> None:
