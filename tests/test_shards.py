@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +137,34 @@ def test_more_shards_than_blocks_is_refused_with_the_reason(tmp_path):
                                      "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAILED_PRECONDITION" in out.stderr and "cannot split 3 blocks over 4 servers" in out.stderr
+
+
+def test_a_pull_from_shards_takes_each_shards_changes_whatever_order_the_shards_answer_in(ps_factory):
+    """With bfloat16 pull changes, every shard of a pull is asked for the changes since the same
+    last pull, even when one shard's pull has ended (and the worker holds its blocks' new values)
+    before another's begins: each shard then sends its changes, not its whole held values."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    settings = dict(pull_dtype="bfloat16", lr=0.1)
+    with ps_factory(1, shard=0, num_shards=2, **settings) as s0, ps_factory(1, shard=1, num_shards=2, **settings) as s1:
+        client = ShardedClient([s0.address, s1.address], connect_retries=2)
+        client._pool.shutdown()
+        client._pool = ThreadPoolExecutor(1)  # the shards' calls one after the other: shard 0's pull ends first
+        try:
+            joined = client.join(flat.manifest, "w")
+            flat.set_pull_dtype(joined.pull_dtype)
+            client.init(flat, range(len(flat.layout)), total_steps=3)
+            blocks = range(len(flat.layout))
+            first, _, _ = client.pull(0, 0, flat)
+            assert list(first.delta) == [False] * len(flat.layout)  # whole values after the Join
+            for g in flat.grads:
+                g.fill_(1.0)
+            client.push(pb.PushHeader(step=0, batch_size=1), flat, blocks)
+            second, _, _ = client.pull(1, 0, flat)
+            assert list(second.blocks) == list(blocks) and list(second.delta) == [True] * len(flat.layout)
+            want = {**s0.server.values_by_name(), **s1.server.values_by_name()}
+        finally:
+            client.close()
+    for name, value in flat.values_by_name().items():  # the changes, rounded, landed where the PS holds them
+        held = want[name]
+        assert np.allclose(value.numpy(), held, rtol=1e-2, atol=1e-3), name

@@ -104,8 +104,16 @@ class PSClient:
 
     def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
         """Pull step `step` into the model's flat buffers; returns (header, wait_s, pull_s)."""
+        header, wait_s, pull_s = self.pull_since(step, frozen_blocks, flat, flat.pulled_step)
+        flat.pulled_step = header.step
+        return header, wait_s, pull_s
+
+    def pull_since(self, step: int, frozen_blocks: int, flat: FlatModel,
+                   base_step: int | None) -> tuple[pb.PullHeader, float, float]:
+        """pull(), with narrower changes asked for since `base_step` (the last pull), which the
+        caller records once the whole pull has landed: ShardedClient after every shard's."""
         request = pb.PullRequest(worker_id=self.worker_id, step=step, frozen_blocks=frozen_blocks,
-                                 base_step=flat.pulled_step)
+                                 base_step=base_step)
         self.meter.count("Pull", "out", self.worker_id, request)
         started = time.perf_counter()
         replies = metered(self._stub.Pull(request, timeout=self._timeout, metadata=self._metadata()),
@@ -233,7 +241,8 @@ class ShardedClient:
 
     def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
         started = time.perf_counter()
-        pulled = self._each(lambda i, c: c.pull(step, frozen_blocks, flat))
+        base_step = flat.pulled_step  # the same for every shard, whichever ends first
+        pulled = self._each(lambda i, c: c.pull_since(step, frozen_blocks, flat, base_step))
         headers = [h for h, _, _ in pulled]
         self._agree("the step", [h.step for h in headers])
         self._agree("the freeze state", [h.freeze for h in headers])
@@ -242,6 +251,7 @@ class ShardedClient:
                                blocks=[b for h in headers for b in h.blocks])
         if any(h.delta for h in headers):
             merged.delta.extend(d for h in headers for d in (h.delta or [False] * len(h.blocks)))
+        flat.pulled_step = merged.step
         return merged, wait_s, time.perf_counter() - started - wait_s
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:

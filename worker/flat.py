@@ -72,7 +72,8 @@ class FlatModel:
         # added, as the PS adds them to its copy (the model's own values drift from it: a
         # training forward updates BatchNorm's running statistics in place).
         self.held: list[torch.Tensor] = []
-        self.pulled_step: int | None = None  # the step of the last pull; None: none since the Join
+        # The step of the last pull, once all of it landed (the client sets it); None: none since the Join.
+        self.pulled_step: int | None = None
         self.values: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -140,7 +141,6 @@ class FlatModel:
                 self.values[b].copy_(self.held[b])
             elif self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
                 self.held[b].copy_(self.values[b])
-        self.pulled_step = header.step
 
     def push_bytes(self, b: int) -> np.ndarray:
         """Block b's push payload in push_layout: parameter gradients, and running statistics in
