@@ -81,8 +81,8 @@ def encode_header(header) -> Frame:
 def encode_chunk(block: int, tensor: int, offset: int, data: memoryview, rows: memoryview | None = None) -> Frame:
     """The protobuf encoding of a stream message holding Chunk{block, tensor, offset, data, rows}.
 
-    A row chunk (rows not None) is marked on the wire by its rows field, so one holding no
-    rows still carries an empty rows field (proto3 would otherwise leave it out)."""
+    A row chunk (rows not None) is marked on the wire by its rows field, present even when
+    empty (`optional bytes rows`: protobuf's own encoder writes it too once it is set)."""
     fields = b"".join(_varint(tag) + _varint(v) for tag, v in ((1 << 3, block), (2 << 3, tensor), (3 << 3, offset))
                       if v)  # proto3 leaves zero scalars out
     data_head = bytes([4 << 3 | _LEN]) + _varint(len(data)) if len(data) else b""

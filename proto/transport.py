@@ -172,6 +172,8 @@ class ChunkReceiver:
                                 f"at byte {self._pos})")
         if chunk.offset:
             raise WireError(f"row chunk with offset {chunk.offset}; row chunks carry offset 0")
+        if continuing and not chunk.rows:  # else a stream of them would never end
+            raise WireError(f"row chunk of tensor {tensor.name!r} continues without rows")
         if len(chunk.rows) % 4:
             raise WireError(f"row indices of {len(chunk.rows)} bytes: not a whole number of uint32")
         rows = np.frombuffer(chunk.rows, dtype="<u4")

@@ -212,6 +212,9 @@ def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(
         ("NaN in a row", [pb.Chunk(rows=rows, data=np.full(8, np.nan, np.float32).tobytes()),
                           pb.Chunk(tensor=1, data=bias)], "NaN"),
         ("bias missing", [pb.Chunk(rows=rows, data=two_rows)], "ended early"),
+        # Only a tensor's first row chunk may be empty (a zero gradient); more would never end a stream.
+        ("empty row chunks", [pb.Chunk(rows=rows, data=two_rows), pb.Chunk(rows=b"", data=b""),
+                              pb.Chunk(tensor=1, data=bias)], "continues without rows"),
     ]
     with ps_factory(num_workers=1, lr=0.5, momentum=0.0, weight_decay=0.0) as ps, \
             grpc.insecure_channel(ps.address) as channel:
