@@ -101,7 +101,9 @@ class ParameterServerServicer:
     def Push(self, request_iterator, context):
         """Send one step's gradients (parameters) and running statistics (buffers)
         for every block that is not frozen. The push is validated whole before any
-        of it is applied: a rejected push changes nothing on the server.
+        of it is applied: a rejected push changes nothing on the server. A worker may
+        push a step again when it did not get the reply (PushReply.duplicate); while
+        its earlier try is still being received, the retry is ABORTED: try again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

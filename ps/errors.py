@@ -16,6 +16,12 @@ class FailedPrecondition(PSError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Busy(PSError):
+    """Another call of the same worker is still being served (a push retried before the PS
+    noticed that the first try's connection broke): retry when it has ended."""
+    code = grpc.StatusCode.ABORTED
+
+
 class RunFull(PSError):
     """Every worker slot is taken; one frees when a worker leaves or is dropped: retry later."""
     code = grpc.StatusCode.UNAVAILABLE

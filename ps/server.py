@@ -28,6 +28,7 @@ from proto.layout import (
 )
 from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
 from ps.errors import (
+    Busy,
     FailedPrecondition,
     InvalidArgument,
     PSError,
@@ -342,6 +343,11 @@ class ParameterServer:
         header = _first_header(messages)
         with self._cond:
             worker = self._worker(header.worker_id)
+            if worker.pushed_step == header.step:  # a retry whose first try's reply was lost
+                log.info("[PS.Push] %s pushed step %d again: acknowledged, not applied", worker.worker_id, header.step)
+                self._on_record({"event": "duplicate_push", "step": header.step, "worker": worker.worker_id,
+                                 "rank": worker.rank})
+                return pb.PushReply(step=header.step, freeze=self._freeze_copy(), duplicate=True)
             self._check_push(worker, header)
             worker.pushing = True
             active = self._active()
@@ -375,10 +381,8 @@ class ParameterServer:
             raise FailedPrecondition("the run has not started: waiting for workers or initial values")
         if header.step != self._step:
             raise FailedPrecondition(f"push for step {header.step}, but the server is at step {self._step}")
-        if worker.pushed_step == header.step:
-            raise FailedPrecondition(f"worker {worker.worker_id} already pushed step {header.step}")
         if worker.pushing and not already_pushing:
-            raise FailedPrecondition(f"worker {worker.worker_id} has a push in flight")
+            raise Busy(f"worker {worker.worker_id} has a push in flight: retry when it has ended")
         if header.batch_size == 0:
             raise InvalidArgument("batch_size must be at least 1")
 

@@ -116,20 +116,24 @@ def test_fuzzed_pushes_are_answered_and_change_nothing_unless_valid():
         def check(stream):
             before = _state(ps)
             try:
-                raw_push(iter([_encode(op, worker_id, before[0], good) for op in stream]), timeout=10)
+                reply = raw_push(iter([_encode(op, worker_id, before[0], good) for op in stream]), timeout=10)
                 code = grpc.StatusCode.OK
             except grpc.RpcError as e:
                 code = e.code()
                 assert code in REFUSALS, (code, e.details(), stream)
                 assert e.details(), stream
             after = _state(ps)
-            if code == grpc.StatusCode.OK:
+            if code == grpc.StatusCode.OK and reply.duplicate:  # its push of that step was accepted before
+                assert reply.step < before[0] and _unchanged(before, after), stream
+                code = "duplicate"
+            elif code == grpc.StatusCode.OK:
                 assert after[0] == before[0] + 1  # one worker: an accepted push completes a round
                 # The next round needs a pull first, as a worker would do it.
                 list(stub.Pull(pb.PullRequest(worker_id=worker_id, step=after[0]), timeout=10))
             else:
                 assert _unchanged(before, after), stream
-            outcomes[code.name] = outcomes.get(code.name, 0) + 1
+            name = code if isinstance(code, str) else code.name
+            outcomes[name] = outcomes.get(name, 0) + 1
 
         check()
         assert stub.Status(pb.StatusRequest(), timeout=5).live_workers == 1  # still serving, still joined

@@ -24,7 +24,7 @@ from proto.codec import encode_header
 from proto.service import ParameterServerClient
 from proto.transport import iter_chunks
 from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
-from ps.errors import UnknownWorker
+from ps.errors import Busy, UnknownWorker
 from ps.policy import FreezeHistory, FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from tests.conftest import run_workers, worker_settings
@@ -381,6 +381,87 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path, pull_dtype):
                            pull_dtype=pull_dtype)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit: rounds of 48 samples, 32 after the drop
+
+
+class _LostReply(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection broke before the reply arrived (simulated)"
+
+
+class _LosingClient(PSClient):
+    """Its push of `step` reaches the PS, but the reply is lost, once."""
+
+    def __init__(self, address, step, **kw):
+        super().__init__(address, **kw)
+        self.lose_step = step
+
+    def _push_once(self, header, flat, blocks):
+        reply = super()._push_once(header, flat, blocks)
+        if header.step == self.lose_step:
+            self.lose_step = -1
+            raise _LostReply()
+        return reply
+
+
+@pytest.mark.parametrize("pull_dtype", ["float32", "bfloat16"])
+def test_a_push_whose_reply_was_lost_is_pushed_again_and_applied_once(ps_factory, tmp_path, pull_dtype):
+    """The worker pushes the step again; the PS acknowledges it as a duplicate, and the run
+    goes on as if nothing happened: no rejoin, every push applied once, to the bit."""
+    torch.manual_seed(3)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    steps, lr = 6, 0.05
+    log_path = tmp_path / "ps.jsonl"
+    with ps_factory(2, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, pull_dtype=pull_dtype) as ps:
+        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(2)]
+        losing = _LosingClient(ps.address, step=2, connect_retries=3, backoff_s=0.05, rpc_timeout_s=30.0)
+        from worker.train import run_worker
+        lost: dict = {}
+        thread = threading.Thread(target=lambda: lost.update(run_worker(settings[1], client=losing)))
+        thread.start()
+        run_workers(settings[:1])
+        thread.join(60)
+        assert not thread.is_alive() and lost["steps"] == steps and lost["rejoins"] == 0
+        got = ps.server.values_by_name()
+        assert ps.server.step == steps
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    duplicates = [r for r in records if r["event"] == "duplicate_push"]
+    assert [(r["step"], r["worker"]) for r in duplicates] == [(2, losing.worker_id)]
+    rounds = [r for r in records if r["event"] == "round"]
+    assert [r["samples"] for r in rounds] == [32] * steps
+    want = serial_training(weights, 2, [[0, 1]] * steps, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0,
+                           pull_dtype=pull_dtype)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_push_retried_while_its_first_try_is_received_is_aborted_and_changes_nothing():
+    """ABORTED (the worker tries again later), not FAILED_PRECONDITION (which would end it)."""
+    server, ids, flat = _joined_server(2, 2)
+    first_chunk_read, release = threading.Event(), threading.Event()
+    frames = [encode_header(pb.PushHeader(worker_id=ids[0], step=0, batch_size=4))]
+    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
+
+    def slow():
+        yield frames[0]
+        first_chunk_read.set()
+        assert release.wait(10)
+        yield from frames[1:]
+
+    first = threading.Thread(target=lambda: server.push(slow()))
+    first.start()
+    assert first_chunk_read.wait(10)
+    with pytest.raises(Busy, match="push in flight") as err:
+        _push(server, ids[0], flat, 0)
+    assert err.value.code == grpc.StatusCode.ABORTED
+    release.set()
+    first.join(10)
+    assert server._workers[ids[0]].pushed_step == 0 and server.step == 0  # the first try was accepted, once
+    _push(server, ids[1], flat, 0)
+    assert server.step == 1 and [r["samples"] for r in server.records if r["event"] == "round"] == [8]
 
 
 # -- PS crash and resume -----------------------------------------------------------------------

@@ -139,7 +139,24 @@ class PSClient:
         return header, first_at - started, time.perf_counter() - first_at
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
+        """Push, trying again with backoff while the PS cannot be reached (UNAVAILABLE) or is
+        still receiving an earlier try (ABORTED): the connection may have broken after the PS
+        accepted the push, and a PS that did answers the retry as a duplicate (PushReply)
+        without applying it twice. Other errors, or the last try's, are raised."""
         header.worker_id = self.worker_id
+        delay, attempt = self._backoff, 1
+        while True:
+            try:
+                return self._push_once(header, flat, blocks)
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) or attempt >= self._retries:
+                    raise
+                log.warning("[Worker.Push] step %d to %s: %s (try %d/%d): %s; trying again in %.1f s", header.step,
+                            self.address, e.code().name, attempt, self._retries, e.details(), delay)
+                time.sleep(delay)
+                delay, attempt = min(delay * 2, self._backoff_max), attempt + 1
+
+    def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
         stream = self._push_stream(header, flat, blocks, values=False)
         reply = self._stub.Push(metered(stream, self.meter, "Push", "out", self.worker_id),
                                 timeout=self._timeout, metadata=self._metadata())
