@@ -97,9 +97,12 @@ class Config:
     round_timeout_s: float = _f(300.0, "longest a pull waits for its round, seconds (more than worker_timeout_s); "
                                 "a Heartbeat from any worker restarts it",
                                 (PS, RUN))
-    worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its round began (or after "
+    worker_timeout_s: float = _f(120.0, "a worker that has not pushed this long after its push was due (or after "
                                  "its last Heartbeat, sent while it evaluates) is dropped and the round completes "
                                  "without it", (PS, RUN))
+    backup_workers: int = _f(0, "a round completes once all live workers but this many have pushed: the slowest "
+                             "are waited out and their late pushes not applied (they skip to the run's step); "
+                             "rounds then depend on timing, not only on the pushes", (PS, RUN))
     start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
                                 "initial values arrived starts with those present", (PS, RUN))
     ps_shards: int = _f(1, "PS shards: separate PS processes, each owning a contiguous range of blocks of roughly "
@@ -234,6 +237,14 @@ class Config:
         if self.pull_dtype != "float32" and self.mode != "ps":
             raise ValueError(f"pull_dtype {self.pull_dtype!r} is a PS's: mode {self.mode!r} pulls nothing (with "
                              f"ddp, push_dtype bfloat16 narrows the all-reduce both ways)")
+        if not 0 <= self.backup_workers < self.num_workers:
+            raise ValueError(f"backup_workers {self.backup_workers}: need 0 <= backup_workers < num_workers "
+                             f"({self.num_workers})")
+        if self.backup_workers and self.mode != "ps":
+            raise ValueError(f"backup_workers {self.backup_workers} is a PS's: mode {self.mode!r} has no PS")
+        if self.backup_workers and self.ps_shards > 1:
+            raise ValueError(f"backup_workers {self.backup_workers} with ps_shards {self.ps_shards}: each shard "
+                             "would complete its rounds with the pushes that reached it first")
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)

@@ -226,6 +226,8 @@ def summarize_run(run_dir: Path) -> dict:
         # Workers the PS dropped for not pushing in time: the rounds went on without them until
         # they joined again, so the run trained on fewer samples than planned.
         "drops": [{"step": d["step"], "rank": d["rank"]} for d in ps if d.get("event") == "drop"],
+        # Pushes that came after their round completed without them (--backup-workers): not applied.
+        "late_pushes": sum(1 for r in ps if r.get("event") == "late_push"),
         # Evaluations whose shares did not cover the test set: their accuracy is over fewer samples.
         "partial_evals": [{"step": e["step"], "scored": e["scored"], "test_samples": e["test_samples"]}
                           for e in evals if "shares" in e and e["scored"] < e["test_samples"]],
@@ -297,6 +299,8 @@ def format_report(facts: dict) -> str:
         f"{k.removesuffix('_s')} {v:.1f} ms" for k, v in facts["phase_ms_per_step"].items()))
     if facts.get("drops"):
         lines.append(f"workers dropped: {format_drops(facts['drops'])}")
+    if facts.get("late_pushes"):
+        lines.append(f"late pushes (rounds completed without them, not applied): {facts['late_pushes']}")
     if facts.get("partial_evals"):
         lines.append("evaluations short of shares: " + ", ".join(
             f"step {e['step']} scored {e['scored']} of {e['test_samples']} test samples" for e in facts["partial_evals"]))

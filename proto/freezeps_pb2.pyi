@@ -183,14 +183,16 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("step", "freeze", "duplicate")
+    __slots__ = ("step", "freeze", "duplicate", "late")
     STEP_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
     step: int
     freeze: FreezeState
     duplicate: bool
-    def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    late: bool
+    def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., duplicate: _Optional[bool] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker_id", "step", "frozen_blocks", "base_step")

@@ -92,7 +92,8 @@ class ParameterServerServicer:
 
     def Pull(self, request, context):
         """Stream the current values of the blocks the worker has not frozen yet.
-        Waits (bounded) until round `step - 1` is complete.
+        Waits (bounded) until round `step - 1` is complete. A worker the rounds went on
+        without (backup workers) gets the current step's values: PullHeader.step says which.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,13 +41,17 @@ class CheckpointPlan:
 
 
 class _Counterfactual:
-    """Bytes a run without freezing would have moved: every block, every push and pull."""
+    """Bytes a run without freezing would have moved: every block, every push and pull. Pushes
+    are those applied and those received after their round (backup workers), whose bytes moved."""
 
     def __init__(self):
         self.pushes = 0
 
-    def on_round(self, record: dict) -> None:
-        self.pushes += len(record["workers"])
+    def on_record(self, record: dict) -> None:
+        if record["event"] == "round":
+            self.pushes += len(record["workers"])
+        elif record["event"] == "late_push" and record["received"]:
+            self.pushes += 1
 
 
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
@@ -77,11 +81,11 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
         runlog.write({"event": "checkpoint", "step": state["server"]["step"], "path": str(path)})
 
     def log_record(record: dict) -> None:
+        counter.on_record(record)
         if record["event"] != "round":
             runlog.write(record)
             return
         on_round(record)
-        counter.on_round(record)
         extra = {}
         if wire is not None:
             extra["wire"] = wire.take_window()

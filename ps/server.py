@@ -86,12 +86,21 @@ class ServerSettings:
     # What a pull's changes travel in (JoinReply.pull_dtype): float32 (whole values every
     # pull), or bfloat16 for changes with error feedback, half the bytes.
     pull_dtype: str = "float32"
+    # A round completes once every live worker but this many has pushed (Chen et al. 2016's
+    # backup workers): the slowest are waited out, and their pushes, late, are not applied.
+    backup_workers: int = 0
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
+        if not 0 <= self.backup_workers < self.num_workers:
+            raise ValueError(f"backup_workers {self.backup_workers}: need 0 <= backup_workers < num_workers "
+                             f"({self.num_workers})")
+        if self.backup_workers and self.num_shards > 1:
+            raise ValueError("backup_workers with several PS shards: each shard would complete its rounds with "
+                             "the pushes that reached it first, and the shards' blocks would mix different rounds")
         wire_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
         wire_layout([], self.pull_dtype)
         self.make_optimizer()
@@ -110,6 +119,10 @@ class _Worker:
     pushing: bool = False
     pushed_step: int = -1
     alive_at: float = float("-inf")  # its last Heartbeat (time.monotonic)
+    # Since when its next push is due: it joined, its last round or late push ended, or the run
+    # started. Its drop timer runs from here (or its last Heartbeat); with backup workers the
+    # rounds may go on without it meanwhile.
+    due_since: float = float("-inf")
 
 
 class ParameterServer:
@@ -158,9 +171,7 @@ class ParameterServer:
         self._empty_since: float | None = None  # started, no live worker: since when
         self._abandoned = False  # every worker gone for worker_timeout_s before the last step
         self._dropped = 0
-        # Every worker pulls the same bytes in a round: encode each block once per (step, block, kind).
-        self._pull_cache: dict[tuple[int, int, str], list[Frame]] = {}
-        self._pull_cache_lock = threading.Lock()
+        self._pull_cache: dict[tuple[int, str], list[Frame]] = {}  # the current step's, by (block, kind)
 
     # -- helpers (call with the lock held) -------------------------------------------------
     def _worker(self, worker_id: str) -> _Worker:
@@ -236,7 +247,7 @@ class ParameterServer:
             else:
                 rank = next(r for r in itertools.count() if r not in taken)
             worker_id = f"w{next(self._ids)}-{rank}-{self._incarnation}"
-            self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank)
+            self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank, due_since=time.monotonic())
             self._ever_joined += 1
             self._empty_since = None
             needs_init = not self._initialized and self._init_worker is None
@@ -283,18 +294,22 @@ class ParameterServer:
         if self._initialized and not self._started and (short or len(self._workers) >= self.settings.num_workers):
             self._started = True
             self._round_started = time.monotonic()
+            for w in self._workers.values():
+                w.due_since = self._round_started
             self._cond.notify_all()
 
     # -- Pull ------------------------------------------------------------------------------
     def pull(self, req: pb.PullRequest) -> Iterator[Frame]:
-        """Wait until parameters of version req.step exist, then stream the unfrozen blocks."""
+        """Wait until parameters of version req.step exist, then stream the unfrozen blocks: of
+        the current version, which is newer when the rounds went on without this worker (backup
+        workers; PullHeader.step says which)."""
         deadline = time.monotonic() + self.settings.round_timeout_s
         with self._cond:
             self._worker(req.worker_id)
             if req.frozen_blocks > self._freeze.frozen_blocks:
                 raise FailedPrecondition(f"worker claims {req.frozen_blocks} frozen blocks; "
                                          f"the run has {self._freeze.frozen_blocks}")
-            if req.step > self._step + 1 or req.step < self._step:
+            if req.step > self._step + 1:
                 raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
             while not (self._started and self._step >= req.step):
                 # A live worker that says it is busy holds the round up legitimately: wait on.
@@ -305,14 +320,15 @@ class ParameterServer:
                                   f"(server at step {self._step}, {len(self._workers)} workers live)")
                 self._cond.wait(left)
                 self._worker(req.worker_id)  # it may have been dropped meanwhile
-            if self._step != req.step:
-                raise FailedPrecondition(f"pull for step {req.step}, but the server is at step {self._step}")
             blocks = [b for b in self._owned if b >= req.frozen_blocks]
             kinds = [self._pull_kind(req, b) for b in blocks]
             header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks,
                                    delta=[k == "change" for k in kinds] if self._store.held else [])
-        # Values cannot change while we stream: round req.step needs this worker's push.
-        return self._pull_stream(header, blocks, kinds)
+            # Encoded now, under the lock: with backup workers the round may complete, and the
+            # values change, while this streams. Every worker pulls the same bytes in a round:
+            # each block is encoded once per (step, block, kind).
+            frames = [self._pull_frames(b, kind) for b, kind in zip(blocks, kinds)]
+        return _stream(encode_header(header), frames)
 
     def _pull_kind(self, req: pb.PullRequest, b: int) -> str:
         """What a pull carries of block b: "values" (float32: always without narrower changes,
@@ -320,22 +336,18 @@ class ParameterServer:
         worker that pulled the round before), or "held" (float32: what the other workers hold)."""
         if b < self._freeze.frozen_blocks or b not in self._store.held:
             return "values"
-        follows = req.HasField("base_step") and req.base_step + 1 == req.step == self._changes_step
+        follows = req.HasField("base_step") and req.base_step + 1 == self._step == self._changes_step
         return "change" if follows and b in self._store.changes else "held"
 
-    def _pull_stream(self, header: pb.PullHeader, blocks: list[int], kinds: list[str]) -> Iterator[Frame]:
-        yield encode_header(header)
-        for b, kind in zip(blocks, kinds):
-            key = (header.step, b, kind)
-            with self._pull_cache_lock:
-                frames = self._pull_cache.get(key)
-                if frames is None:
-                    if any(k[0] != header.step for k in self._pull_cache):
-                        self._pull_cache.clear()  # older steps are never pulled again
-                    layout = self._change_blocks[b] if kind == "change" else self._blocks[b]
-                    frames = list(iter_chunks(layout, self._store.pull_bytes(b, kind), self.settings.chunk_bytes))
-                    self._pull_cache[key] = frames
-            yield from frames
+    def _pull_frames(self, b: int, kind: str) -> list[Frame]:
+        """Block b's frames for a pull of the current step (call with the lock held; the cache
+        holds the current step's only: a round's completion clears it)."""
+        frames = self._pull_cache.get((b, kind))
+        if frames is None:
+            layout = self._change_blocks[b] if kind == "change" else self._blocks[b]
+            frames = self._pull_cache[(b, kind)] = list(
+                iter_chunks(layout, self._store.pull_bytes(b, kind), self.settings.chunk_bytes))
+        return frames
 
     # -- Push ------------------------------------------------------------------------------
     def push(self, messages: Iterable[Frame]) -> pb.PushReply:
@@ -348,6 +360,8 @@ class ParameterServer:
                 self._on_record({"event": "duplicate_push", "step": header.step, "worker": worker.worker_id,
                                  "rank": worker.rank})
                 return pb.PushReply(step=header.step, freeze=self._freeze_copy(), duplicate=True)
+            if self._started and header.step < self._step:
+                return self._late(worker, header, received=False)
             self._check_push(worker, header)
             worker.pushing = True
             active = self._active()
@@ -361,6 +375,8 @@ class ParameterServer:
                 raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
             with self._cond:
                 self._worker(header.worker_id)
+                if header.step < self._step:  # the round completed while this push came in
+                    return self._late(worker, header, received=True)
                 self._check_push(worker, header, already_pushing=True)
                 self._accepted[(worker.rank, worker.worker_id)] = (received, float(header.batch_size))
                 self._sum_in_rank_order(final=False)
@@ -375,6 +391,16 @@ class ParameterServer:
         finally:
             with self._cond:
                 worker.pushing = False
+
+    def _late(self, worker: _Worker, header: pb.PushHeader, received: bool) -> pb.PushReply:
+        """The answer to a push whose round completed without it (call with the lock held);
+        `received`: its payload was read (the round completed while it came in)."""
+        log.info("[PS.Push] %s (rank %d): push for step %d came after its round; the run is at step %d",
+                 worker.worker_id, worker.rank, header.step, self._step)
+        self._on_record({"event": "late_push", "step": header.step, "worker": worker.worker_id, "rank": worker.rank,
+                         "run_step": self._step, "received": received})
+        worker.due_since = time.monotonic()
+        return pb.PushReply(step=self._step, freeze=self._freeze_copy(), late=True)
 
     def _check_push(self, worker: _Worker, header: pb.PushHeader, already_pushing: bool = False) -> None:
         if not self._started:
@@ -400,7 +426,7 @@ class ParameterServer:
 
     def _maybe_complete_round(self) -> None:
         waiting = [w for w in self._workers.values() if w.pushed_step != self._step]
-        if waiting or not self._round_pushes:
+        if len(waiting) > self.settings.backup_workers or not self._round_pushes:
             return
         pushes = self._round_pushes
         step = self._step
@@ -440,8 +466,10 @@ class ParameterServer:
         }
         self._weight = 0.0
         self._round_pushes = []
-        with self._pull_cache_lock:
-            self._pull_cache.clear()
+        self._pull_cache.clear()
+        for w in self._workers.values():
+            if w.pushed_step == step:
+                w.due_since = now
         self._step += 1
         self._round_started = now
         self._on_record(record)
@@ -491,9 +519,10 @@ class ParameterServer:
         """Apply worker_timeout_s and start_timeout_s; call it every fraction of them. Returns the
         dropped workers' ids.
 
-        - A worker that has not pushed the current step worker_timeout_s after the round
-          began, or after its last Heartbeat if that came later, is dropped (it may Join
-          again); the round completes with the pushes that arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
+        - A worker that has not pushed the current step worker_timeout_s after its push was due
+          (the round began, or it joined, or its late push was answered), or after its last
+          Heartbeat if that came later, is dropped (it may Join again); the round completes with
+          the pushes that arrived, weighted by their batch sizes. Its shard is not trained on meanwhile.
           After the last step, one that has not left by then is let go ("gone"), not dropped.
         - A run (or a resumed run) waiting start_timeout_s for its workers starts with those present.
         - A run whose workers are all gone that long before its last step is abandoned.
@@ -523,10 +552,8 @@ class ParameterServer:
                     self._on_record({"event": "abandoned", "step": self._step})
                     self._cond.notify_all()
                 return []
-            if now - self._round_started <= limit:
-                return []
             late = [w for w in self._workers.values()
-                    if w.pushed_step != self._step and now - max(self._round_started, w.alive_at) > limit]
+                    if w.pushed_step != self._step and now - max(w.due_since, w.alive_at) > limit]
             finished = self._total_steps and self._step >= self._total_steps
             for w in late:
                 del self._workers[w.worker_id]
@@ -537,11 +564,11 @@ class ParameterServer:
                     continue
                 self._dropped += 1
                 log.warning("[PS] dropped %s (rank %d): no push for step %d after %.0f s",
-                            w.worker_id, w.rank, self._step, now - self._round_started)
+                            w.worker_id, w.rank, self._step, now - w.due_since)
                 self._on_record({"event": "drop", "step": self._step, "worker": w.worker_id, "rank": w.rank,
-                                 "reason": f"no push {now - self._round_started:.1f} s after the round began"
+                                 "reason": f"no push {now - w.due_since:.1f} s after it was due"
                                            + (f", {now - w.alive_at:.1f} s after its last heartbeat"
-                                              if w.alive_at > self._round_started else "")})
+                                              if w.alive_at > w.due_since else "")})
             if late:
                 self._maybe_complete_round()
                 self._cond.notify_all()
@@ -639,6 +666,12 @@ class ParameterServer:
                     "frozen_blocks": self._freeze.frozen_blocks, "freeze_since_step": self._freeze.since_step,
                     "workers_dropped": self._dropped, "abandoned": self._abandoned,
                     "optimizer_state_bytes": self._store.optimizer_state_bytes() if self._store else 0}
+
+
+def _stream(header: Frame, blocks: list[list[Frame]]) -> Iterator[Frame]:
+    yield header
+    for frames in blocks:
+        yield from frames
 
 
 def _first_header(messages: Iterator[Frame]) -> pb.PushHeader:

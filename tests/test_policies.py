@@ -115,6 +115,10 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"push_dtype": "bfloat16", "mode": "single"}, "mode 'single' sends nothing"),
     ({"pull_dtype": "int8"}, r"pull_dtype: 'int8' is not one of \['float32', 'bfloat16'\]"),
     ({"pull_dtype": "bfloat16", "mode": "ddp"}, "mode 'ddp' pulls nothing"),
+    ({"backup_workers": "4", "num_workers": "4"}, r"need 0 <= backup_workers < num_workers \(4\)"),
+    ({"backup_workers": "-1"}, "need 0 <= backup_workers"),
+    ({"backup_workers": "1", "mode": "ddp"}, "backup_workers 1 is a PS's: mode 'ddp' has no PS"),
+    ({"backup_workers": "1", "ps_shards": "2", "freeze": "none"}, "each shard would complete its rounds"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

@@ -295,7 +295,7 @@ def test_heartbeat_restarts_a_workers_drop_timer():
     assert server.enforce_deadlines(started + 8) == []  # 8 s into the round, 4 s after the Heartbeat
     assert server.enforce_deadlines(started + 9.5) == [ids[1]]
     drop = next(r for r in server.records if r["event"] == "drop")
-    assert drop["reason"] == "no push 9.5 s after the round began, 5.5 s after its last heartbeat"
+    assert drop["reason"] == "no push 9.5 s after it was due, 5.5 s after its last heartbeat"
     assert server.status().step == 1  # the round completed without it
     with pytest.raises(UnknownWorker, match="Join"):
         server.heartbeat(pb.HeartbeatRequest(worker_id=ids[1]))
@@ -332,15 +332,16 @@ def test_an_evaluation_longer_than_the_timeouts_neither_drops_the_evaluator_nor_
 
 
 class _StallingClient(PSClient):
-    """Stalls before pushing `step`, once, for `seconds` (a worker that hangs, then wakes)."""
+    """Stalls before pushing `step` (or the first step after it, if it skipped it), once, for
+    `seconds` (a worker that hangs, then wakes); `stalled_at` says which step."""
 
     def __init__(self, address, step, seconds, **kw):
         super().__init__(address, **kw)
-        self.stall_step, self.seconds = step, seconds
+        self.stall_step, self.seconds, self.stalled_at = step, seconds, None
 
     def push(self, header, flat, blocks):
-        if header.step == self.stall_step:
-            self.stall_step = -1
+        if self.stalled_at is None and header.step >= self.stall_step:
+            self.stalled_at = header.step
             time.sleep(self.seconds)
         return super().push(header, flat, blocks)
 
@@ -381,6 +382,43 @@ def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path, pull_dtype):
                            pull_dtype=pull_dtype)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit: rounds of 48 samples, 32 after the drop
+
+
+def test_backup_workers_go_on_without_a_stalled_worker_and_apply_only_what_came_in_time(ps_factory, tmp_path):
+    """One backup worker of three: a worker that stalls is waited out, not dropped; its late
+    push is not applied, it skips to the run's step, and the result is serial SGD over the
+    pushes each round took, to the bit."""
+    torch.manual_seed(3)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    steps, lr = 10, 0.05
+    log_path = tmp_path / "ps.jsonl"
+    with ps_factory(3, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, worker_timeout_s=20.0,
+                    round_timeout_s=30.0, backup_workers=1) as ps:
+        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(3)]
+        staller = _StallingClient(ps.address, step=3, seconds=1.5, connect_retries=3, rpc_timeout_s=30.0)
+        from worker.train import run_worker
+        stalled: dict = {}
+        thread = threading.Thread(target=lambda: stalled.update(run_worker(settings[2], client=staller)))
+        thread.start()
+        summaries = run_workers(settings[:2])
+        thread.join(60)
+        assert not thread.is_alive()
+        got = ps.server.values_by_name()
+        assert ps.server.step == steps and ps.server.describe()["workers_dropped"] == 0
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    # Others may come late too (three workers share two cores), and so may the staller before it stalls.
+    late = [r for r in records if r["event"] == "late_push" and r["worker"] == staller.worker_id]
+    assert staller.stalled_at >= 3 and staller.stalled_at in [r["step"] for r in late]
+    assert stalled["late_pushes"] == len(late) and stalled["rejoins"] == 0
+    assert stalled["steps"] + stalled["late_pushes"] < steps  # it skipped the rounds that went on without it
+    assert sum(s["steps"] for s in summaries) + stalled["steps"] == sum(
+        len(r["workers"]) for r in records if r["event"] == "round")  # every push applied was counted once
+    ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in records if r["event"] == "round"]
+    assert all(len(ranks) >= 2 for ranks in ranks_per_step)
+    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 class _LostReply(grpc.RpcError):

@@ -73,7 +73,7 @@ def test_ps_optimizer_time_and_accuracy_by_evaluation(tmp_path):
     assert [c.strip() for c in row[1:]] == [{0.5: "0.2500", 1.0: "0.5000"}.get(e, "-") for e in epochs]
 
 
-def test_workers_the_ps_dropped_show_in_the_facts_and_both_reports(tmp_path, capsys):
+def test_workers_the_ps_dropped_and_late_pushes_show_in_the_facts_and_reports(tmp_path, capsys):
     from freezeps.report import format_drops
     run = tmp_path / "dropped"
     shutil.copytree(FIXTURE, run)
@@ -83,9 +83,15 @@ def test_workers_the_ps_dropped_show_in_the_facts_and_both_reports(tmp_path, cap
                             "reason": "no push 120.3 s after the round began"}) + "\n")
         f.write(json.dumps({"event": "drop", "step": 9, "worker": "w2-0-x", "rank": 0,
                             "reason": "no push 120.1 s after the round began"}) + "\n")
+        for step in (2, 6):  # as a PS with backup workers logs a push that came after its round
+            f.write(json.dumps({"event": "late_push", "step": step, "worker": "w1-1-x", "rank": 1,
+                                "run_step": step + 1, "received": True}) + "\n")
     assert summarize_run(run)["drops"] == [{"step": 5, "rank": 0}, {"step": 9, "rank": 0}]
+    assert summarize_run(run)["late_pushes"] == 2 and summarize_run(FIXTURE)["late_pushes"] == 0
     assert main(["report", str(run)]) == 0
-    assert "workers dropped: rank 0 at steps 5, 9" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "workers dropped: rank 0 at steps 5, 9" in out
+    assert "late pushes (rounds completed without them, not applied): 2" in out
     assert main(["report", str(FIXTURE), str(run), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "Workers dropped (the rounds went on without them until they joined again):\n\n- dropped: rank 0 at steps 5, 9\n" in text

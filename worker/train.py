@@ -7,7 +7,9 @@ it can be.
 
 When the PS no longer knows this worker (it was dropped past its deadline, or the PS
 restarted from a checkpoint) or cannot be reached, the worker joins again, up to
-max_rejoins times, and goes on from the PS's step with everything pulled afresh.
+max_rejoins times, and goes on from the PS's step with everything pulled afresh. When the
+rounds went on without it (the PS waits out its slowest backup workers: its push came late,
+or its pull finds the run ahead), it skips its batches to the PS's step and goes on from there.
 """
 from __future__ import annotations
 
@@ -237,7 +239,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
     evals = []
     epoch = -1
-    step, steps_done, rejoins = member.step, 0, 0
+    step, steps_done, rejoins, late_pushes = member.step, 0, 0, 0
     started = time.perf_counter()
     try:
         while step < total_steps:
@@ -257,6 +259,11 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                     cached.follow(0, len(member.shard))
                 runlog.write({"event": "rejoin", "step": step, "rank": rank, "code": e.code().name})
                 continue
+            if header.step != step:  # the rounds went on without this worker (backup workers): on from the run's
+                log.info("[Worker] rank %d: pulled step %d for step %d; skipping to it", rank, header.step, step)
+                step = header.step
+                if step >= total_steps:
+                    break
             if header.freeze.frozen_blocks != frozen:
                 frozen = header.freeze.frozen_blocks
                 model.set_frozen(frozen)
@@ -310,7 +317,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                                                       shard_size=len(member.shard),
                                                       label_balance=member.label_balance))
             try:
-                client.push(push_header, flat, range(frozen, len(flat.layout)))
+                reply = client.push(push_header, flat, range(frozen, len(flat.layout)))
             except grpc.RpcError as e:
                 if e.code() not in REJOIN_CODES:
                     raise
@@ -324,9 +331,14 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                       "phases": {k: getattr(phases, k) for k in totals}}
             if cached:
                 record["cache"] = cached.last_batch
-            runlog.write(record)
-            step += 1
-            steps_done += 1
+            runlog.write({**record, "late": True} if reply.late else record)
+            if reply.late:  # its round completed without it (backup workers): on from where the run is
+                log.info("[Worker] rank %d: push for step %d came late; skipping to step %d", rank, step, reply.step)
+                late_pushes += 1
+                step = reply.step
+            else:
+                step += 1
+                steps_done += 1
         share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
         if share and total_steps > 0:
             client.pull(step, frozen, flat)  # the last push's update, to be tested
@@ -343,7 +355,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             if c:
                 c.close()
     summary = {"event": "worker_summary", "rank": rank, "steps": steps_done, "first_step": first_step,
-               "rejoins": rejoins,
+               "rejoins": rejoins, "late_pushes": late_pushes,
                "wall_s": time.perf_counter() - started, "phases_s": totals, "evals": evals,
                "bytes": client.meter.totals()}
     if cached:
