@@ -157,6 +157,38 @@ def test_a_bench_run_past_its_timeout_is_stopped_with_all_it_started(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_straggler_bench_stops_and_continues_each_worker_and_leaves_none_stopped(tmp_path):
+    """bench.stragglers.Stalls: from the run's first round on, each of the launcher's worker
+    processes is stopped (SIGSTOP) now and then and continued; when the run ends, none is left
+    stopped (its launcher would wait for it forever). This process stands in for the launcher."""
+    from bench.stragglers import Stalls, worker_pids
+
+    def state(pid: int) -> str:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "worker"]) for _ in range(2)]
+    try:
+        run_log = tmp_path / "ps.jsonl"
+        stalls = Stalls(pause_s=0.2, every_s=0.2, seed=0, workers=2, run_log=run_log)
+        seen_stopped = set()
+        with stalls(os.getpid()):
+            time.sleep(0.6)
+            assert stalls.log == []  # no round yet: no stall
+            run_log.write_text('{"event": "round", "step": 0}\n')
+            deadline = time.monotonic() + 5
+            while len(seen_stopped) < 2 and time.monotonic() < deadline:
+                seen_stopped |= {c.pid for c in children if state(c.pid) == "T"}
+                time.sleep(0.01)
+        assert seen_stopped == {c.pid for c in children} == set(worker_pids(os.getpid()))
+        assert {s["worker"] for s in stalls.log} == {0, 1}
+        time.sleep(0.05)
+        assert [state(c.pid) for c in children] == ["S", "S"]  # continued: asleep, not stopped
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+
+
 def test_the_launcher_stops_its_processes_all_at_once_and_kills_the_stubborn(tmp_path):
     """_stop tells every process to stop before it waits for any (a PS shard takes seconds to write
     its summary; one after another, they add up), and kills what ignores SIGTERM."""
