@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -346,79 +347,84 @@ class _StallingClient(PSClient):
         return super().push(header, flat, blocks)
 
 
+@dataclass
+class _Run:
+    weights: Path
+    values: dict  # the PS's final values by name
+    records: list[dict]  # its run log
+    others: list[dict]  # the plain workers' summaries
+    special: dict  # the summary of the worker with its own client
+    client: PSClient  # that client
+    steps: int  # the PS's step at the end
+
+
+def _run_with_one_client(ps_factory, tmp_path, workers: int, client, steps: int = 10, **ps_settings) -> _Run:
+    """The tests' MLP on `workers` workers against a PS (lr 0.05, momentum 0.9, no weight decay,
+    `ps_settings`), the last of them through `client(address)`, a PSClient that misbehaves."""
+    torch.manual_seed(3)
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    log_path = tmp_path / "ps.jsonl"
+    with ps_factory(workers, log_path=log_path, lr=0.05, momentum=0.9, weight_decay=0.0, **ps_settings) as ps:
+        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(workers)]
+        from worker.train import run_worker
+        special: dict = {}
+        own = client(ps.address)
+        thread = threading.Thread(target=lambda: special.update(run_worker(settings[-1], client=own)))
+        thread.start()
+        others = run_workers(settings[:-1])
+        thread.join(60)
+        assert not thread.is_alive() and special, "the worker with its own client did not finish"
+        values, step = ps.server.values_by_name(), ps.server.step
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    return _Run(weights, values, records, others, special, own, step)
+
+
+def _serial(run: _Run, workers: int, **kw) -> None:
+    """The run's values are serial SGD over the pushes each round took, to the bit."""
+    ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in run.records if r["event"] == "round"]
+    want = serial_training(run.weights, workers, ranks_per_step, batch_size=16, lr=0.05, momentum=0.9,
+                           weight_decay=0.0, **kw)
+    for name in want:
+        np.testing.assert_array_equal(run.values[name], want[name], err_msg=name)
+
+
 @pytest.mark.parametrize("pull_dtype", ["float32", "bfloat16"])
 def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path, pull_dtype):
     """With --pull-dtype bfloat16 too: the rejoined worker pulls what the others hold, whole,
     and goes on with their bits."""
-    torch.manual_seed(3)
-    weights = tmp_path / "init.pt"
-    torch.save(build_model("mlp", 4).state_dict(), weights)
-    steps, lr = 10, 0.05
-    log_path = tmp_path / "ps.jsonl"
-    with ps_factory(3, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, worker_timeout_s=0.5,
-                    round_timeout_s=10.0, pull_dtype=pull_dtype) as ps:
-        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(3)]
-        staller = _StallingClient(ps.address, step=3, seconds=2.0, connect_retries=3, rpc_timeout_s=30.0)
-        from worker.train import run_worker
-        stalled: dict = {}
-        thread = threading.Thread(target=lambda: stalled.update(run_worker(settings[2], client=staller)))
-        thread.start()
-        summaries = run_workers(settings[:2])
-        thread.join(60)
-        assert not thread.is_alive()
-        got = ps.server.values_by_name()
-        assert ps.server.step == steps and ps.server.describe()["workers_dropped"] == 1
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    drops = [r for r in records if r["event"] == "drop"]
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _StallingClient(
+        address, step=3, seconds=2.0, connect_retries=3, rpc_timeout_s=30.0), worker_timeout_s=0.5,
+        round_timeout_s=10.0, pull_dtype=pull_dtype)
+    assert run.steps == 10
+    drops = [r for r in run.records if r["event"] == "drop"]
     assert len(drops) == 1 and drops[0]["step"] == 3
-    rounds = [r for r in records if r["event"] == "round"]
-    ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in rounds]
-    assert ranks_per_step[3] == sorted({0, 1, 2} - {drops[0]["rank"]})  # the round went on without it
-    assert [r["samples"] for r in rounds][3] == 32
-    assert stalled["rejoins"] == 1 and stalled["steps"] < steps  # it missed the rounds it was away
-    assert all(s["rejoins"] == 0 for s in summaries)
-    # Exactly the accepted pushes were applied, weighted by their batch sizes.
-    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0,
-                           pull_dtype=pull_dtype)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # to the bit: rounds of 48 samples, 32 after the drop
+    rounds = [r for r in run.records if r["event"] == "round"]
+    assert sorted(w["rank"] for w in rounds[3]["workers"].values()) == sorted({0, 1, 2} - {drops[0]["rank"]})
+    assert rounds[3]["samples"] == 32  # the round went on without it
+    assert run.special["rejoins"] == 1 and run.special["steps"] < 10  # it missed the rounds it was away
+    assert all(s["rejoins"] == 0 for s in run.others)
+    _serial(run, 3, pull_dtype=pull_dtype)  # rounds of 48 samples, 32 after the drop
 
 
 def test_backup_workers_go_on_without_a_stalled_worker_and_apply_only_what_came_in_time(ps_factory, tmp_path):
     """One backup worker of three: a worker that stalls is waited out, not dropped; its late
     push is not applied, it skips to the run's step, and the result is serial SGD over the
     pushes each round took, to the bit."""
-    torch.manual_seed(3)
-    weights = tmp_path / "init.pt"
-    torch.save(build_model("mlp", 4).state_dict(), weights)
-    steps, lr = 10, 0.05
-    log_path = tmp_path / "ps.jsonl"
-    with ps_factory(3, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, worker_timeout_s=20.0,
-                    round_timeout_s=30.0, backup_workers=1) as ps:
-        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(3)]
-        staller = _StallingClient(ps.address, step=3, seconds=1.5, connect_retries=3, rpc_timeout_s=30.0)
-        from worker.train import run_worker
-        stalled: dict = {}
-        thread = threading.Thread(target=lambda: stalled.update(run_worker(settings[2], client=staller)))
-        thread.start()
-        summaries = run_workers(settings[:2])
-        thread.join(60)
-        assert not thread.is_alive()
-        got = ps.server.values_by_name()
-        assert ps.server.step == steps and ps.server.describe()["workers_dropped"] == 0
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _StallingClient(
+        address, step=3, seconds=1.5, connect_retries=3, rpc_timeout_s=30.0),
+        worker_timeout_s=20.0, round_timeout_s=30.0, backup_workers=1)
+    staller = run.client
+    assert run.steps == 10 and not [r for r in run.records if r["event"] == "drop"]
     # Others may come late too (three workers share two cores), and so may the staller before it stalls.
-    late = [r for r in records if r["event"] == "late_push" and r["worker"] == staller.worker_id]
+    late = [r for r in run.records if r["event"] == "late_push" and r["worker"] == staller.worker_id]
     assert staller.stalled_at >= 3 and staller.stalled_at in [r["step"] for r in late]
-    assert stalled["late_pushes"] == len(late) and stalled["rejoins"] == 0
-    assert stalled["steps"] + stalled["late_pushes"] < steps  # it skipped the rounds that went on without it
-    assert sum(s["steps"] for s in summaries) + stalled["steps"] == sum(
-        len(r["workers"]) for r in records if r["event"] == "round")  # every push applied was counted once
-    ranks_per_step = [sorted(w["rank"] for w in r["workers"].values()) for r in records if r["event"] == "round"]
-    assert all(len(ranks) >= 2 for ranks in ranks_per_step)
-    want = serial_training(weights, 3, ranks_per_step, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert run.special["late_pushes"] == len(late) and run.special["rejoins"] == 0
+    assert run.special["steps"] + run.special["late_pushes"] < 10  # it skipped the rounds that went on without it
+    assert sum(s["steps"] for s in run.others) + run.special["steps"] == sum(
+        len(r["workers"]) for r in run.records if r["event"] == "round")  # every push applied was counted once
+    assert all(len(r["workers"]) >= 2 for r in run.records if r["event"] == "round")
+    _serial(run, 3)
 
 
 class _LostReply(grpc.RpcError):
@@ -448,32 +454,13 @@ class _LosingClient(PSClient):
 def test_a_push_whose_reply_was_lost_is_pushed_again_and_applied_once(ps_factory, tmp_path, pull_dtype):
     """The worker pushes the step again; the PS acknowledges it as a duplicate, and the run
     goes on as if nothing happened: no rejoin, every push applied once, to the bit."""
-    torch.manual_seed(3)
-    weights = tmp_path / "init.pt"
-    torch.save(build_model("mlp", 4).state_dict(), weights)
-    steps, lr = 6, 0.05
-    log_path = tmp_path / "ps.jsonl"
-    with ps_factory(2, log_path=log_path, lr=lr, momentum=0.9, weight_decay=0.0, pull_dtype=pull_dtype) as ps:
-        settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(2)]
-        losing = _LosingClient(ps.address, step=2, connect_retries=3, backoff_s=0.05, rpc_timeout_s=30.0)
-        from worker.train import run_worker
-        lost: dict = {}
-        thread = threading.Thread(target=lambda: lost.update(run_worker(settings[1], client=losing)))
-        thread.start()
-        run_workers(settings[:1])
-        thread.join(60)
-        assert not thread.is_alive() and lost["steps"] == steps and lost["rejoins"] == 0
-        got = ps.server.values_by_name()
-        assert ps.server.step == steps
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    duplicates = [r for r in records if r["event"] == "duplicate_push"]
-    assert [(r["step"], r["worker"]) for r in duplicates] == [(2, losing.worker_id)]
-    rounds = [r for r in records if r["event"] == "round"]
-    assert [r["samples"] for r in rounds] == [32] * steps
-    want = serial_training(weights, 2, [[0, 1]] * steps, batch_size=16, lr=lr, momentum=0.9, weight_decay=0.0,
-                           pull_dtype=pull_dtype)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    run = _run_with_one_client(ps_factory, tmp_path, 2, lambda address: _LosingClient(
+        address, step=2, connect_retries=3, backoff_s=0.05, rpc_timeout_s=30.0), steps=6, pull_dtype=pull_dtype)
+    assert run.steps == 6 and run.special["steps"] == 6 and run.special["rejoins"] == 0
+    duplicates = [r for r in run.records if r["event"] == "duplicate_push"]
+    assert [(r["step"], r["worker"]) for r in duplicates] == [(2, run.client.worker_id)]
+    assert [r["samples"] for r in run.records if r["event"] == "round"] == [32] * 6
+    _serial(run, 2, pull_dtype=pull_dtype)
 
 
 def test_a_push_retried_while_its_first_try_is_received_is_aborted_and_changes_nothing():
