@@ -16,7 +16,7 @@ from freeze.engines import ENGINES, EngineSpec
 from freezeps.netns import LinkShape
 from proto.layout import WIRE_DTYPES
 from proto.security import Auth, read_auth
-from proto.transport import MAX_CHUNK_BYTES
+from proto.transport import KEEPALIVE_S, MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES, block_lr_scales
@@ -165,6 +165,10 @@ class Config:
     log_dir: str = _f("", "folder for the worker's log worker-RANK.jsonl; empty: none", (WORKER,))
     connect_retries: int = _f(8, "join attempts (exponential backoff) before giving up", (WORKER, RUN))
     rpc_timeout_s: float = _f(600.0, "deadline of one pull or push, seconds", (WORKER, RUN))
+    keepalive_s: float = _f(KEEPALIVE_S, "seconds of silence on a connection after which its end pings the "
+                            "other (HTTP/2 keepalive); one that does not answer within as long again is taken as "
+                            "gone (a vanished PS host: the worker's call fails and it joins again; a vanished "
+                            "worker: the PS ends its calls). 0: no pings; else at least 1", (PS, WORKER, RUN))
     max_rejoins: int = _f(20, "times a worker joins again after the PS dropped it or restarted, before it gives up",
                           (WORKER, RUN))
     # -- activation cache (see worker/cached_prefix.py) --------------------------------------
@@ -227,6 +231,9 @@ class Config:
             raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
         if min(self.round_timeout_s, self.rpc_timeout_s, self.worker_timeout_s, self.start_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
+        if 0 < self.keepalive_s < 1:
+            raise ValueError(f"keepalive_s {self.keepalive_s:g}: 0 (off) or at least 1 (a PS takes a worker's pings "
+                             "at most once a second)")
         if self.round_timeout_s <= self.worker_timeout_s:
             raise ValueError(f"round_timeout_s ({self.round_timeout_s}) must exceed worker_timeout_s "
                              f"({self.worker_timeout_s}): a pull must outwait the dropping of a late worker")

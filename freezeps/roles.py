@@ -45,6 +45,7 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           epochs=cfg.epochs, steps=cfg.steps, seed=cfg.seed, threads=threads,
                           evaluate=cfg.evaluate, eval_every=cfg.eval_every, log_dir=Path(cfg.log_dir) if cfg.log_dir else None,
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
+                          keepalive_s=cfg.keepalive_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
                           sparse_push=cfg.sparse_push, eval_split=cfg.eval_split,
                           frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling)
@@ -88,7 +89,7 @@ def run_ps(cfg: Config) -> int:
         serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
                  auth=auth_for(cfg, PS), insecure=cfg.insecure, wire=InterfaceCounter() if cfg.count_wire_bytes else None,
                  params_out=Path(cfg.params_out) if cfg.params_out else None,
-                 checkpoints=checkpoint_plan(cfg), resume=resume_from(cfg))
+                 checkpoints=checkpoint_plan(cfg), resume=resume_from(cfg), keepalive_s=cfg.keepalive_s)
     except AuthError as e:
         print(f"freezeps ps: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from proto.transport import CHANNEL_OPTIONS
+from proto.transport import CHANNEL_OPTIONS, KEEPALIVE_S, keepalive_options
 
 AUTH_METADATA = "authorization"
 _BEARER = "Bearer "
@@ -139,11 +139,13 @@ def check_listen(address: str, auth: Auth, insecure: bool) -> None:
                     "tls_client_auth (with tls_ca), or --insecure to accept that")
 
 
-def open_channel(address: str, auth: Auth) -> grpc.Channel:
-    """A channel to the PS that presents `auth` on every call."""
+def open_channel(address: str, auth: Auth, keepalive_s: float = KEEPALIVE_S) -> grpc.Channel:
+    """A channel to the PS that presents `auth` on every call and pings it after `keepalive_s`
+    of silence (proto.transport.keepalive_options)."""
     credentials = auth.channel_credentials()
-    channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
-               else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    options = CHANNEL_OPTIONS + keepalive_options(keepalive_s)
+    channel = (grpc.secure_channel(address, credentials, options=options) if credentials
+               else grpc.insecure_channel(address, options=options))
     if auth.token:
         channel = grpc.intercept_channel(channel, _TokenMetadata(auth.token))
     return channel

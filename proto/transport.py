@@ -24,6 +24,28 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 4 * (1 << 20)),
     ("grpc.max_receive_message_length", 4 * (1 << 20)),
 ]
+KEEPALIVE_S = 30.0  # the default of --keepalive-s
+
+
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """HTTP/2 keepalive for either end (gRPC core's channel arguments, doc/keepalive.md): after
+    `keepalive_s` without a frame, ping the peer, and close the connection when it has not
+    answered within as long again. TCP alone notices a peer whose host vanished (no RST: power
+    loss, a cut link, a stopped process) only after hours: a worker would wait out its RPC
+    deadline, and the PS would keep a handler thread on a dead push stream. 0: no pings.
+
+    Pings go out also between calls and however long no data moved (a pull waiting for its
+    round sends none); a peer's pings are accepted as often as twice a second (a PS must not
+    refuse the workers' pings as too many: keepalive_s is 0 or at least 1, freezeps.config)."""
+    accept = [("grpc.http2.min_recv_ping_interval_without_data_ms", 500)]
+    if keepalive_s <= 0:
+        return accept
+    ms = max(1, int(keepalive_s * 1000))
+    # grpc.http2.ping_timeout_ms: how long the chttp2 transport of gRPC core (grpcio 1.85) waits for a
+    # ping's acknowledgement before it closes the connection; without it, a minute, whatever the
+    # keepalive timeout (an internal argument: chttp2 transport's internal.h).
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0), *accept]
 
 
 class WireError(ValueError):

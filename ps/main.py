@@ -18,7 +18,7 @@ from pathlib import Path
 
 from proto.runlog import JsonlLog
 from proto.security import Auth, check_listen
-from proto.transport import ByteMeter, InterfaceCounter
+from proto.transport import KEEPALIVE_S, ByteMeter, InterfaceCounter
 from ps.checkpoint import CheckpointError, list_checkpoints, read_latest, set_aside, write_checkpoint
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
@@ -58,7 +58,8 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
              auth: Auth = Auth(), insecure: bool = False, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None,
              wire: InterfaceCounter | None = None, params_out: Path | None = None,
-             checkpoints: CheckpointPlan | None = None, resume: Path | None = None) -> dict:
+             checkpoints: CheckpointPlan | None = None, resume: Path | None = None,
+             keepalive_s: float = KEEPALIVE_S) -> dict:
     """Serve until every worker that joined has left (or SIGTERM, or max_wait_s > 0 passes).
 
     With `wire`, each round record also gets the interface bytes of that round; with
@@ -127,7 +128,7 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     runlog = JsonlLog(run_log)
     if resumed:
         runlog.write(resumed)
-    grpc_server, port = start_server(server, meter, address, auth)
+    grpc_server, port = start_server(server, meter, address, auth, keepalive_s)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)
     stop = threading.Event()

@@ -12,7 +12,7 @@ import grpc
 
 from proto.security import Auth
 from proto.service import WORKER_METADATA, server_handler
-from proto.transport import CHANNEL_OPTIONS, ByteMeter, metered
+from proto.transport import CHANNEL_OPTIONS, KEEPALIVE_S, ByteMeter, keepalive_options, metered
 from ps.errors import PSError
 from ps.server import ParameterServer
 
@@ -84,12 +84,14 @@ def _log_refused(method: str, code: grpc.StatusCode) -> None:
 
 
 def start_server(server: ParameterServer, meter: ByteMeter, address: str,
-                 auth: Auth = Auth()) -> tuple[grpc.Server, int]:
+                 auth: Auth = Auth(), keepalive_s: float = KEEPALIVE_S) -> tuple[grpc.Server, int]:
     """Start serving on `address` ("host:port", port 0 picks one) with `auth`'s TLS and token
-    checks on every method; returns (server, port)."""
+    checks on every method, pinging a silent worker after `keepalive_s` (and ending its calls
+    when it does not answer: proto.transport.keepalive_options); returns (server, port)."""
     credentials = auth.server_credentials()
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * server.settings.num_workers + 8),
-                              options=CHANNEL_OPTIONS, interceptors=auth.interceptors(_log_refused))
+                              options=CHANNEL_OPTIONS + keepalive_options(keepalive_s),
+                              interceptors=auth.interceptors(_log_refused))
     grpc_server.add_generic_rpc_handlers((server_handler(ParameterServerServicer(server, meter)),))
     port = (grpc_server.add_secure_port(address, credentials) if credentials
             else grpc_server.add_insecure_port(address))

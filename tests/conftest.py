@@ -13,7 +13,7 @@ from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
 from proto.runlog import JsonlLog
 from proto.security import Auth, open_channel
-from proto.transport import ByteMeter, iter_chunks
+from proto.transport import KEEPALIVE_S, ByteMeter, iter_chunks
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.servicer import start_server
@@ -30,9 +30,10 @@ class RunningPS:
 
 @contextlib.contextmanager
 def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_path: Path | None = None,
-               observer=lambda server, record: None, auth: Auth = Auth(), **settings):
-    """A PS on 127.0.0.1 that checks `auth`; `observer(server, record)` sees every run-log
-    record as it is made."""
+               observer=lambda server, record: None, auth: Auth = Auth(), keepalive_s: float = KEEPALIVE_S,
+               **settings):
+    """A PS on 127.0.0.1 that checks `auth` and pings silent workers after `keepalive_s`;
+    `observer(server, record)` sees every run-log record as it is made."""
     meter = ByteMeter()
     runlog = JsonlLog(log_path)
     settings.setdefault("chunk_bytes", 1 << 20)
@@ -42,7 +43,7 @@ def running_ps(num_workers: int = 2, policy: FreezePolicy | None = None, log_pat
         runlog.write({**record, "bytes": meter.take_window()} if record["event"] == "round" else record)
 
     server = ParameterServer(ServerSettings(num_workers=num_workers, **settings), policy or FreezePolicy(), on_record)
-    grpc_server, port = start_server(server, meter, "127.0.0.1:0", auth)
+    grpc_server, port = start_server(server, meter, "127.0.0.1:0", auth, keepalive_s)
     stop = threading.Event()
 
     def enforce_deadlines():  # what serve_ps's loop does

@@ -596,6 +596,81 @@ def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_pa
     assert summary["push_payload"] == steps * 2 * sum(b["bytes"] for b in want_bytes["blocks"])
 
 
+# -- vanished hosts: no RST, only silence (a stopped process stands in for a host gone) -----------
+def test_a_worker_notices_a_vanished_ps_by_its_keepalive_not_its_rpc_deadline(tmp_path):
+    """The PS process is stopped (SIGSTOP: its kernel still acknowledges TCP, as a cut link or a
+    powered-off host would not even do) while a worker's pull waits for its round. The worker's
+    keepalive ping goes unanswered, and the pull fails UNAVAILABLE (the worker joins again)
+    within seconds, not at its RPC deadline."""
+    port = free_port()
+    ps = subprocess.Popen(_ps_command(port, tmp_path, "--keepalive-s", "1", "--start-timeout-s", "600"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = PSClient(f"127.0.0.1:{port}", connect_retries=10, rpc_timeout_s=30.0, keepalive_s=1.0)
+    try:
+        torch.manual_seed(0)
+        flat = FlatModel(build_model("mlp", 4))
+        joined = client.join(flat.manifest, "lonely")
+        client.init(flat, range(len(flat.layout)), total_steps=4)
+        assert joined.needs_init  # round 0 waits for a second worker that never comes
+        threading.Timer(1.5, ps.send_signal, (signal.SIGSTOP,)).start()
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.pull(0, 0, flat)
+        waited = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert 1.5 < waited < 10, f"the pull failed {waited:.1f} s after it began"
+    finally:
+        client.close()
+        ps.send_signal(signal.SIGCONT)
+        ps.kill()
+        ps.wait(30)
+
+
+_HANGING_PUSH = """
+import sys, time, grpc, torch
+from proto import freezeps_pb2 as pb, freezeps_pb2_grpc as pb_grpc
+from proto.transport import iter_chunks
+from tests.conftest import as_pb_chunk
+from worker.flat import FlatModel
+from worker.models import build_model
+torch.manual_seed(0)
+flat = FlatModel(build_model("mlp", 4))
+stub = pb_grpc.ParameterServerStub(grpc.insecure_channel(sys.argv[1]))  # no keepalive of its own
+joined = stub.Join(pb.JoinRequest(worker_name="hanging", manifest=flat.manifest), timeout=10)
+stub.Init(iter([pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=4))]
+               + [pb.PushMessage(chunk=as_pb_chunk(f)) for b in flat.layout
+                  for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]), timeout=10)
+print(joined.worker_id, flush=True)
+def hang():
+    yield pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, step=0, batch_size=1))
+    time.sleep(600)
+stub.Push(hang(), timeout=600)
+"""
+
+
+@pytest.mark.parametrize("keepalive_s", [1.0, 0.0])
+def test_the_ps_ends_the_push_of_a_vanished_worker_by_its_keepalive(ps_factory, keepalive_s):
+    """A worker process stops (SIGSTOP) in the middle of a push stream. With keepalive the PS's
+    ping goes unanswered, it closes the connection and the push's handler ends (its thread is
+    free again); without, the handler waits on the silent stream (what --keepalive-s 0 gives)."""
+    with ps_factory(1, keepalive_s=keepalive_s) as ps:
+        worker = subprocess.Popen([sys.executable, "-c", _HANGING_PUSH, ps.address], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            worker_id = worker.stdout.readline().strip()
+            assert worker_id, "the stand-in worker did not join"
+            _wait_for(lambda: ps.server._workers[worker_id].pushing, 10, "its push to begin")
+            worker.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 6  # keepalive: ping after 1 s, closed 1 s later
+            while ps.server._workers[worker_id].pushing and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ps.server._workers[worker_id].pushing == (keepalive_s == 0)
+        finally:
+            worker.send_signal(signal.SIGCONT)
+            worker.kill()
+            worker.wait(30)
+
+
 def test_resume_without_a_fitting_checkpoint_fails_clearly(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -17,6 +17,7 @@ from proto.codec import encode_header
 from proto.security import Auth, open_channel
 from proto.service import WORKER_METADATA, ParameterServerClient
 from proto.transport import (
+    KEEPALIVE_S,
     ByteMeter,
     ChunkReceiver,
     WireError,
@@ -39,10 +40,10 @@ class ShardMismatch(RuntimeError):
 class PSClient:
     def __init__(self, address: str, *, auth: Auth = Auth(),
                  connect_retries: int = 8, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-                 rpc_timeout_s: float = 600.0, meter: ByteMeter | None = None):
+                 rpc_timeout_s: float = 600.0, meter: ByteMeter | None = None, keepalive_s: float = KEEPALIVE_S):
         self.address = address
         self.meter = meter or ByteMeter()
-        self._channel = open_channel(address, auth)
+        self._channel = open_channel(address, auth, keepalive_s)
         self._stub = ParameterServerClient(self._channel)
         self._retries = connect_retries
         self._backoff = backoff_s

@@ -33,6 +33,7 @@ from freeze.engines import EngineSpec, RoundStats, make_engine
 from proto import freezeps_pb2 as pb
 from proto.runlog import JsonlLog
 from proto.security import Auth
+from proto.transport import KEEPALIVE_S
 from worker.cached_prefix import CachedPrefix, CacheSettings, cache_refusal
 from worker.client import PSClient, ShardedClient
 from worker.data import (
@@ -76,6 +77,7 @@ class WorkerSettings:
     connect_retries: int
     rpc_timeout_s: float
     max_rejoins: int = 20
+    keepalive_s: float = KEEPALIVE_S  # pings the PS after this long without a frame (proto.transport)
     auth: Auth = Auth()  # TLS and token this worker presents to the PS
     cache: CacheSettings | None = None  # the activation cache; None: none
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
@@ -198,7 +200,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     channels = input_channels(model)
     flat = FlatModel(model, settings.sparse_push)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
-                                     rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth)
+                                     rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth,
+                                     keepalive_s=settings.keepalive_s)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def keep_alive() -> None:
