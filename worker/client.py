@@ -41,6 +41,8 @@ class PSClient:
     def __init__(self, address: str, *, auth: Auth = Auth(),
                  connect_retries: int = 8, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                  rpc_timeout_s: float = 600.0, meter: ByteMeter | None = None, keepalive_s: float = KEEPALIVE_S):
+        if connect_retries < 1:
+            raise ValueError(f"connect_retries {connect_retries}: a call needs at least one try")
         self.address = address
         self.meter = meter or ByteMeter()
         self._channel = open_channel(address, auth, keepalive_s)
@@ -54,6 +56,14 @@ class PSClient:
         self._heartbeat_every_s = 0.0  # a quarter of the PS's worker_timeout_s, from Join
         self._last_heartbeat = float("-inf")
 
+    def _tries(self) -> Iterator[tuple[int, float]]:
+        """(try number, seconds to wait before the next) for each of the `connect_retries` tries:
+        exponential backoff from backoff_s, doubling up to backoff_max_s."""
+        delay = self._backoff
+        for attempt in range(1, self._retries + 1):
+            yield attempt, delay
+            delay = min(delay * 2, self._backoff_max)
+
     def _metadata(self):
         return ((WORKER_METADATA, self.worker_id or "?"),)
 
@@ -64,8 +74,8 @@ class PSClient:
         """Join, retrying with exponential backoff while the PS is unreachable. `rank`: the
         one PS shard 0 gave (for the other shards)."""
         request = pb.JoinRequest(worker_name=name, manifest=manifest, rank=rank)
-        delay, started = self._backoff, time.monotonic()
-        for attempt in range(1, self._retries + 1):
+        started = time.monotonic()
+        for attempt, delay in self._tries():
             try:
                 self.meter.count("Join", "out", name, request)
                 reply = self._stub.Join(request, timeout=max(delay, 5.0), metadata=((WORKER_METADATA, name),))
@@ -82,7 +92,6 @@ class PSClient:
                             self.address, e.code().name, attempt, self._retries, e.details(), delay)
                 if attempt < self._retries:
                     time.sleep(delay)
-                    delay = min(delay * 2, self._backoff_max)
         raise ConnectError(f"cannot join the parameter server at {self.address}: "
                            f"{self._retries} tries over {time.monotonic() - started:.1f} s")
 
@@ -145,8 +154,7 @@ class PSClient:
         accepted the push, and a PS that did answers the retry as a duplicate (PushReply)
         without applying it twice. Other errors, or the last try's, are raised."""
         header.worker_id = self.worker_id
-        delay, attempt = self._backoff, 1
-        while True:
+        for attempt, delay in self._tries():
             try:
                 return self._push_once(header, flat, blocks)
             except grpc.RpcError as e:
@@ -155,7 +163,7 @@ class PSClient:
                 log.warning("[Worker.Push] step %d to %s: %s (try %d/%d): %s; trying again in %.1f s", header.step,
                             self.address, e.code().name, attempt, self._retries, e.details(), delay)
                 time.sleep(delay)
-                delay, attempt = min(delay * 2, self._backoff_max), attempt + 1
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
         stream = self._push_stream(header, flat, blocks, values=False)
