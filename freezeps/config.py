@@ -103,6 +103,9 @@ class Config:
     backup_workers: int = _f(0, "a round completes once all live workers but this many have pushed: the slowest "
                              "are waited out and their late pushes not applied (they skip to the run's step); "
                              "rounds then depend on timing, not only on the pushes", (PS, RUN))
+    max_staleness: int = _f(0, "with backup_workers: a late push whose parameters are at most this many rounds "
+                            "old (and no block froze since) goes into the current round instead of being thrown "
+                            "away, so the stragglers' samples count (bounded staleness); 0: thrown away", (PS, RUN))
     start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
                                 "initial values arrived starts with those present", (PS, RUN))
     ps_shards: int = _f(1, "PS shards: separate PS processes, each owning a contiguous range of blocks of roughly "
@@ -249,6 +252,9 @@ class Config:
                              f"({self.num_workers})")
         if self.backup_workers and self.mode != "ps":
             raise ValueError(f"backup_workers {self.backup_workers} is a PS's: mode {self.mode!r} has no PS")
+        if self.max_staleness < 0 or (self.max_staleness and not self.backup_workers):
+            raise ValueError(f"max_staleness {self.max_staleness}: at least 0, and more only with backup_workers "
+                             "(without them no push comes after its round)")
         if self.backup_workers and self.ps_shards > 1:
             raise ValueError(f"backup_workers {self.backup_workers} with ps_shards {self.ps_shards}: each shard "
                              "would complete its rounds with the pushes that reached it first")

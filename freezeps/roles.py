@@ -33,7 +33,8 @@ def server_settings(cfg: Config) -> ServerSettings:
                           round_timeout_s=cfg.round_timeout_s, worker_timeout_s=cfg.worker_timeout_s,
                           start_timeout_s=cfg.start_timeout_s,
                           max_model_bytes=cfg.max_model_bytes, shard=cfg.ps_shard, num_shards=cfg.ps_shards,
-                          push_dtype=cfg.push_dtype, pull_dtype=cfg.pull_dtype, backup_workers=cfg.backup_workers)
+                          push_dtype=cfg.push_dtype, pull_dtype=cfg.pull_dtype, backup_workers=cfg.backup_workers,
+                          max_staleness=cfg.max_staleness)
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:

@@ -89,6 +89,9 @@ class ServerSettings:
     # A round completes once every live worker but this many has pushed (Chen et al. 2016's
     # backup workers): the slowest are waited out, and their pushes, late, are not applied.
     backup_workers: int = 0
+    # A late push (backup workers) whose params are at most this many rounds old, and no freeze
+    # since, is applied in the current round instead of thrown away (bounded staleness).
+    max_staleness: int = 0
 
     def __post_init__(self):
         if self.worker_timeout_s <= 0 or self.round_timeout_s <= 0 or self.start_timeout_s <= 0:
@@ -98,6 +101,9 @@ class ServerSettings:
         if not 0 <= self.backup_workers < self.num_workers:
             raise ValueError(f"backup_workers {self.backup_workers}: need 0 <= backup_workers < num_workers "
                              f"({self.num_workers})")
+        if self.max_staleness < 0 or (self.max_staleness and not self.backup_workers):
+            raise ValueError(f"max_staleness {self.max_staleness}: at least 0, and more only with backup_workers "
+                             "(without them no push comes after its round)")
         if self.backup_workers and self.num_shards > 1:
             raise ValueError("backup_workers with several PS shards: each shard would complete its rounds with "
                              "the pushes that reached it first, and the shards' blocks would mix different rounds")
@@ -117,7 +123,8 @@ class _Worker:
     name: str
     rank: int
     pushing: bool = False
-    pushed_step: int = -1
+    pushed_step: int = -1  # the round its last accepted push went into
+    pushed_as: int = -1  # ... and the step that push was for (older when it was applied stale)
     alive_at: float = float("-inf")  # its last Heartbeat (time.monotonic)
     # Since when its next push is due: it joined, its last round or late push ended, or the run
     # started. Its drop timer runs from here (or its last Heartbeat); with backup workers the
@@ -355,12 +362,12 @@ class ParameterServer:
         header = _first_header(messages)
         with self._cond:
             worker = self._worker(header.worker_id)
-            if worker.pushed_step == header.step:  # a retry whose first try's reply was lost
+            if worker.pushed_as == header.step:  # a retry whose first try's reply was lost
                 log.info("[PS.Push] %s pushed step %d again: acknowledged, not applied", worker.worker_id, header.step)
                 self._on_record({"event": "duplicate_push", "step": header.step, "worker": worker.worker_id,
                                  "rank": worker.rank})
-                return pb.PushReply(step=header.step, freeze=self._freeze_copy(), duplicate=True)
-            if self._started and header.step < self._step:
+                return pb.PushReply(step=worker.pushed_step, freeze=self._freeze_copy(), duplicate=True)
+            if self._started and header.step < self._step and not self._takes_stale(worker, header):
                 return self._late(worker, header, received=False)
             self._check_push(worker, header)
             worker.pushing = True
@@ -375,22 +382,32 @@ class ParameterServer:
                 raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
             with self._cond:
                 self._worker(header.worker_id)
-                if header.step < self._step:  # the round completed while this push came in
-                    return self._late(worker, header, received=True)
+                if header.step < self._step and not self._takes_stale(worker, header):
+                    return self._late(worker, header, received=True)  # its round completed while it came in
                 self._check_push(worker, header, already_pushing=True)
+                step = self._step
                 self._accepted[(worker.rank, worker.worker_id)] = (received, float(header.batch_size))
                 self._sum_in_rank_order(final=False)
                 self._weight += header.batch_size
-                worker.pushed_step = header.step
+                worker.pushed_step, worker.pushed_as = step, header.step
                 self._round_pushes.append({
                     "worker": worker.worker_id, "rank": worker.rank, "batch_size": header.batch_size,
                     "loss": header.loss, "vote": header.vote if header.HasField("vote") else None,
-                    "phases": {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields}})
+                    "phases": {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields},
+                    **({"stale": step - header.step} if header.step < step else {})})
                 self._maybe_complete_round()
-                return pb.PushReply(step=header.step, freeze=self._freeze_copy())
+                return pb.PushReply(step=step, freeze=self._freeze_copy())
         finally:
             with self._cond:
                 worker.pushing = False
+
+    def _takes_stale(self, worker: _Worker, header: pb.PushHeader) -> bool:
+        """Whether a push for a step the run has passed goes into the current round (call with
+        the lock held): at most max_staleness rounds old, computed with the run's frozen prefix
+        (no freeze since: it carries the blocks the PS expects), and the worker's first push of
+        this round."""
+        return (self._step - header.step <= self.settings.max_staleness and self._freeze.since_step <= header.step
+                and worker.pushed_step < self._step and not self._finished())
 
     def _late(self, worker: _Worker, header: pb.PushHeader, received: bool) -> pb.PushReply:
         """The answer to a push whose round completed without it (call with the lock held);
@@ -403,10 +420,13 @@ class ParameterServer:
         return pb.PushReply(step=self._step, freeze=self._freeze_copy(), late=True)
 
     def _check_push(self, worker: _Worker, header: pb.PushHeader, already_pushing: bool = False) -> None:
+        """Refuse a push that cannot go into the current round (a stale one that can is let through)."""
         if not self._started:
             raise FailedPrecondition("the run has not started: waiting for workers or initial values")
-        if header.step != self._step:
+        if header.step > self._step or (header.step < self._step and not self._takes_stale(worker, header)):
             raise FailedPrecondition(f"push for step {header.step}, but the server is at step {self._step}")
+        if self._finished():
+            raise FailedPrecondition(f"push for step {header.step}, but the run ended at step {self._total_steps}")
         if worker.pushing and not already_pushing:
             raise Busy(f"worker {worker.worker_id} has a push in flight: retry when it has ended")
         if header.batch_size == 0:
@@ -508,6 +528,10 @@ class ParameterServer:
             self._worker(req.worker_id).alive_at = now  # NOT_FOUND for an unknown (or dropped) id
             return pb.HeartbeatReply(step=self._step)
 
+    def _finished(self) -> bool:
+        """Every planned round is done (call with the lock held)."""
+        return bool(self._total_steps) and self._step >= self._total_steps
+
     def _done(self) -> bool:
         """Every worker that joined has left after the last step, or all were gone for too long
         (call with the lock held)."""
@@ -554,7 +578,7 @@ class ParameterServer:
                 return []
             late = [w for w in self._workers.values()
                     if w.pushed_step != self._step and now - max(w.due_since, w.alive_at) > limit]
-            finished = self._total_steps and self._step >= self._total_steps
+            finished = self._finished()
             for w in late:
                 del self._workers[w.worker_id]
                 if finished:  # it pushed every step and then never said Leave: not a drop

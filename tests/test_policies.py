@@ -120,6 +120,7 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"backup_workers": "1", "mode": "ddp"}, "backup_workers 1 is a PS's: mode 'ddp' has no PS"),
     ({"backup_workers": "1", "ps_shards": "2", "freeze": "none"}, "each shard would complete its rounds"),
     ({"keepalive_s": "0.5"}, r"keepalive_s 0.5: 0 \(off\) or at least 1"),
+    ({"max_staleness": "2"}, "max_staleness 2: at least 0, and more only with backup_workers"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):

@@ -358,14 +358,17 @@ class _Run:
     steps: int  # the PS's step at the end
 
 
-def _run_with_one_client(ps_factory, tmp_path, workers: int, client, steps: int = 10, **ps_settings) -> _Run:
+def _run_with_one_client(ps_factory, tmp_path, workers: int, client, steps: int = 10, on_start=lambda ps: None,
+                         **ps_settings) -> _Run:
     """The tests' MLP on `workers` workers against a PS (lr 0.05, momentum 0.9, no weight decay,
-    `ps_settings`), the last of them through `client(address)`, a PSClient that misbehaves."""
+    `ps_settings`; `on_start(ps)` once it runs), the last of them through `client(address)`, a
+    PSClient that misbehaves."""
     torch.manual_seed(3)
     weights = tmp_path / "init.pt"
     torch.save(build_model("mlp", 4).state_dict(), weights)
     log_path = tmp_path / "ps.jsonl"
     with ps_factory(workers, log_path=log_path, lr=0.05, momentum=0.9, weight_decay=0.0, **ps_settings) as ps:
+        on_start(ps)
         settings = [worker_settings(ps.address, weights=str(weights), steps=steps) for _ in range(workers)]
         from worker.train import run_worker
         special: dict = {}
@@ -425,6 +428,44 @@ def test_backup_workers_go_on_without_a_stalled_worker_and_apply_only_what_came_
         len(r["workers"]) for r in run.records if r["event"] == "round")  # every push applied was counted once
     assert all(len(r["workers"]) >= 2 for r in run.records if r["event"] == "round")
     _serial(run, 3)
+
+
+class _WaitingClient(PSClient):
+    """Before its first push for `step` or later, waits until `ready(that step)` (the run has
+    gone on without it); `waited_at` says which step."""
+
+    def __init__(self, address, step, ready, **kw):
+        super().__init__(address, **kw)
+        self.wait_step, self.ready, self.waited_at = step, ready, None
+
+    def push(self, header, flat, blocks):
+        if self.waited_at is None and header.step >= self.wait_step:
+            self.waited_at = header.step
+            _wait_for(lambda: self.ready(header.step), 30, "the run to go on without this worker")
+        return super().push(header, flat, blocks)
+
+
+def test_with_max_staleness_a_late_push_goes_into_the_round_in_progress(ps_factory, tmp_path):
+    """One backup worker of three, and late pushes applied: a worker whose push for step s
+    comes after round s + 1 has completed is summed into the round in progress (its samples
+    count), and goes on from the round after it; nothing is dropped or thrown away for it."""
+    server = {}
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _WaitingClient(
+        address, 3, lambda s: server["ps"].step >= s + 2, connect_retries=3, rpc_timeout_s=30.0), steps=40,
+        worker_timeout_s=20.0, round_timeout_s=30.0, backup_workers=1, max_staleness=1000,
+        on_start=lambda ps: server.update(ps=ps.server))
+    rounds = [r for r in run.records if r["event"] == "round"]
+    mine = [(r["step"], w) for r in rounds for wid, w in r["workers"].items() if wid == run.client.worker_id]
+    stale = [(step, w["stale"]) for step, w in mine if "stale" in w]  # others' slowness may make it stale too
+    mine_events = [r for r in run.records if r.get("worker") == run.client.worker_id and r["event"] != "join"]
+    waited = run.client.waited_at
+    assert [(step, k) for step, k in stale if step - k == waited and k >= 2], (waited, mine, mine_events)
+    assert not [r for r in run.records if r["event"] == "drop"]
+    # Thrown away only once the run was over (its last push, still computing when the others ended it).
+    late = [r for r in run.records if r["event"] == "late_push" and r["worker"] == run.client.worker_id]
+    assert all(r["run_step"] == 40 for r in late) and run.special["late_pushes"] == len(late) <= 1
+    assert run.special["steps"] == len(mine)
+    assert sum(s["steps"] for s in run.others) + run.special["steps"] == sum(len(r["workers"]) for r in rounds)
 
 
 class _LostReply(grpc.RpcError):

@@ -35,14 +35,16 @@ class _Churn:
     """Drives one ParameterServer through random rounds; keeps what each round accepted."""
 
     def __init__(self, seed: int, push_dtype: str, backup_workers: int = 0, num_workers: int = NUM_WORKERS,
-                 pull_dtype: str = "float32"):
+                 pull_dtype: str = "float32", max_staleness: int = 0):
         self.rng = random.Random(seed)
         self.push_dtype = push_dtype
         self.server = ParameterServer(
             ServerSettings(num_workers=num_workers, chunk_bytes=1 << 20, lr=LR, worker_timeout_s=TIMEOUT_S,
-                           push_dtype=push_dtype, pull_dtype=pull_dtype, backup_workers=backup_workers),
+                           push_dtype=push_dtype, pull_dtype=pull_dtype, backup_workers=backup_workers,
+                           max_staleness=max_staleness),
             FreezePolicy(), self._record)
         self.late = 0  # late pushes answered
+        self.stale = 0  # late pushes applied in a later round
         torch.manual_seed(0)
         self.flat = FlatModel(build_model("mlp", 4))
         self.flat.set_push_dtype(push_dtype)
@@ -112,15 +114,22 @@ class _Churn:
                 else:  # everyone live has pushed or left: only a join can fill the round
                     self.join()
                     waiting.append(next(reversed(self.live)))
-            # Backup workers: the round may have completed without some; they push it now, late.
+            # Backup workers: the round may have completed without some; they push it now, late:
+            # thrown away, or (max_staleness) summed into the round in progress.
             for w in [w for w in waiting if (step, w) not in self.pushed and w in self.live]:
                 if self.rng.random() < 0.5:
                     before = [v.clone() for v in self.server._store.values.values()]
+                    now = self.server.step
                     reply = self.push(w, step)
-                    assert reply.late and reply.step == self.server.step
-                    assert all(torch.equal(a, b) for a, b in zip(before, self.server._store.values.values()))
-                    del self.pushed[(step, w)]
-                    self.late += 1
+                    pushed = self.pushed.pop((step, w))
+                    if reply.late:
+                        assert reply.step == self.server.step
+                        assert all(torch.equal(a, b) for a, b in zip(before, self.server._store.values.values()))
+                        self.late += 1
+                    else:  # applied stale: it counts for the round it went into
+                        assert reply.step == now and not reply.duplicate
+                        self.pushed[(now, w)] = pushed
+                        self.stale += 1
 
 
 def _reference(churn: _Churn) -> dict[int, torch.Tensor]:
@@ -145,13 +154,17 @@ def _reference(churn: _Churn) -> dict[int, torch.Tensor]:
     return store.values
 
 
-@pytest.mark.parametrize("push_dtype,backup_workers", [("float32", 0), ("bfloat16", 0), ("float32", 1),
-                                                      ("float32", 2)])
+@pytest.mark.parametrize("push_dtype,backup_workers,max_staleness", [
+    ("float32", 0, 0), ("bfloat16", 0, 0), ("float32", 1, 0), ("float32", 2, 0), ("float32", 1, 1)])
 @pytest.mark.parametrize("seed", range(6))
-def test_rounds_apply_the_accepted_pushes_in_rank_order_whatever_the_churn(seed, push_dtype, backup_workers):
-    churn = _Churn(seed, push_dtype, backup_workers)
+def test_rounds_apply_the_accepted_pushes_in_rank_order_whatever_the_churn(seed, push_dtype, backup_workers,
+                                                                           max_staleness):
+    churn = _Churn(seed, push_dtype, backup_workers, max_staleness=max_staleness)
     churn.run()
-    assert (churn.late > 0) == (backup_workers > 0)  # late pushes happen, and only with backup workers
+    # Late pushes happen only with backup workers; with max_staleness they are applied.
+    assert (churn.late + churn.stale > 0) == (backup_workers > 0) and (churn.stale > 0) == (max_staleness > 0)
+    stale = [w["stale"] for r in churn.rounds for w in r["workers"].values() if "stale" in w]
+    assert len(stale) == churn.stale and all(k == 1 for k in stale)
     assert len(churn.rounds) == ROUNDS
     ranks_per_round = [sorted(r["rank"] for r in record["workers"].values()) for record in churn.rounds]
     assert all(len(set(ranks)) == len(ranks) for ranks in ranks_per_round)  # no rank twice in a round

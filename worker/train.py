@@ -339,8 +339,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 log.info("[Worker] rank %d: push for step %d came late; skipping to step %d", rank, step, reply.step)
                 late_pushes += 1
                 step = reply.step
-            else:
-                step += 1
+            else:  # the step it was applied to: a later one when it came late but fresh enough (max_staleness)
+                step = reply.step + 1
                 steps_done += 1
         share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
         if share and total_steps > 0:
