@@ -427,6 +427,8 @@ class ParameterServer:
             raise FailedPrecondition(f"push for step {header.step}, but the server is at step {self._step}")
         if self._finished():
             raise FailedPrecondition(f"push for step {header.step}, but the run ended at step {self._total_steps}")
+        if worker.pushed_step == self._step:  # its late push for an earlier step went into this round
+            raise FailedPrecondition(f"worker {worker.worker_id} already pushed into round {self._step}")
         if worker.pushing and not already_pushing:
             raise Busy(f"worker {worker.worker_id} has a push in flight: retry when it has ended")
         if header.batch_size == 0:

@@ -274,3 +274,33 @@ def test_a_pull_streams_the_values_of_its_step_though_the_round_completes_meanwh
         got[chunk.block] += bytes(chunk.data)
     for b, value in want.items():
         assert torch.equal(torch.frombuffer(got[b], dtype=torch.float32), value), f"block {b}"
+
+
+
+def test_a_stale_push_takes_its_workers_place_in_the_round_in_progress():
+    """max_staleness 2, one backup worker of three: rank 2's push for step 0, after round 0,
+    goes into round 1 as its push for that round; its push for step 1 is then refused (it
+    pushed into round 1 already), a retry of the stale one is a duplicate, and round 1
+    completes with ranks 0 and 2 (stale 1), which the replay reproduces."""
+    churn = _Churn(0, "float32", backup_workers=1, num_workers=3, max_staleness=2)
+    ids = list(churn.live)
+    churn.push(ids[0])
+    churn.push(ids[1])
+    assert churn.server.step == 1
+    reply = churn.push(ids[2], step=0)
+    assert (reply.step, reply.late, reply.duplicate) == (1, False, False)
+    stale = churn.pushed.pop((0, ids[2]))
+    before = {b: v.clone() for b, v in churn.server._store.values.items()}
+    with pytest.raises(FailedPrecondition, match="already pushed into round 1"):
+        churn.push(ids[2], step=1)
+    again = churn.push(ids[2], step=0)
+    assert again.duplicate and again.step == 1
+    assert all(torch.equal(v, before[b]) for b, v in churn.server._store.values.items())
+    churn.pushed[(1, ids[2])] = stale  # what round 1 holds of rank 2: the stale push, not the two refused
+    del churn.pushed[(0, ids[2])]
+    churn.push(ids[0])  # two of three: with one backup worker, round 1 completes
+    assert churn.server.step == 2
+    assert {w["rank"]: w.get("stale") for w in churn.rounds[1]["workers"].values()} == {0: None, 2: 1}
+    want = _reference(churn)
+    for b, value in churn.server._store.values.items():
+        assert torch.equal(value, want[b])
