@@ -332,18 +332,18 @@ def test_an_evaluation_longer_than_the_timeouts_neither_drops_the_evaluator_nor_
     assert not [r for r in records if r["event"] == "drop"]
 
 
-class _StallingClient(PSClient):
-    """Stalls before pushing `step` (or the first step after it, if it skipped it), once, for
-    `seconds` (a worker that hangs, then wakes); `stalled_at` says which step."""
+class _DelayedClient(PSClient):
+    """Before its first push for `step` or a later one (it may have skipped `step`), calls
+    `delay(that step)`, once: a worker that hangs, then wakes; `delayed_at` says which step."""
 
-    def __init__(self, address, step, seconds, **kw):
+    def __init__(self, address, step, delay, **kw):
         super().__init__(address, **kw)
-        self.stall_step, self.seconds, self.stalled_at = step, seconds, None
+        self.delay_step, self.delay, self.delayed_at = step, delay, None
 
     def push(self, header, flat, blocks):
-        if self.stalled_at is None and header.step >= self.stall_step:
-            self.stalled_at = header.step
-            time.sleep(self.seconds)
+        if self.delayed_at is None and header.step >= self.delay_step:
+            self.delayed_at = header.step
+            self.delay(header.step)
         return super().push(header, flat, blocks)
 
 
@@ -396,8 +396,8 @@ def _serial(run: _Run, workers: int, **kw) -> None:
 def test_late_worker_is_dropped_then_rejoins(ps_factory, tmp_path, pull_dtype):
     """With --pull-dtype bfloat16 too: the rejoined worker pulls what the others hold, whole,
     and goes on with their bits."""
-    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _StallingClient(
-        address, step=3, seconds=2.0, connect_retries=3, rpc_timeout_s=30.0), worker_timeout_s=0.5,
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _DelayedClient(
+        address, 3, lambda step: time.sleep(2.0), connect_retries=3, rpc_timeout_s=30.0), worker_timeout_s=0.5,
         round_timeout_s=10.0, pull_dtype=pull_dtype)
     assert run.steps == 10
     drops = [r for r in run.records if r["event"] == "drop"]
@@ -414,14 +414,14 @@ def test_backup_workers_go_on_without_a_stalled_worker_and_apply_only_what_came_
     """One backup worker of three: a worker that stalls is waited out, not dropped; its late
     push is not applied, it skips to the run's step, and the result is serial SGD over the
     pushes each round took, to the bit."""
-    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _StallingClient(
-        address, step=3, seconds=1.5, connect_retries=3, rpc_timeout_s=30.0),
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _DelayedClient(
+        address, 3, lambda step: time.sleep(1.5), connect_retries=3, rpc_timeout_s=30.0),
         worker_timeout_s=20.0, round_timeout_s=30.0, backup_workers=1)
     staller = run.client
     assert run.steps == 10 and not [r for r in run.records if r["event"] == "drop"]
     # Others may come late too (three workers share two cores), and so may the staller before it stalls.
     late = [r for r in run.records if r["event"] == "late_push" and r["worker"] == staller.worker_id]
-    assert staller.stalled_at >= 3 and staller.stalled_at in [r["step"] for r in late]
+    assert staller.delayed_at >= 3 and staller.delayed_at in [r["step"] for r in late]
     assert run.special["late_pushes"] == len(late) and run.special["rejoins"] == 0
     assert run.special["steps"] + run.special["late_pushes"] < 10  # it skipped the rounds that went on without it
     assert sum(s["steps"] for s in run.others) + run.special["steps"] == sum(
@@ -430,35 +430,23 @@ def test_backup_workers_go_on_without_a_stalled_worker_and_apply_only_what_came_
     _serial(run, 3)
 
 
-class _WaitingClient(PSClient):
-    """Before its first push for `step` or later, waits until `ready(that step)` (the run has
-    gone on without it); `waited_at` says which step."""
-
-    def __init__(self, address, step, ready, **kw):
-        super().__init__(address, **kw)
-        self.wait_step, self.ready, self.waited_at = step, ready, None
-
-    def push(self, header, flat, blocks):
-        if self.waited_at is None and header.step >= self.wait_step:
-            self.waited_at = header.step
-            _wait_for(lambda: self.ready(header.step), 30, "the run to go on without this worker")
-        return super().push(header, flat, blocks)
-
-
 def test_with_max_staleness_a_late_push_goes_into_the_round_in_progress(ps_factory, tmp_path):
     """One backup worker of three, and late pushes applied: a worker whose push for step s
     comes after round s + 1 has completed is summed into the round in progress (its samples
     count), and goes on from the round after it; nothing is dropped or thrown away for it."""
     server = {}
-    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _WaitingClient(
-        address, 3, lambda s: server["ps"].step >= s + 2, connect_retries=3, rpc_timeout_s=30.0), steps=40,
+    def until_two_rounds_ahead(step):
+        _wait_for(lambda: server["ps"].step >= step + 2, 30, "the run to go on without this worker")
+
+    run = _run_with_one_client(ps_factory, tmp_path, 3, lambda address: _DelayedClient(
+        address, 3, until_two_rounds_ahead, connect_retries=3, rpc_timeout_s=30.0), steps=40,
         worker_timeout_s=20.0, round_timeout_s=30.0, backup_workers=1, max_staleness=1000,
         on_start=lambda ps: server.update(ps=ps.server))
     rounds = [r for r in run.records if r["event"] == "round"]
     mine = [(r["step"], w) for r in rounds for wid, w in r["workers"].items() if wid == run.client.worker_id]
     stale = [(step, w["stale"]) for step, w in mine if "stale" in w]  # others' slowness may make it stale too
     mine_events = [r for r in run.records if r.get("worker") == run.client.worker_id and r["event"] != "join"]
-    waited = run.client.waited_at
+    waited = run.client.delayed_at
     assert [(step, k) for step, k in stale if step - k == waited and k >= 2], (waited, mine, mine_events)
     assert not [r for r in run.records if r["event"] == "drop"]
     # Thrown away only once the run was over (its last push, still computing when the others ended it).
@@ -531,21 +519,6 @@ def test_a_push_retried_while_its_first_try_is_received_is_aborted_and_changes_n
 
 
 # -- PS crash and resume -----------------------------------------------------------------------
-class _HoldingClient(PSClient):
-    """Holds before pushing `step` until `release` is set (the PS dies meanwhile)."""
-
-    def __init__(self, address, step, reached, release, **kw):
-        super().__init__(address, **kw)
-        self.hold_step, self.reached, self.release = step, reached, release
-
-    def push(self, header, flat, blocks):
-        if header.step == self.hold_step:
-            self.hold_step = -1
-            self.reached.set()
-            assert self.release.wait(60)
-        return super().push(header, flat, blocks)
-
-
 def _ps_command(port, tmp_path, *extra):
     return [sys.executable, "-m", "freezeps", "ps", "--listen", f"127.0.0.1:{port}", "--num-workers", "2",
             "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0", "--freeze", "none",
@@ -579,7 +552,11 @@ def test_ps_killed_and_resumed_gives_the_uninterrupted_result(ps_factory, tmp_pa
     try:
         reached, release = threading.Event(), threading.Event()
         address = f"127.0.0.1:{port}"
-        holder = _HoldingClient(address, 7, reached, release, connect_retries=12, rpc_timeout_s=60.0)
+        def hold(step):  # until the PS has died and come back
+            reached.set()
+            assert release.wait(60)
+
+        holder = _DelayedClient(address, 7, hold, connect_retries=12, rpc_timeout_s=60.0)
         settings = worker_settings(address, weights=str(weights), steps=steps, connect_retries=12, rpc_timeout_s=60.0)
         from worker.train import run_worker
         results: dict = {}
