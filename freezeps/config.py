@@ -104,8 +104,8 @@ class Config:
                              "are waited out and their late pushes not applied (they skip to the run's step); "
                              "rounds then depend on timing, not only on the pushes", (PS, RUN))
     max_staleness: int = _f(0, "with backup_workers: a late push whose parameters are at most this many rounds "
-                            "old (and no block froze since) goes into the current round instead of being thrown "
-                            "away, so the stragglers' samples count (bounded staleness); 0: thrown away", (PS, RUN))
+                            "old (and no block froze since) goes into the current round, in its worker's place, "
+                            "instead of being thrown away (bounded staleness); 0: thrown away", (PS, RUN))
     start_timeout_s: float = _f(120.0, "a run (or a resumed run) still waiting for workers this long after its "
                                 "initial values arrived starts with those present", (PS, RUN))
     ps_shards: int = _f(1, "PS shards: separate PS processes, each owning a contiguous range of blocks of roughly "
