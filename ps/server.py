@@ -420,10 +420,11 @@ class ParameterServer:
         return pb.PushReply(step=self._step, freeze=self._freeze_copy(), late=True)
 
     def _check_push(self, worker: _Worker, header: pb.PushHeader, already_pushing: bool = False) -> None:
-        """Refuse a push that cannot go into the current round (a stale one that can is let through)."""
+        """Refuse a push that cannot go into the current round (push() has answered one for a
+        passed step as late already, unless it goes in stale)."""
         if not self._started:
             raise FailedPrecondition("the run has not started: waiting for workers or initial values")
-        if header.step > self._step or (header.step < self._step and not self._takes_stale(worker, header)):
+        if header.step > self._step:
             raise FailedPrecondition(f"push for step {header.step}, but the server is at step {self._step}")
         if self._finished():
             raise FailedPrecondition(f"push for step {header.step}, but the run ended at step {self._total_steps}")
