@@ -20,7 +20,7 @@ from proto.transport import KEEPALIVE_S, MAX_CHUNK_BYTES
 from ps.optim import OPTIMIZERS, make_optimizer
 from ps.policy import VOTE_WEIGHTS, FreezePolicy
 from ps.schedule import SCHEDULES, block_lr_scales
-from ps.server import SHARDED_CENTRAL
+from ps.server import SHARDED_CENTRAL, straggler_refusal
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
 from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS, text_pooling_refusal
@@ -247,17 +247,10 @@ class Config:
         if self.pull_dtype != "float32" and self.mode != "ps":
             raise ValueError(f"pull_dtype {self.pull_dtype!r} is a PS's: mode {self.mode!r} pulls nothing (with "
                              f"ddp, push_dtype bfloat16 narrows the all-reduce both ways)")
-        if not 0 <= self.backup_workers < self.num_workers:
-            raise ValueError(f"backup_workers {self.backup_workers}: need 0 <= backup_workers < num_workers "
-                             f"({self.num_workers})")
+        if why := straggler_refusal(self.num_workers, self.backup_workers, self.max_staleness, self.ps_shards):
+            raise ValueError(why)
         if self.backup_workers and self.mode != "ps":
             raise ValueError(f"backup_workers {self.backup_workers} is a PS's: mode {self.mode!r} has no PS")
-        if self.max_staleness < 0 or (self.max_staleness and not self.backup_workers):
-            raise ValueError(f"max_staleness {self.max_staleness}: at least 0, and more only with backup_workers "
-                             "(without them no push comes after its round)")
-        if self.backup_workers and self.ps_shards > 1:
-            raise ValueError(f"backup_workers {self.backup_workers} with ps_shards {self.ps_shards}: each shard "
-                             "would complete its rounds with the pushes that reached it first")
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)

@@ -50,6 +50,20 @@ SHARDED_CENTRAL = ("a central gradient decision needs every block's averaged gra
                    "gradient-blind engine (none, static, linear)")
 
 
+def straggler_refusal(num_workers: int, backup_workers: int, max_staleness: int, num_shards: int) -> str | None:
+    """Why these backup-worker settings cannot run, or None. One rule for ServerSettings and
+    Config.validate (at load time)."""
+    if not 0 <= backup_workers < num_workers:
+        return f"backup_workers {backup_workers}: need 0 <= backup_workers < num_workers ({num_workers})"
+    if max_staleness < 0 or (max_staleness and not backup_workers):
+        return (f"max_staleness {max_staleness}: at least 0, and more only with backup_workers (without them no "
+                "push comes after its round)")
+    if backup_workers and num_shards > 1:
+        return (f"backup_workers {backup_workers} with {num_shards} PS shards: each shard would complete its "
+                "rounds with the pushes that reached it first, and the shards' blocks would mix different rounds")
+    return None
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     num_workers: int
@@ -98,15 +112,8 @@ class ServerSettings:
             raise ValueError("timeouts must be > 0")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"shard {self.shard} of {self.num_shards}: need 0 <= shard < num_shards")
-        if not 0 <= self.backup_workers < self.num_workers:
-            raise ValueError(f"backup_workers {self.backup_workers}: need 0 <= backup_workers < num_workers "
-                             f"({self.num_workers})")
-        if self.max_staleness < 0 or (self.max_staleness and not self.backup_workers):
-            raise ValueError(f"max_staleness {self.max_staleness}: at least 0, and more only with backup_workers "
-                             "(without them no push comes after its round)")
-        if self.backup_workers and self.num_shards > 1:
-            raise ValueError("backup_workers with several PS shards: each shard would complete its rounds with "
-                             "the pushes that reached it first, and the shards' blocks would mix different rounds")
+        if why := straggler_refusal(self.num_workers, self.backup_workers, self.max_staleness, self.num_shards):
+            raise ValueError(why)
         wire_layout([], self.push_dtype)  # ValueError now, not at the first Join, as the two below
         wire_layout([], self.pull_dtype)
         self.make_optimizer()
