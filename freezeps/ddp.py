@@ -205,8 +205,10 @@ def _optimizer(cfg: Config, blocks, lr_scales: list[float]) -> torch.optim.Optim
 
 def _ddp(model, push_dtype: str) -> DistributedDataParallel:
     # Running statistics are averaged over the ranks after each step, as the PS does, rather
-    # than DDP's default of broadcasting rank 0's: the two modes then compute the same thing.
-    net = DistributedDataParallel(model, broadcast_buffers=False)
+    # than DDP's default of broadcasting rank 0's before each forward: the two modes then compute
+    # the same thing. (The wrapper still broadcasts rank 0's buffers when it is built, which
+    # changes nothing: the ranks' buffers are equal then, at the start and after every average.)
+    net = DistributedDataParallel(model, forward_sync_buffers=False)
     if push_dtype == "bfloat16":
         # torch's own: each rank's gradient / world, rounded to bf16, all-reduced (summed in
         # bf16) and widened back. Not the PS's float32 sum, so the two modes no longer agree
