@@ -344,6 +344,13 @@ def time_to_accuracy(facts: dict, target: float) -> float | None:
     return next((c["wall_s"] for c in facts["curve"] if c["accuracy"] >= target), None)
 
 
+def _time_to_target(seconds: float | None, base_seconds: float | None) -> str:
+    """A run's time to the target, and how many times less it is than the baseline's."""
+    if seconds is None:
+        return "not reached"
+    return f"{seconds:.0f} ({base_seconds / seconds:.2f}x)" if base_seconds and seconds > 0 else f"{seconds:.0f}"
+
+
 def paired_difference(wrong: Sequence[int], base_wrong: Sequence[int], samples: int) -> tuple[float, float]:
     """(accuracy - baseline accuracy, its standard error), in points, of two models scored on the
     same `samples` test samples, given the test samples each got wrong.
@@ -383,13 +390,16 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     target = (base["best_accuracy"] or 0.0) - 0.005
     lines = [f"Savings and time to accuracy are against `{base['name']}`; the accuracy target is its best "
              f"test accuracy minus 0.5 point ({target:.4f}). `vs base`: the final accuracy's difference in points "
-             "± its standard error over the test samples, paired by sample (freezeps.report.paired_difference).", "",
+             "± its standard error over the test samples, paired by sample (freezeps.report.paired_difference). "
+             "`time to target s`: from round 0 to the run's first evaluation at or above the target, and in "
+             "brackets the baseline's time over it (how many times less time the run took to get there).", "",
              "| run | mode | freeze | final acc | vs base | best acc | train s | of which eval s | samples/s | "
              "time to target s | "
              "payload (push+pull) | bytes saved | time saved | wire bytes | wire/payload | ms per step and worker | "
              "freezes (step: blocks) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_moved = _moved(base)
+    base_tta = time_to_accuracy(base, target)
     for r in runs:
         moved = _moved(r)
         tta = time_to_accuracy(r, target)
@@ -408,7 +418,7 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
         lines.append(f"| {r['name']} | {_mode(r)} | {r['freeze'] or '-'} | {acc(r['accuracy'])} | {vs_base} | "
                      f"{acc(r['best_accuracy'])} | {r['train_s']:.1f} | "
                      f"{eval_s} | {rate} | "
-                     f"{f'{tta:.0f}' if tta is not None else 'not reached'} | "
+                     f"{_time_to_target(tta, base_tta)} | "
                      f"{moved / 1e9:.3f} GB | {1 - moved / base_moved:.1%} | {1 - r['train_s'] / base['train_s']:.1%} | "
                      f"{wire_bytes} | {wire} | {phases} | {freezes} |")
     if paced := full_model_pace(runs):

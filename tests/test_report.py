@@ -139,6 +139,18 @@ def test_time_to_accuracy_and_baseline():
     assert len(cells) == len(header) and cells[header.index("of which eval s")] == "1.2"
     base_row = next(line for line in table.splitlines() if line.startswith(f"| {facts['name']}"))
     assert [c.strip() for c in base_row.strip("|").split("|")][header.index("of which eval s")] == "-"  # not timed then
+    # the time to the target, and the baseline's over it: twice as fast is 2.00x
+    faster = {**facts, "name": "faster", "curve": [{**c, "wall_s": c["wall_s"] / 2} for c in facts["curve"]]}
+    never = {**facts, "name": "never", "curve": [{**c, "accuracy": 0.0} for c in facts["curve"]]}
+    table = comparison_markdown([facts, faster, never])
+    tta = time_to_accuracy(facts, facts["best_accuracy"] - 0.005)
+    assert tta > 0
+
+    def cell(name):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        return [c.strip() for c in row.strip("|").split("|")][header.index("time to target s")]
+    assert cell(facts["name"]) == f"{tta:.0f} (1.00x)"
+    assert cell("faster") == f"{tta / 2:.0f} (2.00x)" and cell("never") == "not reached"
     with pytest.raises(ValueError, match="no run named 'run-smal' to compare with"):
         comparison_markdown([facts, other], baseline="run-smal")  # not silently the first run
 
