@@ -287,6 +287,14 @@ def _mode(facts: dict) -> str:
     return ", ".join(parts + _narrower(facts))
 
 
+def _round_work(facts: dict) -> tuple[str, str]:
+    """What a full-model round costs besides computing: the mode with its wire settings, and the
+    network (with its link rate)."""
+    config = facts.get("config", {})
+    network = config.get("network", "loopback") + (f" at {config['link_rate']}" if config.get("link_rate") else "")
+    return _mode(facts), network
+
+
 def format_report(facts: dict) -> str:
     lines = [f"{_mode(facts)}: model {facts['model']}, {facts['workers']} workers, {facts['steps']} steps, "
              f"wall {facts['wall_s']:.1f} s (training {facts['train_s']:.1f} s), {facts['frozen_blocks']} blocks frozen at the end"]
@@ -424,9 +432,14 @@ def comparison_markdown(runs: list[dict], baseline: str | None = None) -> str:
     if paced := full_model_pace(runs):
         rounds, pace = paced
         lines += ["", f"Seconds per round over rounds 1-{rounds}, before any of these runs froze a block (the same "
-                  "work in each; times compare where these agree): " +
+                  "work in runs of one mode on one network; their times compare where these agree): " +
                   ", ".join(f"{name} {s:.2f}" for name, s in pace.items()) + "."]
-        if all(pace.values()) and all(r["train_s"] for r in runs):  # else a clock stood still: nothing to divide by
+        if len(works := {_round_work(r) for r in runs}) > 1:
+            # A PS and DDP (or float32 and bfloat16 pushes, or two links) differ in pace by design,
+            # not by the machine's speed: dividing by the pace would hide the difference measured.
+            lines += ["", "These runs move a round's bytes differently (" + "; ".join(sorted(map(", ".join, works))) +
+                      "), so their paces differ by design: their measured times are the comparison."]
+        elif all(pace.values()) and all(r["train_s"] for r in runs):  # else a clock stood still: nothing to divide by
             own = {r["name"]: r["train_s"] / pace[r["name"]] for r in runs}
             lines += ["", f"Training time in each run's own rounds 1-{rounds} (its train s over its pace above), "
                       f"and `{base['name']}`'s over it: the time saved at one machine speed, where the machine's "

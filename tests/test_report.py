@@ -169,6 +169,13 @@ def test_the_pace_before_any_freeze_says_whether_two_runs_times_compare():
     # speed: 1.27x where the measured times say 0.84x, the frozen run's machine being 1.5x slower
     assert "in each run's own rounds 1-11" in table and "none 19 (1.00x), frozen 15 (1.27x)." in table
     assert "none 19 (0.79x), frozen 15 (1.00x)." in comparison_markdown(runs, "frozen")
+    # a PS run beside a DDP run, or one on another link, paces differently by design, not by the
+    # machine's speed: no time in units of their rounds, and the table says why
+    for other in ({"mode": "ddp"}, {"config": {**facts["config"], "network": "netns", "link_rate": "1gbit"}}):
+        mixed = comparison_markdown([runs[0], {**runs[1], **other}])
+        assert "none 2.00, frozen 3.00." in mixed and "own rounds" not in mixed
+        assert "move a round's bytes differently" in mixed and "their measured times are the comparison" in mixed
+    assert "netns at 1gbit" in mixed and "move a round's bytes differently" not in table
     stopped = [{**runs[0], "frozen_over_time": [(1.0, 0)] * 20}, runs[1]]  # a clock that stood still
     assert "none 0.00, frozen 3.00." in comparison_markdown(stopped) and "own rounds" not in comparison_markdown(stopped)
     # facts read back from results.json have no per-round series; a freeze within MIN_PACE_ROUNDS leaves too few
