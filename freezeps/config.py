@@ -23,6 +23,7 @@ from ps.schedule import SCHEDULES, block_lr_scales
 from ps.server import SHARDED_CENTRAL, straggler_refusal
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
+from worker.device import device_refusal
 from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS, text_pooling_refusal
 from worker.text import TEXT_DATASETS
 
@@ -153,6 +154,10 @@ class Config:
     epochs: int = _f(2, "passes over the training set", (WORKER, RUN))
     steps: int = _f(0, "rounds to run; 0 = epochs x steps per epoch", (WORKER, RUN))
     seed: int = _f(0, "seed of sharding, batch order, augmentation and init", (WORKER, RUN))
+    device: str = _f("cpu", "where workers (and ddp's and single's processes) compute: cpu; cuda, a GPU per process "
+                     "(LOCAL_RANK mod the GPUs visible; run sets LOCAL_RANK to each worker's index), where ddp "
+                     "all-reduces with NCCL and needs a GPU per rank; or cuda:N. The PS computes on the CPU",
+                     (WORKER, RUN))
     threads: int = _f(0, "torch threads per worker; 0 = this host's cores / num_workers (right when every "
                        "worker runs here; a worker on a host of its own wants the host's cores)", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
@@ -200,7 +205,8 @@ class Config:
     insecure: bool = _f(False, "let the PS listen on a non-loopback address without a token or mutual TLS", (PS,))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
-    mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo); single: one "
+    mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo; NCCL with device "
+                   "cuda); single: one "
                    "process on the union of the workers' batches, no communication", (RUN,), ("ps", "ddp", "single"))
     network: str = _f("loopback", "loopback, or netns: the PS and each worker in its own network namespace "
                       "on a bridge, wire bytes read from the links (needs root)", (RUN,), ("loopback", "netns"))
@@ -255,8 +261,11 @@ class Config:
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and (why := cache_refusal(self.augment,
-                                                                                       self.frozen_dropout)):
+                                                                                       self.frozen_dropout,
+                                                                                       self.device)):
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {why}")
+        if why := device_refusal(self.device):
+            raise ValueError(why)
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")

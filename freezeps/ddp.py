@@ -1,5 +1,5 @@
 """The baselines a user would otherwise run, on the same code: DDP (torch.distributed with
-gloo), and a single process with no communication at all.
+gloo on the CPU, NCCL with device cuda), and a single process with no communication at all.
 
 Same model, data, sharding, batch order, optimizer maths, LR schedule and freeze engines as
 a freezeps run. The freeze decision is made on rank 0 from the all-reduced gradients (the
@@ -22,6 +22,9 @@ payload, which then equals a PS worker's (with push_dtype bfloat16, torch's bf16
 hook halves the gradients' both ways, where a PS halves only the push). The wire bytes (ring
 all-reduce moves 2(N-1)/N of them each way) come from the links in --network netns.
 
+With device cuda each rank trains on its GPU (LOCAL_RANK's, as a worker's; else its rank's)
+and all-reduces over NCCL, which needs a GPU of its own per rank.
+
     python -m freezeps.ddp --config RUN_DIR/config.toml --rank R --world N --master HOST:PORT
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from freeze.engines import RoundStats, make_engine
 from freezeps.config import Config, freeze_policy, load_config
-from freezeps.roles import text_settings
+from freezeps.roles import local_rank, text_settings
 from proto.layout import WIRE_DTYPES
 from proto.runlog import JsonlLog
 from ps.main import save_params
@@ -51,6 +54,7 @@ from ps.optim import torch_adamw
 from ps.policy import FreezeHistory, decide
 from ps.schedule import block_lr_scales, learning_rate
 from worker.data import batch_order, load_dataset, make_batch, shard_indices
+from worker.device import resolve_device, synchronizer
 from worker.flat import FlatModel
 from worker.models import build_model
 from worker.train import eval_due, eval_share, evaluate, input_channels
@@ -64,8 +68,10 @@ def _block_bytes(model, grad_element_bytes: int = 4) -> list[int]:
             for block in model.blocks]
 
 
-def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool = False) -> torch.nn.Module:
-    """Train as one rank of `world` (dist already initialised when world > 1); returns the model."""
+def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool = False,
+          device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """Train as one rank of `world` on `device` (dist already initialised when world > 1, with
+    a backend that all-reduces `device`'s tensors); returns the model."""
     if cfg.freeze_decision == "votes":
         raise ValueError("the ddp and single modes decide centrally: freeze_decision must be 'central'")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // (1 if single else world)))
@@ -76,7 +82,9 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     share = eval_share(cfg.evaluate, cfg.eval_split, rank, 1 if single else world)
     test_set = load_dataset(cfg.dataset, Path(cfg.data_dir), False, cfg.download, cfg.test_samples, cfg.seed, text) \
         if share else None
-    model = build_model(cfg.model, train_set.num_classes, cfg.weights, cfg.frozen_dropout, cfg.text_pooling)
+    model = build_model(cfg.model, train_set.num_classes, cfg.weights, cfg.frozen_dropout,
+                        cfg.text_pooling).to(device)
+    sync = synchronizer(device)  # so that the phases' times are the device's, not its queue's
     channels = input_channels(model)
     names = model.block_names
     block_bytes = _block_bytes(model)  # the model's, in float32: the no-freeze reference
@@ -94,7 +102,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
     frozen = engine.initial(len(names))
     model.set_frozen(frozen)
     optimizer = _optimizer(cfg, model.blocks, block_lr_scales(len(names), cfg.lr_block_decay))
-    net = model if single else _ddp(model, cfg.push_dtype)
+    net = model if single else _ddp(model, cfg.push_dtype, device)
     log = JsonlLog(run_dir / "ddp.jsonl" if run_dir is not None and rank == 0 else None)
     wlog = JsonlLog(run_dir / f"worker-{rank}.jsonl" if run_dir is not None else None)
     if frozen:
@@ -112,16 +120,19 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
         epoch, pos = step // steps_per_epoch, (step % steps_per_epoch) * cfg.batch_size
         idx = np.concatenate([np.take(batch_order(s, epoch, r, cfg.seed), np.arange(pos, pos + cfg.batch_size),
                                       mode="wrap") for r, s in zip(ranks, shards)])
-        x, y = make_batch(train_set, idx, cfg.image_size, channels, cfg.augment, gen)
+        x, y = (t.to(device) for t in make_batch(train_set, idx, cfg.image_size, channels, cfg.augment, gen))
         lr = learning_rate(step, base_lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=total_steps,
                            warmup_steps=cfg.warmup_steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # the PS's product (BlockStore.apply), so the rates agree to the bit
         optimizer.zero_grad(set_to_none=True)
+        sync()
         t1 = time.perf_counter()
         loss = F.cross_entropy(net(x), y)
+        sync()
         t2 = time.perf_counter()
         loss.backward()  # DDP all-reduces the active blocks' gradients, bucket by bucket, as they are ready
+        sync()
         t3 = time.perf_counter()
 
         # The freeze decision on rank 0, from the averaged gradients, before the step applies them.
@@ -134,9 +145,10 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
         optimizer.step()
         if not single:
             _average_running_stats(model, frozen, world)
+        sync()
         t4 = time.perf_counter()
         if not single:
-            decision = torch.tensor([decided])
+            decision = torch.tensor([decided], device=device)
             dist.broadcast(decision, src=0)
             decided = int(decision)
         moved = {names[b]: moves[b] for b in active if moves[b]}
@@ -144,7 +156,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             by_block_total[name] = by_block_total.get(name, 0) + n * workers
         allreduce["in"] += sum(moved.values()) * workers
         allreduce["out"] += sum(moved.values()) * workers
-        losses = torch.tensor([loss.item()])
+        losses = torch.tensor([loss.item()], device=device)
         if not single:
             dist.all_reduce(losses)  # for the log only: the mean training loss of the step
             losses /= world
@@ -167,7 +179,7 @@ def train(cfg: Config, rank: int, world: int, run_dir: Path | None, single: bool
             frozen = decided
             model.set_frozen(frozen)
             if not single:  # DDP over the parameters that still train
-                net = _ddp(model, cfg.push_dtype)
+                net = _ddp(model, cfg.push_dtype, device)
     if share and total_steps > 0:
         evals.append(evaluate(model, test_set, cfg, channels, total_steps, steps_per_epoch, share=share))
         wlog.write(evals[-1])
@@ -203,12 +215,13 @@ def _optimizer(cfg: Config, blocks, lr_scales: list[float]) -> torch.optim.Optim
                            nesterov=cfg.nesterov)
 
 
-def _ddp(model, push_dtype: str) -> DistributedDataParallel:
+def _ddp(model, push_dtype: str, device: torch.device) -> DistributedDataParallel:
     # Running statistics are averaged over the ranks after each step, as the PS does, rather
     # than DDP's default of broadcasting rank 0's before each forward: the two modes then compute
     # the same thing. (The wrapper still broadcasts rank 0's buffers when it is built, which
     # changes nothing: the ranks' buffers are equal then, at the start and after every average.)
-    net = DistributedDataParallel(model, forward_sync_buffers=False)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                  forward_sync_buffers=False)
     if push_dtype == "bfloat16":
         # torch's own: each rank's gradient / world, rounded to bf16, all-reduced (summed in
         # bf16) and widened back. Not the PS's float32 sum, so the two modes no longer agree
@@ -242,19 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config({}, args.config)
     run_dir = Path(args.run_dir) if args.run_dir else None
+    try:
+        device = resolve_device(cfg.device, local_rank(os.environ) if "LOCAL_RANK" in os.environ else args.rank,
+                                torch.cuda.device_count())
+    except ValueError as e:
+        print(f"freezeps ddp: {e}", file=sys.stderr)
+        return 2
     if args.single:
-        train(cfg, 0, 1, run_dir, single=True)
+        train(cfg, 0, 1, run_dir, single=True, device=device)
         return 0
     # CI twice saw a rank end with SIGABRT ("terminate called without an active exception") and
     # no other output; never reproduced here (140 pairs of ranks under load). faulthandler puts
     # every thread's Python stack into the rank's log should it happen again.
     faulthandler.enable()
-    # gloo even where a GPU is: the ranks train on the CPU, as the PS's workers do, and NCCL
-    # all-reduces only CUDA tensors (it refuses the CPU model's gradients).
-    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
+    # NCCL all-reduces CUDA tensors only; gloo the CPU's.
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
-        train(cfg, args.rank, args.world, run_dir)
+        train(cfg, args.rank, args.world, run_dir, device=device)
         dist.barrier()  # leave together: rank 0 still evaluates and saves after the last step
     finally:
         dist.destroy_process_group()

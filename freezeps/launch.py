@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+import torch
 from google.protobuf.json_format import MessageToDict
 
 from freezeps import netns
@@ -27,6 +28,7 @@ from freezeps.report import format_report, summarize_run
 from proto import freezeps_pb2 as pb
 from proto.security import Auth, AuthError, open_channel, read_auth
 from proto.service import ParameterServerClient
+from worker.device import nccl_refusal, resolve_device
 
 
 def free_port() -> int:
@@ -68,6 +70,9 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
         print(f"freezeps run: {run_dir} already holds a run (ps.jsonl); logs are appended to, so give "
               f"another --run-dir or delete that folder", file=sys.stderr)
         return 2
+    if why := device_refusal_here(cfg, torch.cuda.device_count()):
+        print(f"freezeps run: {why}", file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     if cfg.network == "loopback":
@@ -89,6 +94,17 @@ def run_job(cfg: Config, config_file: str | None = None) -> int:
         print(f"freezeps run: {e}", file=sys.stderr)
         return 2
     return code
+
+
+def device_refusal_here(cfg: Config, gpus: int) -> str | None:
+    """Why the processes this launcher starts cannot have their devices on a host with `gpus`
+    CUDA GPUs (each gets LOCAL_RANK = its index), or None."""
+    processes = 1 if cfg.mode == "single" else cfg.num_workers
+    try:
+        devices = [resolve_device(cfg.device, i, gpus) for i in range(processes)]
+    except ValueError as e:
+        return str(e)
+    return nccl_refusal(devices) if cfg.mode == "ddp" and cfg.device != "cpu" else None
 
 
 @dataclass(frozen=True)
@@ -203,7 +219,9 @@ def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
     ranks = 1 if cfg.mode == "single" else cfg.num_workers
     print(f"freezeps run: {cfg.mode}, {ranks} process(es), {cfg.model} on {cfg.dataset}, freeze {cfg.freeze}, "
           f"{cfg.network}; logs in {run_dir}", flush=True)
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": where.interface}
+    # NCCL's bootstrap and socket transport too (on one host its rings use NVLink or PCIe, which
+    # the links' counters do not see).
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": where.interface, "NCCL_SOCKET_IFNAME": where.interface}
     procs, logs = [], []
     for rank in range(ranks):
         log = open(run_dir / f"ddp-{rank}.log", "w")
@@ -211,7 +229,7 @@ def _run_baseline(cfg: Config, run_dir: Path, where: Placement) -> int:
         argv = [sys.executable, "-m", "freezeps.ddp", "--config", str(run_dir / "config.toml"), "--rank", str(rank),
                 "--world", str(ranks), "--master", where.ddp_master, "--run-dir", str(run_dir)]
         procs.append(subprocess.Popen(where.worker_prefix[rank] + argv + (["--single"] if cfg.mode == "single" else []),
-                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+                                      stdout=log, stderr=subprocess.STDOUT, env={**env, "LOCAL_RANK": str(rank)}))
     try:
         while any(p.poll() is None for p in procs):
             if _failed(procs) is not None:
@@ -266,7 +284,7 @@ def _run_processes(cfg: Config, run_dir: Path, where: Placement, after=lambda: N
             where.worker_prefix[i] + base + ["worker"] + common + secrets.worker_flags +
             ["--ps-address", where.worker_ps_address[i], "--log-dir", str(run_dir), "--threads", str(threads)] +
             (["--cache-dir", str(run_dir / "cache")] if cfg.cache_disk_bytes and not cfg.cache_dir else []),
-            stdout=log, stderr=subprocess.STDOUT))
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LOCAL_RANK": str(i)}))
     channel = open_channel(where.listen[0], secrets.launcher)
     stub = ParameterServerClient(channel)
     started, last_line, failed = time.monotonic(), "", None

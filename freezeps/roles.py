@@ -37,7 +37,7 @@ def server_settings(cfg: Config) -> ServerSettings:
                           max_staleness=cfg.max_staleness)
 
 
-def worker_settings(cfg: Config) -> WorkerSettings:
+def worker_settings(cfg: Config, local_rank: int = 0) -> WorkerSettings:
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     return WorkerSettings(ps_addresses=tuple(ps_addresses(cfg)), model=cfg.model, weights=cfg.weights, dataset=cfg.dataset,
                           data_dir=Path(cfg.data_dir), download=cfg.download, train_samples=cfg.train_samples,
@@ -49,7 +49,17 @@ def worker_settings(cfg: Config) -> WorkerSettings:
                           keepalive_s=cfg.keepalive_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
                           sparse_push=cfg.sparse_push, eval_split=cfg.eval_split,
-                          frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling)
+                          frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling, device=cfg.device,
+                          local_rank=local_rank)
+
+
+def local_rank(environ) -> int:
+    """This process's place among its host's (torchrun's LOCAL_RANK, which `freezeps run` sets;
+    0 where unset): the GPU that device cuda picks (worker.device)."""
+    raw = environ.get("LOCAL_RANK", "0")
+    if not raw.isdigit():
+        raise ValueError(f"LOCAL_RANK {raw!r}: expected a whole number >= 0")
+    return int(raw)
 
 
 def text_settings(cfg: Config) -> TextSettings | None:
@@ -104,7 +114,7 @@ def run_worker_role(cfg: Config) -> int:
     """Run one worker; exit status 0 when done, 2 when its security or cache settings cannot be
     used, 3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
     try:
-        settings = replace(worker_settings(cfg), auth=auth_for(cfg, WORKER))
+        settings = replace(worker_settings(cfg, local_rank(os.environ)), auth=auth_for(cfg, WORKER))
     except (AuthError, ValueError) as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 2

@@ -248,3 +248,24 @@ def test_bfloat16_pushes_halve_every_block_and_train_alike_dense_or_sparse(tiny_
     for step in range(3):  # the same rows (the same tokens): values halve, their 4-byte indices do not
         narrow_rows, wide_rows = _payload(sparse, step, "Push", "in", 0), _payload(wide_sparse, step, "Push", "in", 0)
         assert wide_rows / 2 < narrow_rows < wide_rows
+
+
+def test_host_staging_pushes_the_same_embedding_rows(tiny_bert):
+    """Row-sparse pushes read the gradients' host copy (the GPU path's): with it apart from the
+    model's buffers they are the same rows and bytes, dense or in bfloat16."""
+    batch = torch.randint(1000, 2000, (4, 16))
+    flats = [FlatModel(build_model("bert", 2, str(tiny_bert)), sparse_push=True, host_staging=staging)
+             for staging in (False, True)]
+    for dtype in ("float32", "bfloat16"):
+        for flat in flats:
+            flat.set_push_dtype(dtype)
+            flat.zero_grads(0)
+            torch.nn.functional.cross_entropy(flat.model(batch), torch.tensor([0, 1, 0, 1])).backward()
+        plain, staged = flats
+        for b in range(len(plain.layout)):
+            np.testing.assert_array_equal(staged.push_bytes(b), plain.push_bytes(b))
+            rows = (staged.push_rows(b), plain.push_rows(b))
+            assert rows[0].keys() == rows[1].keys() and (b != 0 or rows[0])
+            for t in rows[1]:
+                for got, want in zip(rows[0][t], rows[1][t]):
+                    np.testing.assert_array_equal(got, want)

@@ -63,12 +63,19 @@ FROZEN_DROPOUT_REFUSED = ("the activation cache needs the frozen prefix to compu
                           "and frozen_dropout makes it random: turn one of them off")
 
 
-def cache_refusal(augment: bool, frozen_dropout: bool) -> str | None:
+GPU_REFUSED = ("the activation cache keeps and runs the frozen prefix's outputs on the CPU, and with device cuda "
+               "the model is on a GPU: turn the cache off (cache_memory_bytes and cache_disk_bytes 0) or use device "
+               "cpu")
+
+
+def cache_refusal(augment: bool, frozen_dropout: bool, device: str) -> str | None:
     """Why a cache cannot serve a run with these settings (its frozen prefix's output would
-    change from epoch to epoch), or None."""
+    change from epoch to epoch, or the model is not on the CPU), or None."""
     if augment:
         return AUGMENT_REFUSED
-    return FROZEN_DROPOUT_REFUSED if frozen_dropout else None
+    if frozen_dropout:
+        return FROZEN_DROPOUT_REFUSED
+    return GPU_REFUSED if device != "cpu" else None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ values[b] (or, with narrower pull changes, adds them to held[b] and copies that 
 values[b]); a push sends grads[b] (with the running statistics copied into their slots)
 as it is, or rounded to the PS's push dtype in one copy: no per-step flattening or
 unflattening.
+
+On a GPU the model's flat buffers live there and the wire's in host memory (pinned), one
+copy each way a round: a pull lands in the host's buffer and is copied up at its end, a
+push's gradients are copied down whole before they are sent. On the CPU the two are one.
 """
 from __future__ import annotations
 
@@ -59,8 +63,14 @@ def _known(dtype: str, what_the_ps: str) -> str:
 
 
 class FlatModel:
-    def __init__(self, model: BlockModel, sparse_push: bool = False):
-        self.model = model
+    def __init__(self, model: BlockModel, sparse_push: bool = False, device: torch.device = torch.device("cpu"),
+                 host_staging: bool | None = None):
+        """Moves `model` to `device` and binds it. `host_staging`: the wire's buffers apart from
+        the model's; None: where the device is not the CPU (tests force it on the CPU, to check
+        the copies without a GPU)."""
+        self.model = model.to(device)
+        staged = device.type != "cpu" if host_staging is None else host_staging
+        pinned = staged and device.type == "cuda"
         self.manifest = manifest_for(model, sparse_push)
         self.layout: list[BlockLayout] = layout_from_manifest(self.manifest)
         self.push_dtype = "float32"
@@ -74,13 +84,16 @@ class FlatModel:
         self.held: list[torch.Tensor] = []
         # The step of the last pull, once all of it landed (the client sets it); None: none since the Join.
         self.pulled_step: int | None = None
-        self.values: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []  # the model's, on its device
         self.grads: list[torch.Tensor] = []
+        # The wire's copies in host memory: the same tensors as values and grads without staging.
+        self._host_values: list[torch.Tensor] = []
+        self._host_grads: list[torch.Tensor] = []
         self._buffer_slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self._param_grads: list[list[torch.Tensor]] = []
         for block, layout in zip(model.blocks, self.layout):
-            values = torch.empty(layout.nbytes // 4)
-            grads = torch.zeros(layout.nbytes // 4)
+            values = torch.empty(layout.nbytes // 4, device=device)
+            grads = torch.zeros(layout.nbytes // 4, device=device)
             slots, param_grads = [], []
             for (_, module, attr, t, kind), spec in zip(_tensors(block), layout.tensors):
                 span = slice(spec.offset // 4, (spec.offset + spec.nbytes) // 4)
@@ -95,11 +108,21 @@ class FlatModel:
                     slots.append((view, grads[span]))
             self.values.append(values)
             self.grads.append(grads)
+            self._host_values.append(torch.empty(len(values), pin_memory=pinned).copy_(values) if staged else values)
+            self._host_grads.append(torch.empty(len(grads), pin_memory=pinned) if staged else grads)
             self._buffer_slots.append(slots)
             self._param_grads.append(param_grads)
 
     def value_bytes(self, b: int) -> np.ndarray:
-        return self.values[b].numpy().view(np.uint8)
+        """Block b's values as they are now (what an Init uploads)."""
+        return self._on_host(self.values, self._host_values, b).numpy().view(np.uint8)
+
+    @staticmethod
+    def _on_host(tensors: list[torch.Tensor], host: list[torch.Tensor], b: int) -> torch.Tensor:
+        """Block b of `tensors` in its host copy `host[b]` (copied there if it is not the same)."""
+        if host[b] is not tensors[b]:
+            host[b].copy_(tensors[b])
+        return host[b]
 
     def set_push_dtype(self, dtype: str) -> None:
         """Push in `dtype` from now on (what the PS's JoinReply.push_dtype says; "" is float32)."""
@@ -115,7 +138,7 @@ class FlatModel:
         dtype = _known(dtype, "sends pull changes in")
         self.pull_dtype = dtype
         self.change_layout = wire_layout(self.layout, dtype)
-        self.held = [] if dtype == "float32" else [torch.empty_like(v) for v in self.values]
+        self.held = [] if dtype == "float32" else [torch.empty_like(v) for v in self._host_values]
         self.pulled_step = None
 
     def pull_sink(self, header: pb.PullHeader) -> tuple[list[BlockLayout], Callable[[int, int, memoryview], None]]:
@@ -124,7 +147,7 @@ class FlatModel:
         changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
         layouts = [self.change_layout[b] if b in changed else layout for b, layout in enumerate(self.layout)]
         dtype, size = getattr(torch, self.pull_dtype), WIRE_DTYPES[self.pull_dtype]
-        copy = copy_into({b: self.value_bytes(b) for b in header.blocks if b not in changed})
+        copy = copy_into({b: self._host_values[b].numpy().view(np.uint8) for b in header.blocks if b not in changed})
 
         def write(block: int, start: int, data: memoryview) -> None:
             if block in changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
@@ -139,23 +162,27 @@ class FlatModel:
         for b, changed in zip(header.blocks, delta):
             if changed:
                 self.values[b].copy_(self.held[b])
-            elif self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
-                self.held[b].copy_(self.values[b])
+                continue
+            if self._host_values[b] is not self.values[b]:
+                self.values[b].copy_(self._host_values[b])
+            if self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
+                self.held[b].copy_(self._host_values[b])
 
     def push_bytes(self, b: int) -> np.ndarray:
         """Block b's push payload in push_layout: parameter gradients, and running statistics in
         their slots."""
         for value, slot in self._buffer_slots[b]:
             slot.copy_(value.reshape(-1))
+        grads = self._on_host(self.grads, self._host_grads, b)
         if not self._narrow:
-            return self.grads[b].numpy().view(np.uint8)
-        self._narrow[b].copy_(self.grads[b])  # rounds to nearest even
+            return grads.numpy().view(np.uint8)
+        self._narrow[b].copy_(grads)  # rounds to nearest even
         return self._narrow[b].view(torch.uint8).numpy()
 
     def push_rows(self, b: int) -> SparseRows:
         """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows,
         values in push_dtype)}. Call after push_bytes(b)."""
-        sparse = sparse_rows(self.layout[b], self.grads[b].numpy(), WIRE_DTYPES[self.push_dtype])
+        sparse = sparse_rows(self.layout[b], self._host_grads[b].numpy(), WIRE_DTYPES[self.push_dtype])
         if not self._narrow:
             return sparse
         dtype = getattr(torch, self.push_dtype)
@@ -164,8 +191,8 @@ class FlatModel:
                 for t, (rows, values) in sparse.items()}
 
     def values_by_name(self) -> dict[str, torch.Tensor]:
-        """A copy of every tensor's value by manifest name (the names the PS saves under)."""
-        return {t.name: self.values[b][t.offset // 4:(t.offset + t.nbytes) // 4].view(t.shape).clone()
+        """A copy of every tensor's value by manifest name (the names the PS saves under), on the CPU."""
+        return {t.name: self.values[b][t.offset // 4:(t.offset + t.nbytes) // 4].view(t.shape).to("cpu", copy=True)
                 for b, layout in enumerate(self.layout) for t in layout.tensors}
 
     def param_grads(self, b: int) -> list[torch.Tensor]:

@@ -45,6 +45,7 @@ from worker.data import (
     pipeline_spec,
     shard_indices,
 )
+from worker.device import resolve_device, synchronizer
 from worker.flat import FlatModel
 from worker.models import BlockModel, build_model
 from worker.text import TextSettings
@@ -85,9 +86,11 @@ class WorkerSettings:
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
     text_pooling: str = "cls"  # what a text model's head classifies (worker.models.bert)
+    device: str = "cpu"  # where this worker computes (worker.device)
+    local_rank: int = 0  # this worker's place among its host's processes: which GPU "cuda" means
 
     def __post_init__(self):
-        if self.cache is not None and (why := cache_refusal(self.augment, self.frozen_dropout)):
+        if self.cache is not None and (why := cache_refusal(self.augment, self.frozen_dropout, self.device)):
             raise ValueError(why)
 
 
@@ -159,6 +162,7 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
     rank, world = share
     if not 0 <= rank < world:
         raise ValueError(f"evaluation share {rank} of {world}: the rank must be in [0, world)")
+    device = next(model.parameters()).device
     started = time.perf_counter()
     positions = np.arange(rank, len(ds), world)
     model.eval()
@@ -168,11 +172,11 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
     with torch.no_grad():
         for start in range(0, len(positions), EVAL_BATCH):
             idx = positions[start:start + EVAL_BATCH]
-            x, y = make_batch(ds, idx, settings.image_size, channels, augment=False)
+            x, y = (t.to(device) for t in make_batch(ds, idx, settings.image_size, channels, augment=False))
             h = cached.outputs(ds.sample_ids(idx), lambda rows, x=x: x[rows]) if cached else model.prefix(x)
             out = model.suffix(h)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            wrong += ds.sample_ids(idx)[(out.argmax(1) != y).numpy()].tolist()
+            wrong += ds.sample_ids(idx)[(out.argmax(1) != y).cpu().numpy()].tolist()
             heartbeat()
     if cached:
         cached.end_epoch()  # every test sample was asked for
@@ -198,7 +202,9 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout,
                         settings.text_pooling)
     channels = input_channels(model)
-    flat = FlatModel(model, settings.sparse_push)
+    device = resolve_device(settings.device, settings.local_rank, torch.cuda.device_count())
+    sync = synchronizer(device)  # so that the phases' times are the device's, not its queue's
+    flat = FlatModel(model, settings.sparse_push, device)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
                                      rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth,
                                      keepalive_s=settings.keepalive_s)
@@ -285,10 +291,11 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                     cached.end_epoch()
                     cached.arrange(train.sample_ids(batch_order(member.shard, epoch, rank, settings.seed)))
             idx = batches(step, step + 1)
-            y = train.labels[torch.from_numpy(idx)]
+            y = train.labels[torch.from_numpy(idx)].to(device)
 
             def inputs(rows: np.ndarray, positions: np.ndarray = idx) -> torch.Tensor:
-                return make_batch(train, positions[rows], settings.image_size, channels, settings.augment, gen)[0]
+                return make_batch(train, positions[rows], settings.image_size, channels, settings.augment,
+                                  gen)[0].to(device)
 
             def upcoming(n: int, step: int = step) -> tuple[np.ndarray, Callable]:
                 """The next n batches' samples, in order, and their inputs (for the cache)."""
@@ -304,8 +311,10 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             else:
                 h = model.prefix(inputs(np.arange(len(idx))))
             loss = F.cross_entropy(model.suffix(h), y)
+            sync()
             t1 = time.perf_counter()
             loss.backward()
+            sync()
             t2 = time.perf_counter()
 
             # Push the active blocks' gradients (and running statistics), with a vote at test rounds.
