@@ -280,8 +280,10 @@ def _narrower(facts: dict) -> list[str]:
 
 
 def _mode(facts: dict) -> str:
-    """"ps", "ddp", "ps, 2 shards", "ps, bfloat16 pushes" or "ps, bfloat16 pushes, bfloat16 pull changes"."""
-    parts = [facts["mode"]]
+    """"ps", "ddp", "ps, 2 shards", "ps, bfloat16 pushes", "ps, bfloat16 pushes, bfloat16 pull
+    changes"; "ddp on cuda" where the processes computed on a GPU (every run before --device: the CPU)."""
+    device = facts.get("config", {}).get("device", "cpu")
+    parts = [facts["mode"] + (f" on {device}" if device != "cpu" else "")]
     if facts.get("ps_shards", 1) > 1:
         parts.append(f"{facts['ps_shards']} shards")
     return ", ".join(parts + _narrower(facts))

@@ -193,6 +193,9 @@ def test_the_mode_and_the_savings_name_shards_and_narrow_pushes():
     assert _mode(facts("ddp", push_dtype="bfloat16")) == "ddp, bfloat16 all-reduce"
     assert _mode(facts("ps", push_dtype="bfloat16", pull_dtype="bfloat16")) == \
         "ps, bfloat16 pushes, bfloat16 pull changes"
+    # A GPU run says so (its rounds are other work than a CPU run's); the CPU, the default, is not named.
+    assert _mode(facts("ddp", device="cuda", push_dtype="bfloat16")) == "ddp on cuda, bfloat16 all-reduce"
+    assert _mode(facts("ps", device="cpu")) == "ps"
     # A run's report says its savings count the narrower dtypes too.
     run = summarize_run(FIXTURE)
     assert "counts float32" not in format_report(run)
