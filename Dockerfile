@@ -16,7 +16,11 @@ COPY worker ./worker
 COPY freezeps ./freezeps
 COPY freeze ./freeze
 # The CPU build of the pinned torch keeps the image small; the versions are the project's pins.
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+# For --device cuda, build with PyTorch's CUDA index instead, e.g.
+# --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ, the index of your CUDA version
+# (and run the containers with the GPUs passed in).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" \
         torch==2.14.1 torchvision==0.29.1 \
  && pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
