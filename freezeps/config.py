@@ -205,9 +205,9 @@ class Config:
     insecure: bool = _f(False, "let the PS listen on a non-loopback address without a token or mutual TLS", (PS,))
     # -- launcher --------------------------------------------------------------------------
     run_dir: str = _f("", "run folder for logs; empty: runs/<date-time>", (RUN,))
-    mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo; NCCL with device "
-                   "cuda); single: one "
-                   "process on the union of the workers' batches, no communication", (RUN,), ("ps", "ddp", "single"))
+    mode: str = _f("ps", "ps: a freezeps run; ddp: the same training on torch.distributed DDP (gloo; NCCL with "
+                   "device cuda); single: one process on the union of the workers' batches, no communication", (RUN,),
+                   ("ps", "ddp", "single"))
     network: str = _f("loopback", "loopback, or netns: the PS and each worker in its own network namespace "
                       "on a bridge, wire bytes read from the links (needs root)", (RUN,), ("loopback", "netns"))
     link_rate: str = _f("", "netns: bandwidth of each host's link, e.g. 1gbit or 10gbit; empty: unlimited", (RUN,))
@@ -260,12 +260,12 @@ class Config:
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)
+        if why := device_refusal(self.device):
+            raise ValueError(why)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and (why := cache_refusal(self.augment,
                                                                                        self.frozen_dropout,
                                                                                        self.device)):
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {why}")
-        if why := device_refusal(self.device):
-            raise ValueError(why)
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")

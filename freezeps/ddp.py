@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     # NCCL all-reduces CUDA tensors only; gloo the CPU's.
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{args.master}",
+                            rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
         train(cfg, args.rank, args.world, run_dir, device=device)
