@@ -51,6 +51,23 @@ def test_same_parameters_as_the_ps(runs, mode):
         assert not torch.allclose(init[name], ps[name], atol=1e-4), name
 
 
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU here (the GPU path runs where there is one)")
+@pytest.mark.parametrize("mode", ["ps", "single", "ddp"])
+def test_the_same_parameters_on_a_gpu(runs, tmp_path, mode):
+    """--device cuda: the PS's workers (two sharing a GPU), the single process and DDP on NCCL
+    (a GPU per rank) train to the CPU run's parameters, within float32's rounding."""
+    if mode == "ddp" and GPUS < 2:
+        pytest.skip("DDP on NCCL needs a GPU per rank: two here")
+    want, ps_dir = runs["ps"]
+    got = _run(mode, tmp_path / mode, ps_dir.parent / "init.pt", "--device", "cuda")
+    assert summarize_run(tmp_path / mode)["config"]["device"] == "cuda"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_ddp_moves_no_bytes_for_frozen_blocks(runs):
     _, run_dir = runs["ddp"]
     facts = summarize_run(run_dir)
