@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config({}, args.config)
     run_dir = Path(args.run_dir) if args.run_dir else None
     try:
-        device = resolve_device(cfg.device, local_rank(os.environ) if "LOCAL_RANK" in os.environ else args.rank,
+        device = resolve_device(cfg.device, local_rank(os.environ, cfg.device, default=args.rank),
                                 torch.cuda.device_count())
     except ValueError as e:
         print(f"freezeps ddp: {e}", file=sys.stderr)

@@ -53,12 +53,15 @@ def worker_settings(cfg: Config, local_rank: int = 0) -> WorkerSettings:
                           local_rank=local_rank)
 
 
-def local_rank(environ) -> int:
-    """This process's place among its host's (torchrun's LOCAL_RANK, which `freezeps run` sets;
-    0 where unset): the GPU that device cuda picks (worker.device)."""
-    raw = environ.get("LOCAL_RANK", "0")
+def local_rank(environ, device: str, default: int = 0) -> int:
+    """This process's place among its host's (torchrun's LOCAL_RANK, which `freezeps run` and
+    the systemd units set), which picks its GPU with device "cuda" (worker.device); read only
+    then, so that a CPU worker does not care what it holds. `default` where it is unset or unused."""
+    if device != "cuda" or "LOCAL_RANK" not in environ:
+        return default
+    raw = environ["LOCAL_RANK"]
     if not raw.isdigit():
-        raise ValueError(f"LOCAL_RANK {raw!r}: expected a whole number >= 0")
+        raise ValueError(f"LOCAL_RANK {raw!r}: expected a whole number >= 0 (with device cuda it picks the GPU)")
     return int(raw)
 
 
@@ -114,7 +117,7 @@ def run_worker_role(cfg: Config) -> int:
     """Run one worker; exit status 0 when done, 2 when its security or cache settings cannot be
     used, 3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
     try:
-        settings = replace(worker_settings(cfg, local_rank(os.environ)), auth=auth_for(cfg, WORKER))
+        settings = replace(worker_settings(cfg, local_rank(os.environ, cfg.device)), auth=auth_for(cfg, WORKER))
     except (AuthError, ValueError) as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 2

@@ -60,9 +60,12 @@ def test_the_config_refuses_a_bad_device_and_the_cache_on_a_gpu():
 
 
 def test_local_rank_from_the_environment():
-    assert local_rank({}) == 0 and local_rank({"LOCAL_RANK": "3"}) == 3
+    assert local_rank({}, "cuda") == 0 and local_rank({"LOCAL_RANK": "3"}, "cuda") == 3
+    assert local_rank({}, "cuda", default=2) == 2  # a DDP rank started by hand: its rank
     with pytest.raises(ValueError, match="LOCAL_RANK '-1'"):
-        local_rank({"LOCAL_RANK": "-1"})
+        local_rank({"LOCAL_RANK": "-1"}, "cuda")
+    # Read only where it picks the GPU: a CPU worker (or one on cuda:N) ignores what it holds.
+    assert local_rank({"LOCAL_RANK": "gpu0"}, "cpu") == 0 and local_rank({"LOCAL_RANK": "x"}, "cuda:1") == 0
 
 
 def test_the_launcher_checks_every_process_device_before_starting():
