@@ -130,6 +130,10 @@ CONFIGS.update({f"{name}-bf16": [*CONFIGS[name], "--push-dtype", "bfloat16"]
 # ... and pulls too: each round's change in bfloat16, with error feedback (a PS's; DDP's hook already narrows both).
 CONFIGS.update({f"{name}-bf16both": [*CONFIGS[f"{name}-bf16"], "--pull-dtype", "bfloat16"]
                 for name in ("ps-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
+# Whole pulls of the embedding matrices, as before sparse pulls (on by default: a pull then asks for
+# only the rows of its next batch); the same training to the bit, more pull bytes.
+CONFIGS.update({f"{name}-wholepull": [*CONFIGS[name], "--no-sparse-pull"]
+                for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

@@ -162,6 +162,9 @@ class Config:
                        "worker runs here; a worker on a host of its own wants the host's cores)", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
                            "when that is smaller than the matrix", (WORKER, RUN))
+    sparse_pull: bool = _f(True, "pull of an embedding matrix only the rows the next batch reads (its token ids), "
+                           "in float32; the other rows, which that batch does not read, stay as they were: "
+                           "training is the same to the bit", (WORKER, RUN))
     frozen_dropout: bool = _f(False, "frozen blocks keep dropout on while training, as before their freeze (BatchNorm "
                               "stays frozen); without the activation cache, which needs a prefix that computes the "
                               "same output every time", (WORKER, RUN))

@@ -195,16 +195,28 @@ class PushReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., freeze: _Optional[_Union[FreezeState, _Mapping]] = ..., duplicate: _Optional[bool] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "step", "frozen_blocks", "base_step")
+    __slots__ = ("worker_id", "step", "frozen_blocks", "base_step", "rows")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FROZEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     frozen_blocks: int
     base_step: int
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[TensorRows]
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., base_step: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[TensorRows, _Mapping]]] = ...) -> None: ...
+
+class TensorRows(_message.Message):
+    __slots__ = ("block", "tensor", "rows")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    tensor: int
+    rows: bytes
+    def __init__(self, block: _Optional[int] = ..., tensor: _Optional[int] = ..., rows: _Optional[bytes] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("step", "freeze", "blocks", "delta")

@@ -30,7 +30,7 @@ class TensorLayout:
     kind: int  # pb.PARAMETER or pb.BUFFER
     offset: int  # byte offset inside the block's flat range
     nbytes: int
-    row_sparse: bool = False  # a push may carry its gradient as rows (Chunk.rows)
+    row_sparse: bool = False  # a push may carry its gradient as rows, a pull some of its rows (Chunk.rows)
 
     @property
     def numel(self) -> int:

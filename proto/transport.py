@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proto.codec import Frame, RawChunk, encode_chunk
-from proto.layout import WIRE_DTYPES, BlockLayout
+from proto.layout import WIRE_DTYPES, BlockLayout, TensorLayout
 
 # Room for a chunk's header and gRPC's framing under the 4 MB default limit.
 MAX_CHUNK_BYTES = 4 * (1 << 20) - 4096
@@ -107,6 +107,40 @@ def nonzero_rows(grad: np.ndarray, row_elems: int, element_bytes: int = 4) -> tu
     return rows, np.ascontiguousarray(matrix[rows])
 
 
+def rows_error(rows: np.ndarray, tensor: TensorLayout, first_allowed: int = 0) -> str | None:
+    """Why `rows` (uint32 row indices) cannot name rows of `tensor`, from `first_allowed` on
+    (strictly increasing, within the tensor); None when they can."""
+    if len(rows) and (int(rows[0]) < first_allowed or int(rows[-1]) >= tensor.shape[0]
+                      or (len(rows) > 1 and bool((np.diff(rows.astype(np.int64)) <= 0).any()))):
+        return (f"row indices of tensor {tensor.name!r} must be strictly increasing and below "
+                f"{tensor.shape[0]}")
+    return None
+
+
+RowRequests = dict[int, dict[int, np.ndarray]]  # block -> tensor index -> uint32 rows asked for
+
+
+def row_requests(entries, blocks: Sequence[BlockLayout]) -> RowRequests:
+    """A PullRequest's `rows` (TensorRows messages) checked against the layout: each names a
+    row-sparse tensor once, with well-formed row indices. WireError says what is wrong."""
+    asked: RowRequests = {}
+    for entry in entries:
+        if entry.block >= len(blocks) or entry.tensor >= len(blocks[entry.block].tensors):
+            raise WireError(f"rows asked of tensor {entry.tensor} of block {entry.block}, which the model lacks")
+        tensor = blocks[entry.block].tensors[entry.tensor]
+        if not tensor.row_sparse:
+            raise WireError(f"rows asked of tensor {tensor.name!r}, which the manifest does not mark row_sparse")
+        if entry.tensor in asked.get(entry.block, {}):
+            raise WireError(f"rows of tensor {tensor.name!r} asked for twice")
+        if len(entry.rows) % 4:
+            raise WireError(f"row indices of {len(entry.rows)} bytes: not a whole number of uint32")
+        rows = np.frombuffer(entry.rows, dtype="<u4")
+        if why := rows_error(rows, tensor):
+            raise WireError(why)
+        asked.setdefault(entry.block, {})[entry.tensor] = rows
+    return asked
+
+
 def copy_into(dest: dict[int, np.ndarray]) -> Callable[[int, int, memoryview], None]:
     """A ChunkReceiver sink that copies each chunk into dest[block] (uint8 arrays) at its offset."""
     def write(block: int, start: int, data: memoryview) -> None:
@@ -119,7 +153,8 @@ class ChunkReceiver:
 
     `expected` lists the blocks that must arrive, in order; `write(block, start, data)`
     receives every accepted chunk with its byte offset in the block. Row chunks are accepted
-    only with a `write_rows(block, tensor, rows, data)` sink (a push). Raises WireError on
+    only with a `write_rows(block, tensor, rows, data)` sink (a push, or a pull that asked for
+    rows). Raises WireError on
     the first bad chunk; the caller decides what to do with what the sink already got.
     """
 
@@ -180,7 +215,7 @@ class ChunkReceiver:
 
     def _accept_rows(self, chunk: RawChunk) -> None:
         if self._write_rows is None:
-            raise WireError("row chunks are allowed in a push only")
+            raise WireError("row chunks are allowed only in a push or a pull that asked for rows")
         block = self._blocks[chunk.block]
         if chunk.tensor >= len(block.tensors) or not block.tensors[chunk.tensor].row_sparse:
             raise WireError(f"row chunk for tensor {chunk.tensor} of block {block.name!r}, which the manifest "
@@ -206,10 +241,8 @@ class ChunkReceiver:
         if n > self._chunk_bytes:
             raise WireError(f"chunk of {n} bytes; must be 1..{self._chunk_bytes}")
         first_allowed = self._rows_open[2] if continuing else 0
-        if len(rows) and (int(rows[0]) < first_allowed or int(rows[-1]) >= tensor.shape[0]
-                          or (len(rows) > 1 and bool((np.diff(rows.astype(np.int64)) <= 0).any()))):
-            raise WireError(f"row chunk of tensor {tensor.name!r}: row indices must be strictly increasing "
-                            f"across the tensor's chunks and below {tensor.shape[0]}")
+        if why := rows_error(rows, tensor, first_allowed):
+            raise WireError(f"row chunk: {why}, across the tensor's chunks")
         self._write_rows(chunk.block, chunk.tensor, rows, chunk.data)
         self._rows_open = (chunk.block, chunk.tensor, int(rows[-1]) + 1 if len(rows) else first_allowed)
         if not continuing:

@@ -26,7 +26,7 @@ from proto.layout import (
     model_bytes,
     wire_layout,
 )
-from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks
+from proto.transport import ChunkReceiver, WireError, copy_into, iter_chunks, row_requests
 from ps.errors import (
     Busy,
     FailedPrecondition,
@@ -316,10 +316,15 @@ class ParameterServer:
     def pull(self, req: pb.PullRequest) -> Iterator[Frame]:
         """Wait until parameters of version req.step exist, then stream the unfrozen blocks: of
         the current version, which is newer when the rounds went on without this worker (backup
-        workers; PullHeader.step says which)."""
+        workers; PullHeader.step says which). Of a row-sparse tensor the worker asked rows of
+        (PullRequest.rows), only those rows, as what the worker is to hold, in float32."""
         deadline = time.monotonic() + self.settings.round_timeout_s
         with self._cond:
             self._worker(req.worker_id)
+            try:
+                asked = row_requests(req.rows, self._blocks)
+            except WireError as e:
+                raise InvalidArgument(f"pull: {e}") from None
             if req.frozen_blocks > self._freeze.frozen_blocks:
                 raise FailedPrecondition(f"worker claims {req.frozen_blocks} frozen blocks; "
                                          f"the run has {self._freeze.frozen_blocks}")
@@ -335,21 +340,27 @@ class ParameterServer:
                 self._cond.wait(left)
                 self._worker(req.worker_id)  # it may have been dropped meanwhile
             blocks = [b for b in self._owned if b >= req.frozen_blocks]
-            kinds = [self._pull_kind(req, b) for b in blocks]
+            # A block that has just frozen comes whole, whatever rows were asked of it.
+            rows = {b: asked[b] for b in blocks if b in asked and b >= self._freeze.frozen_blocks}
+            kinds = [self._pull_kind(req, b, b in rows) for b in blocks]
             header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks,
                                    delta=[k == "change" for k in kinds] if self._store.held else [])
             # Encoded now, under the lock: with backup workers the round may complete, and the
             # values change, while this streams. Every worker pulls the same bytes in a round:
             # each block is encoded once per (step, block, kind).
-            frames = [self._pull_frames(b, kind) for b, kind in zip(blocks, kinds)]
+            frames = [self._row_frames(b, kind, rows[b]) if b in rows else self._pull_frames(b, kind)
+                      for b, kind in zip(blocks, kinds)]
         return _stream(encode_header(header), frames)
 
-    def _pull_kind(self, req: pb.PullRequest, b: int) -> str:
+    def _pull_kind(self, req: pb.PullRequest, b: int, rows: bool = False) -> str:
         """What a pull carries of block b: "values" (float32: always without narrower changes,
         and a block's last pull when it has just frozen), "change" (the last round's, for a
-        worker that pulled the round before), or "held" (float32: what the other workers hold)."""
+        worker that pulled the round before), or "held" (float32: what the other workers hold;
+        also where the worker asked for rows of it, which a change cannot be added to)."""
         if b < self._freeze.frozen_blocks or b not in self._store.held:
             return "values"
+        if rows:
+            return "held"
         follows = req.HasField("base_step") and req.base_step + 1 == self._step == self._changes_step
         return "change" if follows and b in self._store.changes else "held"
 
@@ -362,6 +373,19 @@ class ParameterServer:
             frames = self._pull_cache[(b, kind)] = list(
                 iter_chunks(layout, self._store.pull_bytes(b, kind), self.settings.chunk_bytes))
         return frames
+
+    def _row_frames(self, b: int, kind: str, rows: dict[int, np.ndarray]) -> list[Frame]:
+        """Block b's frames for a pull that asked for `rows` of some of its tensors ({tensor: rows}):
+        those as row chunks of the rows asked, the rest as _pull_frames sends it (call with the
+        lock held). Each worker asks for its own rows: nothing to share between pulls."""
+        layout, data = self._blocks[b], self._store.pull_bytes(b, kind)
+        floats = data.view(np.float32)
+        sparse = {}
+        for t, wanted in rows.items():
+            tensor = layout.tensors[t]
+            matrix = floats[tensor.offset // 4:(tensor.offset + tensor.nbytes) // 4].reshape(tensor.shape[0], -1)
+            sparse[t] = (wanted, matrix[wanted])
+        return list(iter_chunks(layout, data, self.settings.chunk_bytes, sparse))
 
     # -- Push ------------------------------------------------------------------------------
     def push(self, messages: Iterable[Frame]) -> pb.PushReply:

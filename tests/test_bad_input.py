@@ -188,13 +188,19 @@ def test_bad_manifest_is_refused(ps_factory, edit, words):
         assert not stub.Status(pb.StatusRequest(), timeout=10).blocks  # nothing was kept
 
 
-def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(ps_factory):
-    """Through protobuf's stub: a model with an embedding table marked row_sparse. Malformed
-    row chunks are INVALID_ARGUMENT and change nothing; a good push moves exactly its rows."""
+def _embedding_manifest() -> pb.Manifest:
+    """One block: an 8 x 4 table marked row_sparse, then a bias of 4 (36 values)."""
     manifest = pb.Manifest(model="emb")
     block = manifest.blocks.add(name="emb")
     block.tensors.add(name="emb/table", shape=[8, 4], dtype="float32", kind=pb.PARAMETER, row_sparse=True)
     block.tensors.add(name="emb/bias", shape=[4], dtype="float32", kind=pb.PARAMETER)
+    return manifest
+
+
+def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(ps_factory):
+    """Through protobuf's stub: a model with an embedding table marked row_sparse. Malformed
+    row chunks are INVALID_ARGUMENT and change nothing; a good push moves exactly its rows."""
+    manifest = _embedding_manifest()
     rows = np.array([2, 5], "<u4").tobytes()
     two_rows = np.ones(8, np.float32).tobytes()
     bias = np.ones(4, np.float32).tobytes()
@@ -235,6 +241,72 @@ def test_bad_row_sparse_pushes_are_refused_and_a_good_one_updates_only_its_rows(
     want[[2, 5]] = -0.5  # lr 0.5 x gradient 1, the other rows untouched
     assert ps.server.step == 1 and np.array_equal(values["emb/table"], want)
     assert np.array_equal(values["emb/bias"], np.full(4, -0.5, np.float32))
+
+
+def test_a_pull_carries_the_rows_asked_and_bad_asks_are_refused(ps_factory):
+    """Through protobuf's stub: a pull that asks rows of the row_sparse table gets exactly those
+    rows (float32 row chunks) and the rest of the block whole; an ask that names a tensor not
+    marked row_sparse, one the model lacks, a tensor twice, or rows out of order, past the table
+    or not whole uint32s is INVALID_ARGUMENT with what is wrong, and the PS goes on as before."""
+    def ask(*entries):
+        return [pb.TensorRows(block=b, tensor=t, rows=np.array(r, "<u4").tobytes()) for b, t, r in entries]
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    bad = [
+        ("bias", ask((0, 1, [1])), "does not mark row_sparse"),
+        ("no such block", ask((3, 0, [1])), "which the model lacks"),
+        ("no such tensor", ask((0, 5, [1])), "which the model lacks"),
+        ("twice", ask((0, 0, [1]), (0, 0, [2])), "asked for twice"),
+        ("out of order", ask((0, 0, [6, 1])), "strictly increasing"),
+        ("repeated", ask((0, 0, [1, 1])), "strictly increasing"),
+        ("past the table", ask((0, 0, [1, 8])), "below 8"),
+        ("not uint32", [pb.TensorRows(block=0, tensor=0, rows=b"\1\0\0")], "not a whole number of uint32"),
+    ]
+    values = np.arange(36, dtype=np.float32)
+    with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        worker_id = stub.Join(pb.JoinRequest(worker_name="a", manifest=_embedding_manifest()), timeout=10).worker_id
+        stub.Init(iter([pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, total_steps=2)),
+                        pb.PushMessage(chunk=pb.Chunk(data=values.tobytes()))]), timeout=10)
+        for what, rows, words in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Pull(pb.PullRequest(worker_id=worker_id, step=0, rows=rows), timeout=10))
+            assert err.value.code() == invalid and words in err.value.details(), (what, err.value.details())
+        assert ps.server.step == 0 and np.array_equal(ps.server.values_by_name()["emb/bias"], values[32:])
+        replies = list(stub.Pull(pb.PullRequest(worker_id=worker_id, step=0, rows=ask((0, 0, [1, 6]))), timeout=10))
+    assert list(replies[0].header.blocks) == [0]
+    table_rows, bias = replies[1].chunk, replies[2].chunk
+    assert np.array_equal(np.frombuffer(table_rows.rows, "<u4"), [1, 6])
+    assert np.array_equal(np.frombuffer(table_rows.data, np.float32), np.r_[values[4:8], values[24:28]])
+    assert bias.tensor == 1 and np.array_equal(np.frombuffer(bias.data, np.float32), values[32:])
+    assert len(replies) == 3
+
+
+def test_a_worker_takes_only_the_rows_it_asked_for():
+    """The worker's side of a row pull (FlatModel's sink): rows of a tensor it did not ask rows
+    of, rows other than those asked, or fewer of them, are a WireError; the rows asked land in
+    their places of the table and nowhere else."""
+    from worker.models import BlockModel
+    model = BlockModel("emb", [("emb", torch.nn.Embedding(8, 4)), ("head", torch.nn.Linear(4, 2))])
+    flat = FlatModel(model, sparse_pull=True)
+    before = flat.values[0].clone()
+    header = pb.PullHeader(step=0, blocks=[0, 1])
+    asked = flat.rows_asked({"emb/weight": torch.tensor([1, 6])}, 0)
+    row = np.full(4, 7.0, np.float32).tobytes()
+    sink = flat.pull_sink(header, asked)
+    with pytest.raises(WireError, match="whose rows were not asked for"):
+        sink.write_rows(1, 0, np.array([0], np.uint32), memoryview(row))
+    with pytest.raises(WireError, match="rows other than those asked"):
+        sink.write_rows(0, 0, np.array([2], np.uint32), memoryview(row))
+    sink.write_rows(0, 0, np.array([1], np.uint32), memoryview(row))
+    with pytest.raises(WireError, match="got 1 of the 2 rows asked"):
+        sink.check()
+    sink.write_rows(0, 0, np.array([6], np.uint32), memoryview(row))
+    sink.check()
+    table = flat.values[0].view(8, 4)
+    assert (table[[1, 6]] == 7).all() and torch.equal(table[[0, 2, 3, 4, 5, 7]], before.view(8, 4)[[0, 2, 3, 4, 5, 7]])
+    assert flat.rows_asked({"emb/weight": torch.tensor([1, 6])}, 1) == []  # the table's block frozen: nothing asked
+    assert FlatModel(model).rows_asked({"emb/weight": torch.tensor([1])}, 0) == []  # no sparse pulls
 
 
 @pytest.mark.parametrize("replies,words", [

@@ -120,12 +120,12 @@ def test_host_staging_moves_the_same_bytes_as_the_model_itself():
             payloads = {b: rng.standard_normal(plain.layout[b].nbytes // 4).astype(np.float32) * 0.01
                         for b in blocks}
             for flat in flats:
-                layouts, write = flat.pull_sink(header)
+                sink = flat.pull_sink(header)
                 for b in blocks:
                     data = payloads[b] if not delta[b] else \
                         torch.from_numpy(payloads[b]).to(torch.bfloat16).view(torch.int16).numpy()
-                    write(b, 0, memoryview(data.tobytes()))
-                flat.finish_pull(header)
+                    sink.write(b, 0, memoryview(data.tobytes()))
+                flat.finish_pull(header, sink)
                 flat.zero_grads(0)
                 F.cross_entropy(flat.model(x), y).backward()
             for b in blocks:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,10 +17,12 @@ from freezeps.config import load_config
 from freezeps.roles import worker_settings as worker_settings_from_config
 from ps.policy import FreezePolicy
 from tests.conftest import run_workers, running_ps, worker_settings
+from worker.client import ShardedClient
 from worker.data import load_dataset, make_batch
 from worker.flat import FlatModel
 from worker.models import build_model, text_model_folder
 from worker.text import TextSettings, reuters_r8, rotten_tomatoes, tokenize, transformers_api
+from worker.train import run_worker
 
 MINILM = text_model_folder("minilm", "pretrained")
 
@@ -176,22 +180,34 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bert_runs(tmp_path_factory, tiny_bert):
-    """The same two-worker run with dense and with row-sparse embedding pushes, in float32 and
-    in bfloat16: (run log records by step, final values), keyed by (sparse_push, push_dtype)."""
+    """The same two-worker run, 6 steps, evaluated before steps 2 and 4, with the embeddings and
+    layer0 frozen from step 3: dense and row-sparse embedding pushes in float32 and bfloat16
+    with whole pulls, keyed (sparse_push, push_dtype); and row-sparse pushes with whole and with
+    row-sparse pulls, float32 both ways or bfloat16 both ways, keyed (sparse_push, push_dtype,
+    sparse_pull, pull_dtype). Each: (run log records by step, final values, each rank's test
+    samples wrong at each evaluation)."""
     runs = {}
-    for sparse, push_dtype in itertools.product((False, True), ("float32", "bfloat16")):
-        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}-{push_dtype}")
+    keys = [*itertools.product((False, True), ("float32", "bfloat16"), (False,), ("float32",)),
+            (True, "float32", True, "float32"), (True, "bfloat16", False, "bfloat16"),
+            (True, "bfloat16", True, "bfloat16")]
+    for sparse, push_dtype, sparse_pull, pull_dtype in keys:
+        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}-{push_dtype}-{sparse_pull}-{pull_dtype}")
         policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
         log = tmp_path / "ps.jsonl"
-        with running_ps(num_workers=2, policy=policy, log_path=log, push_dtype=push_dtype) as ps:
+        with running_ps(num_workers=2, policy=policy, log_path=log, push_dtype=push_dtype,
+                        pull_dtype=pull_dtype) as ps:
             summaries = run_workers([worker_settings(
                 ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes", train_samples=256,
                 steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
-                sparse_push=sparse) for _ in range(2)])
+                evaluate=True, eval_every=2, test_samples=32, sparse_push=sparse, sparse_pull=sparse_pull)
+                for _ in range(2)])
             values = ps.server.values_by_name()
         assert all(s["steps"] == 6 for s in summaries)
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        runs[sparse, push_dtype] = ({r["step"]: r for r in records if r["event"] == "round"}, values)
+        key = (sparse, push_dtype) if not sparse_pull and pull_dtype == "float32" else \
+            (sparse, push_dtype, sparse_pull, pull_dtype)
+        runs[key] = ({r["step"]: r for r in records if r["event"] == "round"}, values,
+                     {s["rank"]: [e["wrong"] for e in s["evals"]] for s in summaries})
     return runs
 
 
@@ -201,7 +217,7 @@ def _payload(rounds, step, method, direction, block=None):
 
 
 def test_tiny_bert_trains_over_grpc_and_freezing_cuts_exactly_its_blocks(tiny_bert_runs, tiny_bert):
-    rounds, _ = tiny_bert_runs[False, "float32"]
+    rounds, _, _ = tiny_bert_runs[False, "float32"]
     layout = FlatModel(build_model("bert", 2, str(tiny_bert))).layout
     sizes = {b.name: b.nbytes for b in layout}
     assert list(sizes) == ["embeddings", "layer0", "layer1", "head"]
@@ -216,7 +232,7 @@ def test_sparse_embedding_push_trains_the_same_for_fewer_bytes(tiny_bert_runs, t
     the embeddings block's push is the rows that changed (here under a third of the dense
     bytes: 2x8 samples of 16 tokens touch a few dozen of 30,522 vocabulary rows); the other
     blocks and every pull are as dense."""
-    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False, "float32"], tiny_bert_runs[True, "float32"]
+    (dense, dense_values, _), (sparse, sparse_values, _) = tiny_bert_runs[False, "float32"], tiny_bert_runs[True, "float32"]
     for name in dense_values:
         np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=name)
     embeddings = FlatModel(build_model("bert", 2, str(tiny_bert))).layout[0].nbytes
@@ -235,7 +251,8 @@ def test_bfloat16_pushes_halve_every_block_and_train_alike_dense_or_sparse(tiny_
     """bfloat16 pushes: each dense block's push is half the float32 one, embedding rows cost
     half their values plus their indices, pulls are as in float32; dense and row-sparse bfloat16
     pushes train to the same bits, and not to float32's (the rounding is real)."""
-    (dense, dense_values), (sparse, sparse_values) = tiny_bert_runs[False, "bfloat16"], tiny_bert_runs[True, "bfloat16"]
+    (dense, dense_values, _), (sparse, sparse_values, _) = (tiny_bert_runs[False, "bfloat16"],
+                                                            tiny_bert_runs[True, "bfloat16"])
     wide, wide_sparse = tiny_bert_runs[False, "float32"][0], tiny_bert_runs[True, "float32"][0]
     for name in dense_values:
         np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=name)
@@ -248,6 +265,94 @@ def test_bfloat16_pushes_halve_every_block_and_train_alike_dense_or_sparse(tiny_
     for step in range(3):  # the same rows (the same tokens): values halve, their 4-byte indices do not
         narrow_rows, wide_rows = _payload(sparse, step, "Push", "in", 0), _payload(wide_sparse, step, "Push", "in", 0)
         assert wide_rows / 2 < narrow_rows < wide_rows
+
+
+def test_sparse_pulls_train_to_the_same_bits_for_fewer_bytes(tiny_bert_runs, tiny_bert):
+    """Pulls that carry of the word embeddings only the rows the next batch reads: the same
+    parameters to the bit, and the same test samples wrong, as whole pulls (a row left stale
+    would change a forward), in float32 and with bfloat16 pull changes; the embeddings block's
+    pull is under a third of its bytes. An evaluation's pull (before steps 2 and 4) is whole,
+    and so is the freeze's (step 3), whatever rows were asked; with bfloat16 changes the pull
+    after rows is whole float32 for every block (the worker's held copy of the embeddings is
+    stale), and the next pull takes changes again."""
+    layout = FlatModel(build_model("bert", 2, str(tiny_bert))).layout
+    for dtype in ("float32", "bfloat16"):
+        whole_pulls = (True, dtype) if dtype == "float32" else (True, dtype, False, dtype)
+        dense, dense_values, dense_wrong = tiny_bert_runs[whole_pulls]
+        sparse, sparse_values, sparse_wrong = tiny_bert_runs[True, dtype, True, dtype]
+        for name in dense_values:
+            np.testing.assert_array_equal(sparse_values[name], dense_values[name], err_msg=(dtype, name))
+        assert sparse_wrong == dense_wrong and len(sparse_wrong[0]) == 3  # by rank: steps 2, 4 and the end
+        for step in (0, 1):
+            assert 0 < _payload(sparse, step, "Pull", "out", 0) < 2 * layout[0].nbytes / 3, (dtype, step)
+        assert _payload(sparse, 3, "Pull", "out", 0) == _payload(dense, 3, "Pull", "out", 0) == 2 * layout[0].nbytes
+        for step in (1, 3, 4, 5):
+            for block in range(1 if step < 3 else 2, 4):
+                assert _payload(sparse, step, "Pull", "out", block) == _payload(dense, step, "Pull", "out", block)
+        whole = sum(layout[b].nbytes for b in range(4))
+        assert _payload(sparse, 2, "Pull", "out") == 2 * whole  # evaluating: every block whole, in float32
+        if dtype == "bfloat16":  # the dense run's evaluation pull is changes: half the bytes
+            assert _payload(dense, 2, "Pull", "out") < _payload(sparse, 2, "Pull", "out")
+    float32_values = tiny_bert_runs[True, "float32", True, "float32"][1]
+    assert any(not np.array_equal(float32_values[n], sparse_values[n]) for n in sparse_values)  # bfloat16 is real
+
+
+def test_two_shards_with_sparse_pulls_train_as_one_ps(tiny_bert_runs, tiny_bert, ps_factory, tmp_path):
+    """Sparse pulls from two PS shards (the embeddings on one, the rest on the other; each asked
+    only for rows of the blocks it owns), bfloat16 both ways: the same bits as one PS."""
+    policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))
+    wire = dict(push_dtype="bfloat16", pull_dtype="bfloat16")
+    with ps_factory(2, policy=policy, shard=0, num_shards=2, **wire) as s0, \
+            ps_factory(2, policy=policy, shard=1, num_shards=2, **wire) as s1:
+        run_workers([worker_settings(
+            (s0.address, s1.address), model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes",
+            train_samples=256, steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
+            evaluate=True, eval_every=2, test_samples=32, sparse_push=True, sparse_pull=True) for _ in range(2)])
+        assert s0.server.describe()["owned"][0] == 0 and s1.server.describe()["owned"][0] > 0
+        values = {**s0.server.values_by_name(), **s1.server.values_by_name()}
+    want = tiny_bert_runs[True, "bfloat16", True, "bfloat16"][1]
+    assert values.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(values[name], want[name], err_msg=name)
+
+
+class _LatePuller(ShardedClient):
+    """Pulls step `late_at` only once the run is two rounds past it (backup workers go on
+    without it), and records every pull: (step asked, rows asked, step pulled)."""
+
+    def __init__(self, address: str, server, late_at: int):
+        super().__init__((address,), connect_retries=3, rpc_timeout_s=30.0)
+        self.server, self.late_at, self.pulls = server, late_at, []
+
+    def pull(self, step, frozen_blocks, flat, rows=()):
+        if step == self.late_at and not any(asked == step for asked, _, _ in self.pulls):
+            deadline = time.monotonic() + 30
+            while self.server.step < step + 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        header, wait_s, pull_s = super().pull(step, frozen_blocks, flat, rows)
+        self.pulls.append((step, [r.rows for r in rows], header.step))
+        return header, wait_s, pull_s
+
+
+def test_a_pull_that_finds_the_run_ahead_asks_again_for_its_new_batchs_rows(tiny_bert, tmp_path):
+    """With backup workers a worker's pull may come back with a later step than it asked for
+    (the rounds went on without it): the rows it asked were its batch's at the step it asked
+    for, so it pulls again, asking for the rows of the batch it goes on with."""
+    with running_ps(num_workers=3, backup_workers=1, worker_timeout_s=60.0) as ps:
+        settings = worker_settings(ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes",
+                                   train_samples=384, steps=8, batch_size=8, data_dir=tmp_path,
+                                   text=TextSettings(tiny_bert, max_len=16), sparse_pull=True)
+        late = _LatePuller(ps.address, ps.server, late_at=3)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(summary=run_worker(settings, late)), daemon=True)
+        thread.start()
+        run_workers([settings, settings])
+        thread.join(60)
+    assert result["summary"]["steps"] > 0
+    asked, rows, pulled = next(p for p in late.pulls if p[0] == 3)
+    assert pulled >= 5 and rows  # the run had gone on: rows of step 3's batch, asked for in vain
+    again = late.pulls[late.pulls.index((asked, rows, pulled)) + 1]
+    assert again[0] == again[2] == pulled and again[1] and again[1] != rows
 
 
 def test_host_staging_pushes_the_same_embedding_rows(tiny_bert):

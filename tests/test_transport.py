@@ -243,11 +243,11 @@ def test_bad_row_chunks_are_refused(chunks, words):
             receiver.accept(chunk)
 
 
-def test_row_chunks_only_in_a_push_and_only_for_2d_parameters():
+def test_row_chunks_only_where_rows_may_come_and_only_for_2d_parameters():
     blocks = _sparse_layout()
-    pull = ChunkReceiver(blocks, [0, 1], lambda *a: None, 64)  # no write_rows: a pull or an Init
+    pull = ChunkReceiver(blocks, [0, 1], lambda *a: None, 64)  # no write_rows: an Init, a pull that asked no rows
     pull.accept(RawChunk(0, 0, 0, memoryview(b"\0" * 12)))
-    with pytest.raises(WireError, match="push only"):
+    with pytest.raises(WireError, match="only in a push or a pull that asked for rows"):
         pull.accept(_row_chunk(0, 1, [0], 4))
     m = pb.Manifest(model="bad")
     m.blocks.add(name="a").tensors.add(name="a/v", shape=[4], dtype="float32", kind=pb.PARAMETER, row_sparse=True)

@@ -112,18 +112,20 @@ class PSClient:
         self.meter.count("Init", "in", self.worker_id, reply)
         return reply
 
-    def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
-        """Pull step `step` into the model's flat buffers; returns (header, wait_s, pull_s)."""
-        header, wait_s, pull_s = self.pull_since(step, frozen_blocks, flat, flat.pulled_step)
+    def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
+             rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
+        """Pull step `step` into the model's flat buffers, of the row-sparse tensors in `rows`
+        only the rows named there (FlatModel.rows_asked); returns (header, wait_s, pull_s)."""
+        header, wait_s, pull_s = self.pull_since(step, frozen_blocks, flat, flat.pull_base(rows), rows)
         flat.pulled_step = header.step
         return header, wait_s, pull_s
 
-    def pull_since(self, step: int, frozen_blocks: int, flat: FlatModel,
-                   base_step: int | None) -> tuple[pb.PullHeader, float, float]:
+    def pull_since(self, step: int, frozen_blocks: int, flat: FlatModel, base_step: int | None,
+                   rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
         """pull(), with narrower changes asked for since `base_step` (the last pull), which the
         caller records once the whole pull has landed: ShardedClient after every shard's."""
         request = pb.PullRequest(worker_id=self.worker_id, step=step, frozen_blocks=frozen_blocks,
-                                 base_step=base_step)
+                                 base_step=base_step, rows=rows)
         self.meter.count("Pull", "out", self.worker_id, request)
         started = time.perf_counter()
         replies = metered(self._stub.Pull(request, timeout=self._timeout, metadata=self._metadata()),
@@ -138,14 +140,14 @@ class PSClient:
         if header.delta and (len(header.delta) != len(header.blocks) or not flat.held):
             raise WireError(f"pull header marks {len(header.delta)} of {len(header.blocks)} blocks as changes, "
                             f"with pull changes in {flat.pull_dtype}")
-        layouts, write = flat.pull_sink(header)
-        receiver = ChunkReceiver(layouts, list(header.blocks), write, self.chunk_bytes)
+        sink = flat.pull_sink(header, rows)
+        receiver = ChunkReceiver(sink.layouts, list(header.blocks), sink.write, self.chunk_bytes, sink.write_rows)
         for msg in replies:
             if msg.chunk is None:
                 raise WireError(f"pull stream: expected a chunk {msg.error}")
             receiver.accept(msg.chunk)
         receiver.finish()
-        flat.finish_pull(header)
+        flat.finish_pull(header, sink)
         return header, first_at - started, time.perf_counter() - first_at
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
@@ -265,10 +267,12 @@ class ShardedClient:
                              if self._needs_init[i] else None)
         return next(r for r in replies if r is not None)
 
-    def pull(self, step: int, frozen_blocks: int, flat: FlatModel) -> tuple[pb.PullHeader, float, float]:
+    def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
+             rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
         started = time.perf_counter()
-        base_step = flat.pulled_step  # the same for every shard, whichever ends first
-        pulled = self._each(lambda i, c: c.pull_since(step, frozen_blocks, flat, base_step))
+        base_step = flat.pull_base(rows)  # the same for every shard, whichever ends first
+        pulled = self._each(lambda i, c: c.pull_since(step, frozen_blocks, flat, base_step,
+                                                      [r for r in rows if r.block in self._owned[i]]))
         headers = [h for h, _, _ in pulled]
         self._agree("the step", [h.step for h in headers])
         self._agree("the freeze state", [h.freeze for h in headers])

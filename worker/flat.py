@@ -3,7 +3,8 @@
 After binding, every parameter and float buffer of block b is a view into values[b], and
 every parameter's .grad a view into grads[b]. A pull writes chunks straight into
 values[b] (or, with narrower pull changes, adds them to held[b] and copies that into
-values[b]); a push sends grads[b] (with the running statistics copied into their slots)
+values[b]; of an embedding matrix, only the rows the next batch reads, where the pull asked
+for those); a push sends grads[b] (with the running statistics copied into their slots)
 as it is, or rounded to the PS's push dtype in one copy: no per-step flattening or
 unflattening.
 
@@ -14,14 +15,14 @@ push's gradients are copied down whole before they are sent. On the CPU the two 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from proto import freezeps_pb2 as pb
 from proto.layout import WIRE_DTYPES, BlockLayout, layout_from_manifest, wire_layout
-from proto.transport import SparseRows, copy_into, sparse_rows
+from proto.transport import SparseRows, WireError, copy_into, row_requests, sparse_rows
 from worker.models import BlockModel
 
 # A pull's changes are read straight from gRPC's read-only buffers and only read: torch's
@@ -40,16 +41,16 @@ def _tensors(block: torch.nn.Module):
                 yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, buf, pb.BUFFER
 
 
-def manifest_for(model: BlockModel, sparse_push: bool = False) -> pb.Manifest:
-    """The model's manifest; with sparse_push, embedding matrices are marked row_sparse (a
-    push may carry their gradients as the nonzero rows)."""
+def manifest_for(model: BlockModel, row_sparse: bool = False) -> pb.Manifest:
+    """The model's manifest; with row_sparse, embedding matrices are marked row_sparse (a push
+    may carry their gradients as the nonzero rows, a pull only some of their rows)."""
     manifest = pb.Manifest(model=model.model_name)
     for name, block in zip(model.block_names, model.blocks):
         spec = manifest.blocks.add(name=name)
         for tname, module, attr, t, kind in _tensors(block):
-            row_sparse = sparse_push and isinstance(module, torch.nn.Embedding) and attr == "weight"
+            sparse = row_sparse and isinstance(module, torch.nn.Embedding) and attr == "weight"
             spec.tensors.add(name=f"{name}/{tname}", shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."),
-                             kind=kind, row_sparse=row_sparse)
+                             kind=kind, row_sparse=sparse)
     return manifest
 
 
@@ -64,15 +65,20 @@ def _known(dtype: str, what_the_ps: str) -> str:
 
 class FlatModel:
     def __init__(self, model: BlockModel, sparse_push: bool = False, device: torch.device = torch.device("cpu"),
-                 host_staging: bool | None = None):
-        """Moves `model` to `device` and binds it. `host_staging`: the wire's buffers apart from
-        the model's; None: where the device is not the CPU (tests force it on the CPU, to check
-        the copies without a GPU)."""
+                 host_staging: bool | None = None, sparse_pull: bool = False):
+        """Moves `model` to `device` and binds it. `sparse_push`: embedding gradients travel as
+        their nonzero rows where that is smaller; `sparse_pull`: a pull may ask for only the
+        embedding rows the next batch reads (rows_asked). `host_staging`: the wire's buffers
+        apart from the model's; None: where the device is not the CPU (tests force it on the
+        CPU, to check the copies without a GPU)."""
         self.model = model.to(device)
         staged = device.type != "cpu" if host_staging is None else host_staging
         pinned = staged and device.type == "cuda"
-        self.manifest = manifest_for(model, sparse_push)
+        self.sparse_push, self.sparse_pull = sparse_push, sparse_pull
+        self.manifest = manifest_for(model, sparse_push or sparse_pull)
         self.layout: list[BlockLayout] = layout_from_manifest(self.manifest)
+        self._tensor_index = {t.name: (b, i) for b, layout in enumerate(self.layout)
+                              for i, t in enumerate(layout.tensors)}
         self.push_dtype = "float32"
         self.push_layout: list[BlockLayout] = self.layout  # how a push carries the blocks
         self._narrow: list[torch.Tensor] = []  # per block, the push in push_dtype (not float32)
@@ -84,6 +90,9 @@ class FlatModel:
         self.held: list[torch.Tensor] = []
         # The step of the last pull, once all of it landed (the client sets it); None: none since the Join.
         self.pulled_step: int | None = None
+        # Blocks whose held copy is not what the PS holds for this worker: their last pull
+        # carried only some rows. A change cannot be added to them until they come whole.
+        self._held_stale: set[int] = set()
         self.values: list[torch.Tensor] = []  # the model's, on its device
         self.grads: list[torch.Tensor] = []
         # The wire's copies in host memory: the same tensors as values and grads without staging.
@@ -140,24 +149,32 @@ class FlatModel:
         self.change_layout = wire_layout(self.layout, dtype)
         self.held = [] if dtype == "float32" else [torch.empty_like(v) for v in self._host_values]
         self.pulled_step = None
+        self._held_stale = set()
 
-    def pull_sink(self, header: pb.PullHeader) -> tuple[list[BlockLayout], Callable[[int, int, memoryview], None]]:
-        """The layouts a pull's chunks come in and the sink that takes them (a ChunkReceiver's):
-        values are copied into the model, changes added to what this worker holds."""
-        changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
-        layouts = [self.change_layout[b] if b in changed else layout for b, layout in enumerate(self.layout)]
-        dtype, size = getattr(torch, self.pull_dtype), WIRE_DTYPES[self.pull_dtype]
-        copy = copy_into({b: self._host_values[b].numpy().view(np.uint8) for b in header.blocks if b not in changed})
+    def rows_asked(self, reads: dict[str, torch.Tensor], first_block: int) -> list[pb.TensorRows]:
+        """What a pull asks of the row-sparse tensors of blocks from `first_block` on, given the
+        rows the next step reads of them (`reads`, by manifest name: BlockModel.rows_read);
+        nothing without sparse_pull."""
+        asked = []
+        for name, rows in reads.items() if self.sparse_pull else ():
+            b, t = self._tensor_index[name]
+            if b >= first_block:
+                asked.append(pb.TensorRows(block=b, tensor=t, rows=rows.numpy().astype("<u4").tobytes()))
+        return asked
 
-        def write(block: int, start: int, data: memoryview) -> None:
-            if block in changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
-                self.held[block][start // size:(start + len(data)) // size].add_(torch.frombuffer(data, dtype=dtype))
-            else:
-                copy(block, start, data)
-        return layouts, write
+    def pull_base(self, asked: Sequence[pb.TensorRows] = ()) -> int | None:
+        """The base_step a pull asking `asked` may name: the last pull's step, unless a block
+        whose held copy is stale would come as a change (it comes whole without a base)."""
+        return None if self._held_stale - {a.block for a in asked} else self.pulled_step
 
-    def finish_pull(self, header: pb.PullHeader) -> None:
-        """After a pull's last chunk: the model's values are what this worker holds."""
+    def pull_sink(self, header: pb.PullHeader, asked: Sequence[pb.TensorRows] = ()) -> PullSink:
+        """Where a pull's chunks go: values are copied into the model, changes added to what this
+        worker holds, the rows asked for written into their matrices."""
+        return PullSink(self, header, asked)
+
+    def finish_pull(self, header: pb.PullHeader, sink: PullSink) -> None:
+        """After a pull's last chunk (into `sink`): the model's values are what this worker holds."""
+        sink.check()
         delta = list(header.delta) or [False] * len(header.blocks)
         for b, changed in zip(header.blocks, delta):
             if changed:
@@ -165,6 +182,11 @@ class FlatModel:
                 continue
             if self._host_values[b] is not self.values[b]:
                 self.values[b].copy_(self._host_values[b])
+            if b in sink.partial:  # its other rows are older than what the PS holds for the workers
+                if self.held:
+                    self._held_stale.add(b)
+                continue
+            self._held_stale.discard(b)
             if self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
                 self.held[b].copy_(self._host_values[b])
 
@@ -181,7 +203,9 @@ class FlatModel:
 
     def push_rows(self, b: int) -> SparseRows:
         """Block b's row-sparse gradients that are cheaper as their nonzero rows: {tensor: (rows,
-        values in push_dtype)}. Call after push_bytes(b)."""
+        values in push_dtype)}; none without sparse_push. Call after push_bytes(b)."""
+        if not self.sparse_push:
+            return {}
         sparse = sparse_rows(self.layout[b], self._host_grads[b].numpy(), WIRE_DTYPES[self.push_dtype])
         if not self._narrow:
             return sparse
@@ -202,3 +226,48 @@ class FlatModel:
     def zero_grads(self, first_block: int) -> None:
         for g in self.grads[first_block:]:
             g.zero_()
+
+
+class PullSink:
+    """One pull's sinks (a ChunkReceiver's write and write_rows) into a FlatModel, and what came
+    of the rows it asked for: each row-sparse tensor asked for comes whole (a block that has
+    just frozen) or as exactly the rows asked, which `partial` lists by block."""
+
+    def __init__(self, flat: FlatModel, header: pb.PullHeader, asked: Sequence[pb.TensorRows]):
+        self._flat = flat
+        self._changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
+        self.layouts = [flat.change_layout[b] if b in self._changed else layout for b, layout in enumerate(flat.layout)]
+        self._copy = copy_into({b: flat._host_values[b].numpy().view(np.uint8) for b in header.blocks
+                                if b not in self._changed})
+        self._asked = row_requests(asked, flat.layout)
+        self._rows_got: dict[tuple[int, int], int] = {}  # (block, tensor) -> rows written so far
+        self.partial: set[int] = set()
+
+    def write(self, block: int, start: int, data: memoryview) -> None:
+        flat = self._flat
+        if block in self._changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
+            dtype, size = getattr(torch, flat.pull_dtype), WIRE_DTYPES[flat.pull_dtype]
+            flat.held[block][start // size:(start + len(data)) // size].add_(torch.frombuffer(data, dtype=dtype))
+        else:
+            self._copy(block, start, data)
+
+    def write_rows(self, block: int, tensor: int, rows: np.ndarray, data: memoryview) -> None:
+        """Rows of a tensor this pull asked rows of, in float32: they must be the next of those asked."""
+        wanted = self._asked.get(block, {}).get(tensor)
+        if wanted is None or block in self._changed:
+            raise WireError(f"pull: row chunk for tensor {tensor} of block {block}, whose rows were not asked for")
+        got = self._rows_got.get((block, tensor), 0)
+        if not np.array_equal(rows, wanted[got:got + len(rows)]):
+            raise WireError(f"pull: row chunk for tensor {tensor} of block {block} with rows other than those asked")
+        self._rows_got[block, tensor] = got + len(rows)
+        self.partial.add(block)
+        spec = self._flat.layout[block].tensors[tensor]
+        matrix = self._flat._host_values[block][spec.offset // 4:(spec.offset + spec.nbytes) // 4].view(spec.shape[0], -1)
+        matrix[torch.from_numpy(rows.astype(np.int64))] = torch.frombuffer(data, dtype=torch.float32).view(len(rows), -1)
+
+    def check(self) -> None:
+        """After the last chunk: every tensor that came as rows got all the rows asked of it."""
+        for (block, tensor), got in self._rows_got.items():
+            if got != len(self._asked[block][tensor]):
+                raise WireError(f"pull: tensor {tensor} of block {block} got {got} of the "
+                                f"{len(self._asked[block][tensor])} rows asked")

@@ -51,6 +51,14 @@ class BlockModel(nn.Module):
             x = block(x)
         return x
 
+    def rows_read(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows of its embedding matrices that a forward of `x` reads (sorted, unique), by
+        manifest tensor name, where the first block can tell (a text model: the token ids); a
+        matrix not named may be read whole."""
+        first = self.blocks[0]
+        reads = first.rows_read(x) if isinstance(first, _TextEmbeddings) else {}
+        return {f"{self.block_names[0]}/{name}": rows for name, rows in reads.items()}
+
     def set_frozen(self, frozen: int) -> None:
         """Freeze the first `frozen` blocks: no gradients, eval-mode BatchNorm (see train). A
         block unfrozen again (a worker rejoining a PS that restarted) trains as before."""
@@ -184,6 +192,11 @@ class _TextEmbeddings(nn.Module):
     def __init__(self, embeddings: nn.Module, pad_id: int):
         super().__init__()
         self.embeddings, self.pad_id = embeddings, pad_id
+
+    def rows_read(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The word-embedding rows a forward of `ids` reads, by tensor name within this block: the
+        ids themselves (BERT's position and token-type embeddings are read whole)."""
+        return {"embeddings.word_embeddings.weight": torch.unique(ids)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         keep = (ids != self.pad_id).to(torch.float32)

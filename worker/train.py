@@ -83,6 +83,7 @@ class WorkerSettings:
     cache: CacheSettings | None = None  # the activation cache; None: none
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
+    sparse_pull: bool = True  # of an embedding matrix, pull only the rows the next batch reads
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
     text_pooling: str = "cls"  # what a text model's head classifies (worker.models.bert)
@@ -204,7 +205,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     channels = input_channels(model)
     device = resolve_device(settings.device, settings.local_rank, torch.cuda.device_count())
     sync = synchronizer(device)  # so that the phases' times are the device's, not its queue's
-    flat = FlatModel(model, settings.sparse_push, device)
+    flat = FlatModel(model, settings.sparse_push, device, sparse_pull=settings.sparse_pull)
+    reads_rows = settings.sparse_pull and any(t.row_sparse for b in flat.layout for t in b.tensors)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
                                      rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth,
                                      keepalive_s=settings.keepalive_s)
@@ -243,6 +245,14 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         (known ahead: the cache reads and runs coming rows ahead)."""
         return batch_positions(member.shard, rank, settings.seed, steps_per_epoch, settings.batch_size, first, end)
 
+    def rows_for(step: int, frozen: int) -> list[pb.TensorRows]:
+        """What the pull of step `step` asks of the embedding matrices (sparse pulls): the rows
+        its batch reads, the only ones of them the step's forward and backward use."""
+        if not reads_rows:
+            return []
+        ids = make_batch(train, batches(step, step + 1), settings.image_size, channels, False)[0]
+        return flat.rows_asked(model.rows_read(ids), frozen)
+
     frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
     phases = pb.PhaseTimes()
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
@@ -252,9 +262,13 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     started = time.perf_counter()
     try:
         while step < total_steps:
+            share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
+            evaluating = bool(share) and eval_due(step, steps_per_epoch, settings.eval_every)
+            # An evaluation reads every row: its pull asks for all of them.
+            rows = [] if evaluating else rows_for(step, frozen)
             try:
                 # Pull: the new values of every block not frozen here, and the freeze state.
-                header, wait_s, pull_s = client.pull(step, frozen, flat)
+                header, wait_s, pull_s = client.pull(step, frozen, flat, rows)
             except grpc.RpcError as e:
                 if e.code() not in REJOIN_CODES or rejoins >= settings.max_rejoins:
                     raise
@@ -273,14 +287,15 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 step = header.step
                 if step >= total_steps:
                     break
+                if rows:  # they were the rows of another batch: pull again, for this one's
+                    continue
             if header.freeze.frozen_blocks != frozen:
                 frozen = header.freeze.frozen_blocks
                 model.set_frozen(frozen)
                 log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
             if cached:
                 cached.follow(frozen, len(member.shard))
-            share = eval_share(settings.evaluate, settings.eval_split, rank, member.world)
-            if share and eval_due(step, steps_per_epoch, settings.eval_every):
+            if share and eval_due(step, steps_per_epoch, settings.eval_every):  # the step may be a later one
                 evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
                                       keep_alive, share))
                 runlog.write(evals[-1])
