@@ -346,8 +346,8 @@ class ParameterServer:
             header = pb.PullHeader(step=self._step, freeze=self._freeze_copy(), blocks=blocks,
                                    delta=[k == "change" for k in kinds] if self._store.held else [])
             # Encoded now, under the lock: with backup workers the round may complete, and the
-            # values change, while this streams. Every worker pulls the same bytes in a round:
-            # each block is encoded once per (step, block, kind).
+            # values change, while this streams. Every worker pulls the same bytes in a round
+            # (each block is encoded once per (step, block, kind)), but the rows it asked for.
             frames = [self._row_frames(b, kind, rows[b]) if b in rows else self._pull_frames(b, kind)
                       for b, kind in zip(blocks, kinds)]
         return _stream(encode_header(header), frames)
