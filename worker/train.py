@@ -1,7 +1,8 @@
 """The worker's training loop, top to bottom: join, then per step pull, forward, backward, push.
 
 The frozen prefix comes from the PS with every pull; blocks before it run under no_grad
-in eval mode and their gradients are neither computed nor sent. With an activation cache
+in eval mode and their gradients are neither computed nor sent. Of an embedding matrix a
+pull asks for only the rows the step's batch reads (sparse pulls), but before an evaluation. With an activation cache
 (worker/cached_prefix.py) the prefix's output is read from it instead of computed, where
 it can be.
 
