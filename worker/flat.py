@@ -240,14 +240,15 @@ class PullSink:
         self._copy = copy_into({b: flat._host_values[b].numpy().view(np.uint8) for b in header.blocks
                                 if b not in self._changed})
         self._asked = row_requests(asked, flat.layout)
+        self._change_dtype, self._change_size = getattr(torch, flat.pull_dtype), WIRE_DTYPES[flat.pull_dtype]
         self._rows_got: dict[tuple[int, int], int] = {}  # (block, tensor) -> rows written so far
         self.partial: set[int] = set()
 
     def write(self, block: int, start: int, data: memoryview) -> None:
-        flat = self._flat
         if block in self._changed:  # the same float32 addition of the rounded change as the PS's (BlockStore.publish)
-            dtype, size = getattr(torch, flat.pull_dtype), WIRE_DTYPES[flat.pull_dtype]
-            flat.held[block][start // size:(start + len(data)) // size].add_(torch.frombuffer(data, dtype=dtype))
+            size = self._change_size
+            self._flat.held[block][start // size:(start + len(data)) // size].add_(
+                torch.frombuffer(data, dtype=self._change_dtype))
         else:
             self._copy(block, start, data)
 
