@@ -134,6 +134,10 @@ CONFIGS.update({f"{name}-bf16both": [*CONFIGS[f"{name}-bf16"], "--pull-dtype", "
 # only the rows of its next batch); the same training to the bit, more pull bytes.
 CONFIGS.update({f"{name}-wholepull": [*CONFIGS[name], "--no-sparse-pull"]
                 for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
+# Pushes that start when backward has ended, as before they overlapped it (on by default: a
+# block goes as soon as backward has finished it, last block first); the same bytes and training.
+CONFIGS.update({f"{name}-nooverlap": [*CONFIGS[name], "--no-overlap-push"]
+                for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

@@ -165,6 +165,9 @@ class Config:
     sparse_pull: bool = _f(True, "pull of an embedding matrix only the rows the next batch reads (its token ids), "
                            "in float32; the other rows, which that batch does not read, stay as they were: "
                            "training is the same to the bit", (WORKER, RUN))
+    overlap_push: bool = _f(True, "push each block's gradients as soon as backward has finished it (last block "
+                            "first), while backward computes the blocks before it; off, or in votes mode, the push "
+                            "starts when backward has ended. The same bytes, the same training", (WORKER, RUN))
     frozen_dropout: bool = _f(False, "frozen blocks keep dropout on while training, as before their freeze (BatchNorm "
                               "stays frozen); without the activation cache, which needs a prefix that computes the "
                               "same output every time", (WORKER, RUN))

@@ -48,7 +48,8 @@ def worker_settings(cfg: Config, local_rank: int = 0) -> WorkerSettings:
                           connect_retries=cfg.connect_retries, rpc_timeout_s=cfg.rpc_timeout_s,
                           keepalive_s=cfg.keepalive_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
-                          sparse_push=cfg.sparse_push, sparse_pull=cfg.sparse_pull, eval_split=cfg.eval_split,
+                          sparse_push=cfg.sparse_push, sparse_pull=cfg.sparse_pull, overlap_push=cfg.overlap_push,
+                          eval_split=cfg.eval_split,
                           frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling, device=cfg.device,
                           local_rank=local_rank)
 

@@ -405,7 +405,8 @@ class ParameterServer:
             active = self._active()
         try:
             received = ReceivedPush(self.settings.push_dtype)
-            receiver = ChunkReceiver(self._push_blocks, list(active), received.write, self.settings.chunk_bytes,
+            # last block first, as backward finishes them (freezeps.proto, PushMessage)
+            receiver = ChunkReceiver(self._push_blocks, active[::-1], received.write, self.settings.chunk_bytes,
                                      write_rows=received.write_rows)
             _receive(receiver, messages)
             bad = self._store.non_finite(received)

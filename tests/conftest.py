@@ -6,11 +6,13 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
+from proto.codec import encode_header
 from proto.runlog import JsonlLog
 from proto.security import Auth, open_channel
 from proto.transport import KEEPALIVE_S, ByteMeter, iter_chunks
@@ -71,9 +73,26 @@ def as_pb_chunk(frame) -> pb.Chunk:
     return pb.Chunk(block=c.block, tensor=c.tensor, offset=c.offset, data=bytes(c.data))
 
 
+def push_frames(header: pb.PushHeader, flat: FlatModel, grads: dict[int, bytes] | None = None,
+                chunk_bytes: int = 1 << 20) -> list:
+    """A whole push as the PS's push() reads it: the header, then every block's chunks, last
+    block first as a push carries them (freezeps.proto, PushMessage); the model's current
+    gradients, or `grads` (block -> bytes in the push layout)."""
+    return [encode_header(header)] + [
+        f for b in reversed(flat.push_layout)
+        for f in iter_chunks(b, flat.push_bytes(b.index) if grads is None else np.frombuffer(grads[b.index], np.uint8),
+                             chunk_bytes)]
+
+
 def good_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
-    """A whole push of the model's current gradients, as protobuf chunks (small, so several per block)."""
-    return [as_pb_chunk(f) for b in flat.push_layout for f in iter_chunks(b, flat.push_bytes(b.index), chunk_bytes)]
+    """A whole push of the model's current gradients, as protobuf chunks (small, so several per
+    block), last block first as a push carries them."""
+    return [as_pb_chunk(f) for f in push_frames(pb.PushHeader(), flat, chunk_bytes=chunk_bytes)[1:]]
+
+
+def init_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
+    """An Init of the model's current values, as protobuf chunks, in block order."""
+    return [as_pb_chunk(f) for b in flat.layout for f in iter_chunks(b, flat.value_bytes(b.index), chunk_bytes)]
 
 
 @contextlib.contextmanager

@@ -60,7 +60,10 @@ def _mutations(flat):
         ("out of order", [good[1], good[0]] + good[2:], invalid, "expected"),
         ("NaN", edit(0, data=bytes(nan)), invalid, "NaN"),
         ("Inf", edit(len(good) - 1, data=bytes(inf)), invalid, "NaN or Inf"),
-        ("oversized chunk", [pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * ((1 << 20) + 4))], invalid, "must be"),
+        ("oversized chunk", [pb.Chunk(block=good[0].block, tensor=0, offset=0, data=b"\0" * ((1 << 20) + 4))],
+         invalid, "must be"),
+        # a push carries its blocks last first (freezeps.proto, PushMessage), as Init does not
+        ("blocks in block order", sorted(good, key=lambda c: c.block), invalid, "expected block 2"),
     ]
 
 

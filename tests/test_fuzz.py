@@ -200,7 +200,8 @@ def test_a_stream_that_would_never_end_is_cut_at_the_first_bad_chunk(one_worker_
         yield pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=0, batch_size=1))
         while sent < 4096:  # 4 GiB if it were all read
             sent += 1
-            yield pb.PushMessage(chunk=pb.Chunk(block=0, tensor=0, offset=0, data=b"\0" * (1 << 20)))
+            # the last block: a push's first (freezeps.proto, PushMessage)
+            yield pb.PushMessage(chunk=pb.Chunk(block=len(flat.layout) - 1, tensor=0, offset=0, data=b"\0" * (1 << 20)))
 
     with pytest.raises(grpc.RpcError) as err:
         stub.Push(endless(), timeout=30)

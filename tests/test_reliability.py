@@ -28,7 +28,7 @@ from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, re
 from ps.errors import Busy, UnknownWorker
 from ps.policy import FreezeHistory, FreezePolicy
 from ps.server import ParameterServer, ServerSettings
-from tests.conftest import run_workers, worker_settings
+from tests.conftest import push_frames, run_workers, worker_settings
 from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -232,9 +232,7 @@ def test_run_without_workers_is_abandoned_not_hung():
 
 
 def _push(server, worker_id, flat, step, batch_size=4):
-    frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size))]
-    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
-    server.push(iter(frames))
+    server.push(iter(push_frames(pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size), flat)))
 
 
 def _push_every_step(server, ids, flat, steps):
@@ -340,11 +338,11 @@ class _DelayedClient(PSClient):
         super().__init__(address, **kw)
         self.delay_step, self.delay, self.delayed_at = step, delay, None
 
-    def push(self, header, flat, blocks):
+    def push(self, header, flat, blocks, ready=None):
         if self.delayed_at is None and header.step >= self.delay_step:
             self.delayed_at = header.step
             self.delay(header.step)
-        return super().push(header, flat, blocks)
+        return super().push(header, flat, blocks, ready)
 
 
 @dataclass
@@ -471,8 +469,8 @@ class _LosingClient(PSClient):
         super().__init__(address, **kw)
         self.lose_step = step
 
-    def _push_once(self, header, flat, blocks):
-        reply = super()._push_once(header, flat, blocks)
+    def _push_once(self, header, flat, blocks, ready):
+        reply = super()._push_once(header, flat, blocks, ready)
         if header.step == self.lose_step:
             self.lose_step = -1
             raise _LostReply()
@@ -496,8 +494,7 @@ def test_a_push_retried_while_its_first_try_is_received_is_aborted_and_changes_n
     """ABORTED (the worker tries again later), not FAILED_PRECONDITION (which would end it)."""
     server, ids, flat = _joined_server(2, 2)
     first_chunk_read, release = threading.Event(), threading.Event()
-    frames = [encode_header(pb.PushHeader(worker_id=ids[0], step=0, batch_size=4))]
-    frames += [f for b in flat.layout for f in iter_chunks(b, flat.push_bytes(b.index), 1 << 20)]
+    frames = push_frames(pb.PushHeader(worker_id=ids[0], step=0, batch_size=4), flat)
 
     def slow():
         yield frames[0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,15 +19,12 @@ from ps.errors import FailedPrecondition
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.store import BlockStore, ReceivedPush
+from tests.conftest import push_frames
 from worker.flat import FlatModel
 from worker.models import build_model
 
 NUM_WORKERS, ROUNDS, LR, TIMEOUT_S = 4, 12, 0.05, 5.0
 
-
-def _frames(worker_id: str, step: int, batch_size: int, flat: FlatModel, grads: dict[int, bytes]):
-    frames = [encode_header(pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size))]
-    return frames + [f for b in flat.push_layout for f in iter_chunks(b, np.frombuffer(grads[b.index], np.uint8), 1 << 20)]
 
 
 class _Churn:
@@ -80,7 +76,8 @@ class _Churn:
             grads[b.index] = g.to(getattr(torch, self.push_dtype)).view(torch.uint8).numpy().tobytes()
         batch = self.rng.randint(1, 8)
         self.pushed[(step, worker_id)] = (batch, grads)
-        return self.server.push(iter(_frames(worker_id, step, batch, self.flat, grads)))
+        header = pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch)
+        return self.server.push(iter(push_frames(header, self.flat, grads)))
 
     def run(self) -> None:
         """Each round: the live workers push in a random order; before any push, one may leave,

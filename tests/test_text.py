@@ -184,14 +184,15 @@ def tiny_bert_runs(tmp_path_factory, tiny_bert):
     layer0 frozen from step 3: dense and row-sparse embedding pushes in float32 and bfloat16
     with whole pulls, keyed (sparse_push, push_dtype); and row-sparse pushes with whole and with
     row-sparse pulls, float32 both ways or bfloat16 both ways, keyed (sparse_push, push_dtype,
-    sparse_pull, pull_dtype). Each: (run log records by step, final values, each rank's test
+    sparse_pull, pull_dtype); the last of those with pushes that start after backward, keyed
+    with "no overlap" added. Each: (run log records by step, final values, each rank's test
     samples wrong at each evaluation)."""
     runs = {}
-    keys = [*itertools.product((False, True), ("float32", "bfloat16"), (False,), ("float32",)),
-            (True, "float32", True, "float32"), (True, "bfloat16", False, "bfloat16"),
-            (True, "bfloat16", True, "bfloat16")]
-    for sparse, push_dtype, sparse_pull, pull_dtype in keys:
-        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}-{push_dtype}-{sparse_pull}-{pull_dtype}")
+    keys = [*itertools.product((False, True), ("float32", "bfloat16"), (False,), ("float32",), (True,)),
+            (True, "float32", True, "float32", True), (True, "bfloat16", False, "bfloat16", True),
+            (True, "bfloat16", True, "bfloat16", True), (True, "bfloat16", True, "bfloat16", False)]
+    for sparse, push_dtype, sparse_pull, pull_dtype, overlap in keys:
+        tmp_path = tmp_path_factory.mktemp(f"tiny-bert-run-{sparse}-{push_dtype}-{sparse_pull}-{pull_dtype}-{overlap}")
         policy = FreezePolicy(EngineSpec("static", blocks=2, from_step=3))  # embeddings and layer0 from step 3
         log = tmp_path / "ps.jsonl"
         with running_ps(num_workers=2, policy=policy, log_path=log, push_dtype=push_dtype,
@@ -199,13 +200,15 @@ def tiny_bert_runs(tmp_path_factory, tiny_bert):
             summaries = run_workers([worker_settings(
                 ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes", train_samples=256,
                 steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
-                evaluate=True, eval_every=2, test_samples=32, sparse_push=sparse, sparse_pull=sparse_pull)
-                for _ in range(2)])
+                evaluate=True, eval_every=2, test_samples=32, sparse_push=sparse, sparse_pull=sparse_pull,
+                overlap_push=overlap) for _ in range(2)])
             values = ps.server.values_by_name()
         assert all(s["steps"] == 6 for s in summaries)
         records = [json.loads(line) for line in log.read_text().splitlines()]
         key = (sparse, push_dtype) if not sparse_pull and pull_dtype == "float32" else \
             (sparse, push_dtype, sparse_pull, pull_dtype)
+        if not overlap:
+            key += ("no overlap",)
         runs[key] = ({r["step"]: r for r in records if r["event"] == "round"}, values,
                      {s["rank"]: [e["wrong"] for e in s["evals"]] for s in summaries})
     return runs
@@ -297,6 +300,23 @@ def test_sparse_pulls_train_to_the_same_bits_for_fewer_bytes(tiny_bert_runs, tin
     assert any(not np.array_equal(float32_values[n], sparse_values[n]) for n in sparse_values)  # bfloat16 is real
 
 
+def test_pushes_that_overlap_backward_train_to_the_same_bits(tiny_bert_runs):
+    """Each block pushed as soon as backward has finished it (the default) against pushes that
+    start after backward: the same parameters to the bit, the same test samples wrong, and the
+    same bytes of every block at every round (row-sparse pushes and pulls, bfloat16 both ways,
+    a freeze at step 3)."""
+    overlapped, overlapped_values, overlapped_wrong = tiny_bert_runs[True, "bfloat16", True, "bfloat16"]
+    after, after_values, after_wrong = tiny_bert_runs[True, "bfloat16", True, "bfloat16", "no overlap"]
+    for name in after_values:
+        np.testing.assert_array_equal(overlapped_values[name], after_values[name], err_msg=name)
+    assert overlapped_wrong == after_wrong
+    for step in range(6):
+        for block in range(0 if step < 3 else 2, 4):
+            for method, direction in (("Push", "in"), ("Pull", "out")):
+                assert _payload(overlapped, step, method, direction, block) == \
+                    _payload(after, step, method, direction, block) > 0, (step, block, method)
+
+
 def test_two_shards_with_sparse_pulls_train_as_one_ps(tiny_bert_runs, tiny_bert, ps_factory, tmp_path):
     """Sparse pulls from two PS shards (the embeddings on one, the rest on the other; each asked
     only for rows of the blocks it owns), bfloat16 both ways: the same bits as one PS."""
@@ -356,7 +376,8 @@ def test_a_pull_that_finds_the_run_ahead_asks_again_for_its_new_batchs_rows(tiny
     asked, rows, pulled = held
     assert pulled >= asked + 2 and rows  # the run had gone on: rows of another step's batch, asked in vain
     again = late.pulls[late.pulls.index(held) + 1]
-    assert again[0] == again[2] == pulled and again[1] and again[1] != rows
+    # (the run may have gone on again meanwhile: the two others make rounds of their own)
+    assert again[0] == pulled and again[2] >= pulled and again[1] and again[1] != rows
 
 
 def test_host_staging_pushes_the_same_embedding_rows(tiny_bert):

@@ -24,7 +24,7 @@ from proto.transport import (
     iter_chunks,
     metered,
 )
-from worker.flat import FlatModel
+from worker.flat import FlatModel, GradsReady
 
 log = logging.getLogger("freezeps.worker")
 
@@ -95,19 +95,14 @@ class PSClient:
         raise ConnectError(f"cannot join the parameter server at {self.address}: "
                            f"{self._retries} tries over {time.monotonic() - started:.1f} s")
 
-    def _push_stream(self, header: pb.PushHeader, flat: FlatModel, blocks: range, values: bool) -> Iterator:
-        yield encode_header(header)
-        for b in blocks:
-            if values:
-                yield from iter_chunks(flat.layout[b], flat.value_bytes(b), self.chunk_bytes)
-            else:
-                data = flat.push_bytes(b)
-                yield from iter_chunks(flat.push_layout[b], data, self.chunk_bytes, flat.push_rows(b))
-
     def init(self, flat: FlatModel, owned: range, total_steps: int, steps_per_epoch: int = 0) -> pb.PushReply:
         header = pb.PushHeader(worker_id=self.worker_id, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        stream = self._push_stream(header, flat, owned, values=True)
-        reply = self._stub.Init(metered(stream, self.meter, "Init", "out", self.worker_id),
+
+        def stream() -> Iterator:
+            yield encode_header(header)
+            for b in owned:
+                yield from iter_chunks(flat.layout[b], flat.value_bytes(b), self.chunk_bytes)
+        reply = self._stub.Init(metered(stream(), self.meter, "Init", "out", self.worker_id),
                                 timeout=self._timeout, metadata=self._metadata())
         self.meter.count("Init", "in", self.worker_id, reply)
         return reply
@@ -150,15 +145,18 @@ class PSClient:
         flat.finish_pull(header, sink)
         return header, first_at - started, time.perf_counter() - first_at
 
-    def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
-        """Push, trying again with backoff while the PS cannot be reached (UNAVAILABLE) or is
-        still receiving an earlier try (ABORTED): the connection may have broken after the PS
-        accepted the push, and a PS that did answers the retry as a duplicate (PushReply)
-        without applying it twice. Other errors, or the last try's, are raised."""
+    def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
+             ready: GradsReady | None = None) -> pb.PushReply:
+        """Push the gradients of `blocks`, last block first, each once `ready` says backward
+        has finished it (None: they are final now). Tries again with backoff while the PS cannot
+        be reached (UNAVAILABLE) or is still receiving an earlier try (ABORTED): the connection
+        may have broken after the PS accepted the push, and a PS that did answers the retry as a
+        duplicate (PushReply) without applying it twice. Other errors, or the last try's, are
+        raised."""
         header.worker_id = self.worker_id
         for attempt, delay in self._tries():
             try:
-                return self._push_once(header, flat, blocks)
+                return self._push_once(header, flat, blocks, ready)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) or attempt >= self._retries:
                     raise
@@ -167,9 +165,18 @@ class PSClient:
                 time.sleep(delay)
         raise AssertionError("unreachable: the last try returns or raises")
 
-    def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
-        stream = self._push_stream(header, flat, blocks, values=False)
-        reply = self._stub.Push(metered(stream, self.meter, "Push", "out", self.worker_id),
+    def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
+                   ready: GradsReady | None) -> pb.PushReply:
+        def stream() -> Iterator:
+            # gRPC draws this in a thread of its own, so a block goes out while backward works on
+            # the ones before it; an exception here (backward failed) cancels the call.
+            yield encode_header(header)
+            for b in reversed(blocks):
+                if ready is not None:
+                    ready.wait(b)
+                data = flat.push_bytes(b)
+                yield from iter_chunks(flat.push_layout[b], data, self.chunk_bytes, flat.push_rows(b))
+        reply = self._stub.Push(metered(stream(), self.meter, "Push", "out", self.worker_id),
                                 timeout=self._timeout, metadata=self._metadata())
         self.meter.count("Push", "in", self.worker_id, reply)
         return reply
@@ -284,11 +291,12 @@ class ShardedClient:
         flat.pulled_step = merged.step
         return merged, wait_s, time.perf_counter() - started - wait_s
 
-    def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range) -> pb.PushReply:
+    def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
+             ready: GradsReady | None = None) -> pb.PushReply:
         def push_to(i: int, client: PSClient) -> pb.PushReply:
             own = pb.PushHeader()
             own.CopyFrom(header)  # each shard's copy gets that shard's worker id
-            return client.push(own, flat, _within(blocks, self._owned[i]))
+            return client.push(own, flat, _within(blocks, self._owned[i]), ready)
         return self._each(push_to)[0]
 
     def status(self) -> pb.StatusReply:

@@ -14,6 +14,7 @@ push's gradients are copied down whole before they are sent. On the CPU the two 
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -226,6 +227,59 @@ class FlatModel:
     def zero_grads(self, first_block: int) -> None:
         for g in self.grads[first_block:]:
             g.zero_()
+
+
+class GradsReady:
+    """Which blocks' gradients this step's backward pass has finished, so that a push can send a
+    block while backward still computes the blocks before it (it finishes the last block first).
+
+    A block is done once every parameter of it that takes a gradient has had this step's
+    accumulated (a post-accumulate-grad hook, which runs where autograd runs: another thread
+    than the push's); `finish()`, called when backward has returned, marks every block done,
+    which also covers a parameter that got no gradient this step. `abandon()` (backward failed)
+    makes every wait raise, so a push under way is cancelled rather than sent half-computed."""
+
+    def __init__(self, flat: FlatModel):
+        self._lock = threading.Lock()
+        self._done = [threading.Event() for _ in flat.layout]
+        self._params = [[t for _, _, _, t, kind in _tensors(block) if kind == pb.PARAMETER]
+                        for block in flat.model.blocks]
+        self._left = [0] * len(self._params)  # per block, parameters still to come this step
+        self._failed = False
+        for b, params in enumerate(self._params):
+            for p in params:
+                p.register_post_accumulate_grad_hook(lambda _, b=b: self._accumulated(b))
+
+    def arm(self, first_block: int) -> None:
+        """Before a step's backward through blocks first_block onwards."""
+        with self._lock:
+            self._failed = False
+            for b, params in enumerate(self._params):
+                self._left[b] = sum(p.requires_grad for p in params) if b >= first_block else 0
+                self._done[b].clear()
+                if self._left[b] == 0:  # no gradient to wait for: frozen, or running statistics only
+                    self._done[b].set()
+
+    def _accumulated(self, b: int) -> None:
+        with self._lock:
+            self._left[b] -= 1
+            if self._left[b] == 0:
+                self._done[b].set()
+
+    def finish(self) -> None:
+        for done in self._done:
+            done.set()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._failed = True
+        self.finish()
+
+    def wait(self, b: int) -> None:
+        """Block until backward has finished block b; RuntimeError if it failed."""
+        self._done[b].wait()
+        if self._failed:
+            raise RuntimeError("backward failed: the push is abandoned")
 
 
 class PullSink:

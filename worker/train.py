@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from worker.data import (
     shard_indices,
 )
 from worker.device import resolve_device, synchronizer
-from worker.flat import FlatModel
+from worker.flat import FlatModel, GradsReady
 from worker.models import BlockModel, build_model
 from worker.text import TextSettings
 
@@ -85,6 +86,7 @@ class WorkerSettings:
     text: TextSettings | None = None  # a text dataset's tokenizer and file; None: images
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
     sparse_pull: bool = True  # of an embedding matrix, pull only the rows the next batch reads
+    overlap_push: bool = True  # push each block while backward computes the ones before it
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
     text_pooling: str = "cls"  # what a text model's head classifies (worker.models.bert)
@@ -254,6 +256,9 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         ids = make_batch(train, batches(step, step + 1), settings.image_size, channels, False)[0]
         return flat.rows_asked(model.rows_read(ids), frozen)
 
+    # With overlap_push, a step's push starts with its backward pass, in a thread of its own.
+    ready = GradsReady(flat) if settings.overlap_push else None
+    pusher = ThreadPoolExecutor(1, thread_name_prefix="push") if ready else None
     frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
     phases = pb.PhaseTimes()
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
@@ -329,23 +334,39 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             loss = F.cross_entropy(model.suffix(h), y)
             sync()
             t1 = time.perf_counter()
-            loss.backward()
-            sync()
-            t2 = time.perf_counter()
 
-            # Push the active blocks' gradients (and running statistics), with a vote at test rounds.
+            # Backward, and push the active blocks' gradients (and running statistics): while
+            # backward runs, each block as soon as it is done, last first; in votes mode after
+            # it, since the vote of a test round travels in the header and needs every gradient.
             push_header = pb.PushHeader(step=step, batch_size=len(y), loss=loss.item(), phases=phases)
-            if member.voter is not None:
-                stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=frozen,
-                                   total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                                   grads={b: flat.param_grads(b) for b in range(frozen, len(flat.layout))})
-                decision = member.voter.decide(stats)
-                if decision.tested:
-                    push_header.vote.CopyFrom(pb.Vote(frozen_blocks=decision.frozen_blocks, eta=decision.eta,
-                                                      shard_size=len(member.shard),
-                                                      label_balance=member.label_balance))
+            active = range(frozen, len(flat.layout))
             try:
-                reply = client.push(push_header, flat, range(frozen, len(flat.layout)))
+                if ready is not None and member.voter is None:
+                    ready.arm(frozen)
+                    pushing = pusher.submit(client.push, push_header, flat, active, ready)
+                    try:
+                        loss.backward()
+                        sync()
+                    except BaseException:
+                        ready.abandon()  # the push under way is cancelled, not sent half-computed
+                        raise
+                    ready.finish()
+                    t2 = time.perf_counter()
+                    reply = pushing.result()
+                else:
+                    loss.backward()
+                    sync()
+                    t2 = time.perf_counter()
+                    if member.voter is not None:
+                        stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=frozen,
+                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                           grads={b: flat.param_grads(b) for b in active})
+                        decision = member.voter.decide(stats)
+                        if decision.tested:
+                            push_header.vote.CopyFrom(pb.Vote(frozen_blocks=decision.frozen_blocks,
+                                                              eta=decision.eta, shard_size=len(member.shard),
+                                                              label_balance=member.label_balance))
+                    reply = client.push(push_header, flat, active)
             except grpc.RpcError as e:
                 if e.code() not in REJOIN_CODES:
                     raise
@@ -379,6 +400,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         except grpc.RpcError as e:  # the PS is gone or dropped us: nothing to leave
             log.warning("[Worker] rank %d: Leave answered %s", rank, e.code().name)
         client.close()
+        if pusher:
+            pusher.shutdown()
         for c in (cached, eval_cached):
             if c:
                 c.close()

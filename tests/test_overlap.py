@@ -1,0 +1,182 @@
+"""Pushes that overlap backward (worker.flat.GradsReady): a block goes out as soon as backward
+has finished it, last block first, while backward computes the blocks before it."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proto import freezeps_pb2 as pb
+from tests.conftest import running_ps
+from worker.client import PSClient
+from worker.flat import FlatModel, GradsReady
+from worker.models import build_model
+
+SLEEP_S = 0.5
+
+
+def _joined(address: str, flat: FlatModel) -> PSClient:
+    client = PSClient(address, connect_retries=3, rpc_timeout_s=30.0)
+    client.join(flat.manifest, "t")
+    client.init(flat, range(len(flat.layout)), total_steps=4)
+    return client
+
+
+def _loss(flat: FlatModel, hook) -> torch.Tensor:
+    """The MLP's loss on a fixed batch, with `hook` on the gradient that reaches fc1's output:
+    backward calls it after finishing fc2 and the head, before fc1."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 192), torch.randint(0, 4, (16,))
+    fc1, fc2, head = flat.model.blocks
+    h = fc1(x)
+    h.register_hook(hook)
+    return F.cross_entropy(head(fc2(h)), y)
+
+
+def _recording(flat: FlatModel) -> list[tuple[int, float]]:
+    """Record (block, time) each time the push encodes a block's gradients."""
+    sent, encode = [], flat.push_bytes
+
+    def push_bytes(b: int):
+        sent.append((b, time.perf_counter()))
+        return encode(b)
+    flat.push_bytes = push_bytes
+    return sent
+
+
+def test_a_block_goes_out_while_backward_computes_the_ones_before_it():
+    """fc1's backward is held back by SLEEP_S: the head and fc2 are sent meanwhile, last first,
+    and fc1 after it; the PS applies what a push after backward applies, to the bit."""
+    values = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        flat = FlatModel(build_model("mlp", 4))
+        ready = GradsReady(flat)
+        sent = _recording(flat)
+        slept = []
+
+        def hold_back(grad):
+            slept.append(time.perf_counter())
+            time.sleep(SLEEP_S)
+        with running_ps(num_workers=1) as ps, ThreadPoolExecutor(1) as pool:
+            client = _joined(ps.address, flat)
+            flat.zero_grads(0)
+            loss = _loss(flat, hold_back)
+            header = pb.PushHeader(step=0, batch_size=16, loss=loss.item())
+            if overlap:
+                ready.arm(0)
+                pushing = pool.submit(client.push, header, flat, range(3), ready)
+                loss.backward()
+                ready.finish()
+                ended = time.perf_counter()
+                reply = pushing.result(timeout=30)
+            else:
+                loss.backward()
+                ended = time.perf_counter()
+                reply = client.push(header, flat, range(3))
+            assert reply.step == 0 and not reply.late
+            assert ps.server.step == 1
+            values.append(ps.server.values_by_name())
+            client.close()
+        assert [b for b, _ in sent] == [2, 1, 0]  # last block first, overlapped or not
+        at = dict(sent)
+        if overlap:
+            assert at[2] < at[1] < slept[0] + SLEEP_S - 0.1  # during fc1's held-back backward
+            assert at[0] >= slept[0] + SLEEP_S  # fc1 only once backward finished it
+        else:
+            assert at[2] >= ended
+    for name in values[0]:
+        np.testing.assert_array_equal(values[0][name], values[1][name], err_msg=name)
+
+
+def test_a_failed_backward_cancels_its_push_and_the_ps_keeps_its_state():
+    """Backward fails after fc2 and the head were sent: the push is cancelled, not completed with
+    fc1's half-computed gradients; the PS applies nothing and takes the step's push again."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    ready = GradsReady(flat)
+    sent = _recording(flat)
+
+    def fail(grad):
+        time.sleep(0.2)  # the push has the head and fc2 on the wire
+        raise RuntimeError("backward broke")
+    with running_ps(num_workers=1) as ps, ThreadPoolExecutor(1) as pool:
+        client = _joined(ps.address, flat)
+        before = ps.server.values_by_name()
+        flat.zero_grads(0)
+        loss = _loss(flat, fail)
+        header = pb.PushHeader(step=0, batch_size=16, loss=loss.item())
+        ready.arm(0)
+        pushing = pool.submit(client.push, header, flat, range(3), ready)
+        with pytest.raises(RuntimeError, match="backward broke"):
+            try:
+                loss.backward()
+            except BaseException:
+                ready.abandon()
+                raise
+        with pytest.raises(grpc.RpcError) as err:
+            pushing.result(timeout=30)
+        # gRPC ends a call whose request iterator raised as UNKNOWN, "Exception iterating requests!"
+        assert err.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+        assert [b for b, _ in sent] == [2, 1]
+        assert ps.server.step == 0
+        after = ps.server.values_by_name()
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+        # The step's push, whole this time, is taken.
+        flat.zero_grads(0)
+        _loss(flat, lambda grad: None).backward()
+        assert client.push(pb.PushHeader(step=0, batch_size=16), flat, range(3)).step == 0
+        assert ps.server.step == 1
+        client.close()
+
+
+def test_a_block_without_gradients_is_done_when_backward_returns():
+    """A step whose loss reads fc1 only: fc1 is done when its gradient is, fc2 and the head (no
+    gradient this step) only at finish(); a frozen prefix is done from the start."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    ready = GradsReady(flat)
+
+    failed = []
+
+    def wait(b: int) -> None:
+        try:
+            ready.wait(b)
+        except RuntimeError as e:
+            failed.append((b, str(e)))
+
+    def waiter(b: int) -> threading.Thread:
+        t = threading.Thread(target=wait, args=(b,), daemon=True)
+        t.start()
+        return t
+    ready.arm(0)
+    waiting = [waiter(b) for b in range(3)]
+    flat.model.blocks[0](torch.randn(4, 192)).sum().backward()
+    waiting[0].join(5)
+    assert not waiting[0].is_alive()
+    time.sleep(0.1)
+    assert waiting[1].is_alive() and waiting[2].is_alive()
+    ready.finish()
+    for t in waiting:
+        t.join(5)
+        assert not t.is_alive()
+    flat.model.set_frozen(2)
+    ready.arm(2)
+    for b in (0, 1):
+        t = waiter(b)
+        t.join(5)
+        assert not t.is_alive()
+    head = waiter(2)
+    time.sleep(0.1)
+    assert head.is_alive()
+    ready.abandon()  # backward failed: a wait under way raises, and so does the next
+    head.join(5)
+    assert failed == [(2, "backward failed: the push is abandoned")]
+    with pytest.raises(RuntimeError, match="backward failed"):
+        ready.wait(2)
