@@ -4,8 +4,9 @@ The push runs beside backward: it sends each block as soon as backward has finis
 last block first (worker.flat.GradsReady). The frozen prefix comes from the PS with every
 pull; blocks before it run under no_grad in eval mode and their gradients are neither
 computed nor sent. Of an embedding matrix a pull asks for only the rows the step's batch
-reads (sparse pulls), except before an evaluation, which reads every row. With an activation cache (worker/cached_prefix.py) the
-prefix's output is read from it instead of computed, where it can be.
+reads (sparse pulls), except before an evaluation, which reads every row. With an
+activation cache (worker/cached_prefix.py) the prefix's output is read from it instead of
+computed, where it can be.
 
 When the PS no longer knows this worker (it was dropped past its deadline, or the PS
 restarted from a checkpoint) or cannot be reached, the worker joins again, up to
