@@ -106,8 +106,7 @@ def one_worker(auth: Auth = Auth(), client: Auth | None = None, **settings):
         stub = pb_grpc.ParameterServerStub(channel)
         joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
         init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
-        init += [pb.PushMessage(chunk=as_pb_chunk(f)) for b in flat.layout
-                 for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
+        init += [pb.PushMessage(chunk=c) for c in init_chunks(flat, 1 << 20)]
         stub.Init(iter(init), timeout=10)
         yield ps, stub, joined.worker_id, flat
 

@@ -26,7 +26,6 @@ from worker.models import build_model
 NUM_WORKERS, ROUNDS, LR, TIMEOUT_S = 4, 12, 0.05, 5.0
 
 
-
 class _Churn:
     """Drives one ParameterServer through random rounds; keeps what each round accepted."""
 
