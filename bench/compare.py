@@ -138,6 +138,10 @@ CONFIGS.update({f"{name}-wholepull": [*CONFIGS[name], "--no-sparse-pull"]
 # block goes as soon as backward has finished it, last block first); the same bytes and training.
 CONFIGS.update({f"{name}-nooverlap": [*CONFIGS[name], "--no-overlap-push"]
                 for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
+# Forward passes that start when all of the pull has come, as before they overlapped it (on by
+# default: forward runs each block as soon as it has landed); the same bytes and training.
+CONFIGS.update({f"{name}-nooverlappull": [*CONFIGS[name], "--no-overlap-pull"]
+                for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
 
 
 def run_command(common: list[str], name: str, extra: list[str], run_dir: Path, seed: int | None) -> list[str]:

@@ -168,6 +168,10 @@ class Config:
     overlap_push: bool = _f(True, "push each block's gradients as soon as backward has finished it (last block "
                             "first), while backward computes the blocks before it; off, or in votes mode, the push "
                             "starts when backward has ended. The same bytes, the same training", (WORKER, RUN))
+    overlap_pull: bool = _f(True, "run the forward pass through each pulled block as soon as it has landed, while "
+                            "the pull brings the blocks after it; off, or when a freeze was decided, before an "
+                            "evaluation, or when the run went on without this worker, forward starts when all of "
+                            "the pull has come. The same bytes, the same training", (WORKER, RUN))
     frozen_dropout: bool = _f(False, "frozen blocks keep dropout on while training, as before their freeze (BatchNorm "
                               "stays frozen); without the activation cache, which needs a prefix that computes the "
                               "same output every time", (WORKER, RUN))

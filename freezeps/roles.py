@@ -49,7 +49,7 @@ def worker_settings(cfg: Config, local_rank: int = 0) -> WorkerSettings:
                           keepalive_s=cfg.keepalive_s,
                           max_rejoins=cfg.max_rejoins, cache=cache_settings(cfg), text=text_settings(cfg),
                           sparse_push=cfg.sparse_push, sparse_pull=cfg.sparse_pull, overlap_push=cfg.overlap_push,
-                          eval_split=cfg.eval_split,
+                          overlap_pull=cfg.overlap_pull, eval_split=cfg.eval_split,
                           frozen_dropout=cfg.frozen_dropout, text_pooling=cfg.text_pooling, device=cfg.device,
                           local_rank=local_rank)
 

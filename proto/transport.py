@@ -154,29 +154,52 @@ class ChunkReceiver:
     `expected` lists the blocks that must arrive, in order; `write(block, start, data)`
     receives every accepted chunk with its byte offset in the block. Row chunks are accepted
     only with a `write_rows(block, tensor, rows, data)` sink (a push, or a pull that asked for
-    rows). Raises WireError on
-    the first bad chunk; the caller decides what to do with what the sink already got.
+    rows). `landed(block)`, where given, is called once for each expected block, in order, as
+    soon as all of it has come: its last byte, or, where it ends with row chunks, when a chunk
+    of another tensor follows them or the stream ends (a pull's blocks then serve the forward
+    pass while the later ones arrive). Raises WireError on the first bad chunk; the caller
+    decides what to do with what the sink already got.
     """
 
     def __init__(self, blocks: Sequence[BlockLayout], expected: Sequence[int],
                  write: Callable[[int, int, memoryview], None], chunk_bytes: int,
-                 write_rows: Callable[[int, int, np.ndarray, memoryview], None] | None = None):
+                 write_rows: Callable[[int, int, np.ndarray, memoryview], None] | None = None,
+                 landed: Callable[[int], None] | None = None):
         self._blocks = blocks
         self._expected = list(expected)
         self._write = write
         self._write_rows = write_rows
+        self._landed = landed
         self._chunk_bytes = chunk_bytes
         self._i = 0  # index into expected of the block being received
         self._pos = 0  # bytes of it received so far
+        self._landed_upto = 0  # expected[:this] were handed to landed
         # (block, tensor, next allowed row) while row chunks of one tensor may go on arriving
         self._rows_open: tuple[int, int, int] | None = None
 
     def accept(self, chunk: RawChunk) -> None:
         if chunk.block >= len(self._blocks):
             raise WireError(f"chunk names unknown block {chunk.block} (model has {len(self._blocks)})")
+        if not self._continues_rows(chunk):  # the blocks before this chunk have all come
+            self._land(self._i)
         if chunk.rows is not None:
             self._accept_rows(chunk)
-            return
+        else:
+            self._accept_bytes(chunk)
+        if self._rows_open is None:  # (after a row chunk, more rows of its tensor may follow)
+            self._land(self._i)
+
+    def _continues_rows(self, chunk: RawChunk) -> bool:
+        """Whether `chunk` carries more rows of the tensor the last chunk carried rows of."""
+        return chunk.rows is not None and self._rows_open is not None and \
+            self._rows_open[:2] == (chunk.block, chunk.tensor)
+
+    def _land(self, upto: int) -> None:
+        while self._landed is not None and self._landed_upto < upto:
+            self._landed(self._expected[self._landed_upto])
+            self._landed_upto += 1
+
+    def _accept_bytes(self, chunk: RawChunk) -> None:
         self._rows_open = None
         if chunk.block != self._expected_block():
             want = self._expected_block()
@@ -221,7 +244,7 @@ class ChunkReceiver:
             raise WireError(f"row chunk for tensor {chunk.tensor} of block {block.name!r}, which the manifest "
                             "does not mark row_sparse")
         tensor = block.tensors[chunk.tensor]
-        continuing = self._rows_open is not None and self._rows_open[:2] == (chunk.block, chunk.tensor)
+        continuing = self._continues_rows(chunk)
         if not continuing:  # the first row chunk stands where the tensor's bytes would
             want = self._expected_block()
             if chunk.block != want or self._pos != tensor.offset:
@@ -253,6 +276,7 @@ class ChunkReceiver:
             block = self._blocks[self._expected[self._i]]
             raise WireError(f"stream ended early: block {block.name!r} got {self._pos} of {block.nbytes} bytes"
                             f" ({len(self._expected) - self._i} blocks incomplete)")
+        self._land(len(self._expected))
 
 
 @dataclass

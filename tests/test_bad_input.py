@@ -303,9 +303,9 @@ def test_a_worker_takes_only_the_rows_it_asked_for():
         sink.write_rows(0, 0, np.array([2], np.uint32), memoryview(row))
     sink.write_rows(0, 0, np.array([1], np.uint32), memoryview(row))
     with pytest.raises(WireError, match="got 1 of the 2 rows asked"):
-        sink.check()
+        sink.land(0)
     sink.write_rows(0, 0, np.array([6], np.uint32), memoryview(row))
-    sink.check()
+    sink.land(0)
     table = flat.values[0].view(8, 4)
     assert (table[[1, 6]] == 7).all() and torch.equal(table[[0, 2, 3, 4, 5, 7]], before.view(8, 4)[[0, 2, 3, 4, 5, 7]])
     assert flat.rows_asked({"emb/weight": torch.tensor([1, 6])}, 1) == []  # the table's block frozen: nothing asked

@@ -1,7 +1,10 @@
 """Pushes that overlap backward (worker.flat.GradsReady): a block goes out as soon as backward
-has finished it, last block first, while backward computes the blocks before it."""
+has finished it, last block first, while backward computes the blocks before it. Pulls that
+overlap forward (worker.flat.ValuesReady): forward runs a block as soon as it has landed,
+while the pull brings the blocks after it."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from proto import freezeps_pb2 as pb
-from tests.conftest import running_ps
-from worker.client import PSClient
-from worker.flat import FlatModel, GradsReady
+from tests.conftest import run_workers, running_ps, worker_settings
+from worker.client import PSClient, ShardedClient
+from worker.flat import FlatModel, GradsReady, ValuesReady
 from worker.models import build_model
 
 SLEEP_S = 0.5
@@ -180,3 +183,146 @@ def test_a_block_without_gradients_is_done_when_backward_returns():
     assert failed == [(2, "backward failed: the push is abandoned")]
     with pytest.raises(RuntimeError, match="backward failed"):
         ready.wait(2)
+
+
+# -- pulls that overlap forward ---------------------------------------------------------------
+def _holding_back(flat: FlatModel, block: int, hold) -> dict[int, float]:
+    """Make every pull call hold() before it lands `block` (as if its bytes were slow to come);
+    returns {block: when it landed}, filled in as they land."""
+    landed_at, sink_for = {}, flat.pull_sink
+
+    def pull_sink(header, asked=()):
+        sink = sink_for(header, asked)
+        land = sink.land
+
+        def land_late(b: int) -> None:
+            if b == block:
+                hold()
+            land(b)
+            landed_at[b] = time.perf_counter()
+        sink.land = land_late
+        return sink
+    flat.pull_sink = pull_sink
+    return landed_at
+
+
+def test_forward_runs_the_blocks_pulled_while_the_pull_brings_the_ones_after_them():
+    """The head's values are held back by SLEEP_S: fc1 and fc2 run forward meanwhile, the head
+    once it has landed; the output is the one of a forward after the whole pull, to the bit."""
+    outputs = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        flat = FlatModel(build_model("mlp", 4))
+        landing = ValuesReady(flat)
+        landed_at = _holding_back(flat, 2, lambda: time.sleep(SLEEP_S))
+        started = {}  # when each block's forward began: its hook comes after ValuesReady's wait
+
+        def start(b: int) -> None:
+            started.setdefault(b, time.perf_counter())
+        for b, block in enumerate(flat.model.blocks):
+            block.register_forward_pre_hook(lambda module, args, b=b: start(b))
+        with running_ps(num_workers=1) as ps, ThreadPoolExecutor(1) as pool:
+            client = _joined(ps.address, flat)
+            flat.zero_grads(0)
+            _loss(flat, lambda grad: None).backward()
+            client.push(pb.PushHeader(step=0, batch_size=16), flat, range(3))
+            held = flat.values[2].clone()
+            started.clear()
+            pulling = client.open_pull(1, 0, flat, (), landing if overlap else None)
+            x = torch.randn(16, 192, generator=torch.Generator().manual_seed(2))
+            if overlap:
+                receiving = pool.submit(pulling.receive)
+                outputs.append(flat.model(x))
+                receiving.result(timeout=30)
+            else:
+                pulling.receive()
+                outputs.append(flat.model(x))
+            client.close()
+        assert not torch.equal(held, flat.values[2])  # the pull brought round 0's update
+        if overlap:
+            assert started[0] <= started[1] < landed_at[2] - SLEEP_S / 2  # while the head was held back
+            assert started[2] >= landed_at[2]
+            assert SLEEP_S / 2 < landing.waited_s < landed_at[2] - started[0] + 0.01
+        else:
+            assert started[0] >= landed_at[2]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "the connection broke off mid-pull (test)"
+
+
+class _BreakingLanding:
+    """A ValuesReady whose pull breaks off UNAVAILABLE, as a lost connection does, just before
+    it lands `block`; `raised` lists the blocks whose forward then raised the pull's error."""
+
+    def __init__(self, landing: ValuesReady, block: int):
+        self._landing, self._block = landing, block
+        self.raised: list[tuple[int, str]] = []
+        wait = landing.wait
+
+        def wait_recording(b: int) -> None:  # what the forward pre-hooks call
+            try:
+                wait(b)
+            except grpc.RpcError as e:
+                self.raised.append((b, e.code().name))
+                raise
+        landing.wait = wait_recording
+
+    def arm(self, blocks):
+        self._landing.arm(blocks)
+
+    def landed(self, b: int) -> None:
+        if b == self._block:
+            raise _Unavailable()
+        self._landing.landed(b)
+
+    def fail(self, error):
+        self._landing.fail(error)
+
+
+class _PullBreaker(ShardedClient):
+    """Breaks off its pull of step `step` (once) just before `block` lands."""
+
+    def __init__(self, address: str, step: int, block: int, **kw):
+        super().__init__((address,), **kw)
+        self.step, self.block, self.broken = step, block, None
+
+    def open_pull(self, step, frozen_blocks, flat, rows=(), landing=None):
+        if step == self.step and landing is not None and self.broken is None:
+            landing = self.broken = _BreakingLanding(landing, self.block)
+        return super().open_pull(step, frozen_blocks, flat, rows, landing)
+
+
+@pytest.mark.parametrize("pull_dtype", ["float32", "bfloat16"])
+def test_a_pull_that_breaks_off_under_forward_makes_the_worker_join_again(tmp_path, pull_dtype):
+    """The pull of step 1 breaks off after fc1 landed, while forward runs: forward raises the
+    pull's error, the worker joins again, pulls whole and goes on; the run ends with the bits of
+    a run without the break (with bfloat16 changes too: what the worker held of the broken
+    pull is dropped)."""
+    from worker.train import run_worker
+    weights = tmp_path / "init.pt"  # worker threads share torch's RNG: give them one initial model
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    values = []
+    for breaking in (True, False):
+        with running_ps(num_workers=2, pull_dtype=pull_dtype) as ps:
+            settings = worker_settings(ps.address, steps=4, weights=str(weights), log_dir=tmp_path / f"logs-{breaking}")
+            client = _PullBreaker(ps.address, step=1, block=1 if breaking else -1, connect_retries=3,
+                                  rpc_timeout_s=30.0)
+            with ThreadPoolExecutor(1) as pool:
+                broken = pool.submit(run_worker, settings, client)
+                other, = run_workers([settings])
+                summary = broken.result(timeout=120)
+            values.append(ps.server.values_by_name())
+        assert summary["steps"] == other["steps"] == 4 and summary["rejoins"] == int(breaking)
+        if breaking:
+            log = (tmp_path / f"logs-{breaking}" / f"worker-{summary['rank']}.jsonl").read_text().splitlines()
+            rejoin, = [r for r in map(json.loads, log) if r["event"] == "rejoin"]
+            assert (rejoin["step"], rejoin["code"]) == (1, "UNAVAILABLE")
+            assert client.broken.raised == [(1, "UNAVAILABLE")]  # fc2's forward raised it
+    for name in values[0]:
+        np.testing.assert_array_equal(values[0][name], values[1][name], err_msg=name)

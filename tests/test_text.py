@@ -184,8 +184,8 @@ def tiny_bert_runs(tmp_path_factory, tiny_bert):
     layer0 frozen from step 3: dense and row-sparse embedding pushes in float32 and bfloat16
     with whole pulls, keyed (sparse_push, push_dtype); and row-sparse pushes with whole and with
     row-sparse pulls, float32 both ways or bfloat16 both ways, keyed (sparse_push, push_dtype,
-    sparse_pull, pull_dtype); the last of those with pushes that start after backward, keyed
-    with "no overlap" added. Each: (run log records by step, final values, each rank's test
+    sparse_pull, pull_dtype); the last of those with pushes that start after backward and
+    forwards that start after the whole pull, keyed with "no overlap" added. Each: (run log records by step, final values, each rank's test
     samples wrong at each evaluation)."""
     runs = {}
     keys = [*itertools.product((False, True), ("float32", "bfloat16"), (False,), ("float32",), (True,)),
@@ -201,7 +201,7 @@ def tiny_bert_runs(tmp_path_factory, tiny_bert):
                 ps.address, model="bert", weights=str(tiny_bert), dataset="rotten_tomatoes", train_samples=256,
                 steps=6, batch_size=8, data_dir=tmp_path, text=TextSettings(tiny_bert, max_len=16),
                 evaluate=True, eval_every=2, test_samples=32, sparse_push=sparse, sparse_pull=sparse_pull,
-                overlap_push=overlap) for _ in range(2)])
+                overlap_push=overlap, overlap_pull=overlap) for _ in range(2)])
             values = ps.server.values_by_name()
         assert all(s["steps"] == 6 for s in summaries)
         records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -300,11 +300,12 @@ def test_sparse_pulls_train_to_the_same_bits_for_fewer_bytes(tiny_bert_runs, tin
     assert any(not np.array_equal(float32_values[n], sparse_values[n]) for n in sparse_values)  # bfloat16 is real
 
 
-def test_pushes_that_overlap_backward_train_to_the_same_bits(tiny_bert_runs):
-    """Each block pushed as soon as backward has finished it (the default) against pushes that
-    start after backward: the same parameters to the bit, the same test samples wrong, and the
-    same bytes of every block at every round (row-sparse pushes and pulls, bfloat16 both ways,
-    a freeze at step 3)."""
+def test_pushes_and_pulls_that_overlap_compute_train_to_the_same_bits(tiny_bert_runs):
+    """Each block pushed as soon as backward has finished it and run forward as soon as its pull
+    has landed (the defaults) against pushes that start after backward and forwards after the
+    whole pull: the same parameters to the bit, the same test samples wrong, and the same bytes
+    of every block at every round (row-sparse pushes and pulls, bfloat16 both ways, a freeze at
+    step 3, evaluations every 2 steps)."""
     overlapped, overlapped_values, overlapped_wrong = tiny_bert_runs[True, "bfloat16", True, "bfloat16"]
     after, after_values, after_wrong = tiny_bert_runs[True, "bfloat16", True, "bfloat16", "no overlap"]
     for name in after_values:
@@ -346,15 +347,15 @@ class _LatePuller(ShardedClient):
         self.server, self.late_at, self.pulls = server, late_at, []
         self.delayed: int | None = None  # the step whose pull it held back
 
-    def pull(self, step, frozen_blocks, flat, rows=()):
+    def open_pull(self, step, frozen_blocks, flat, rows=(), landing=None):
         if self.delayed is None and step >= self.late_at:
             self.delayed = step
             deadline = time.monotonic() + 30
             while self.server.step < step + 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-        header, wait_s, pull_s = super().pull(step, frozen_blocks, flat, rows)
-        self.pulls.append((step, [r.rows for r in rows], header.step))
-        return header, wait_s, pull_s
+        pulling = super().open_pull(step, frozen_blocks, flat, rows, landing)
+        self.pulls.append((step, [r.rows for r in rows], pulling.header.step))
+        return pulling
 
 
 def test_a_pull_that_finds_the_run_ahead_asks_again_for_its_new_batchs_rows(tiny_bert, tmp_path):

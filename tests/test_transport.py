@@ -207,6 +207,33 @@ def test_row_chunks_round_trip_and_count_indices_as_payload(chunk_bytes):
     assert decode(empty.SerializeToString(), pb.PushHeader).chunk.rows is not None  # protobuf's encoder keeps it
 
 
+def test_a_block_lands_once_all_of_it_has_come_rows_included():
+    """landed(b) comes once for each block, in order, as soon as all of it has come: right
+    after its last chunk where that is bytes; where the block ends with row chunks (more rows
+    of the tensor may follow), when the next block's first chunk comes or the stream ends."""
+    events = []
+    dense = layout_from_manifest(_manifest())
+    receiver = ChunkReceiver(dense, [0, 1], lambda b, start, data: events.append(("bytes", b)), 64,
+                             landed=lambda b: events.append(("landed", b)))
+    for b in dense:
+        for frame in iter_chunks(b, np.zeros(b.nbytes, np.uint8), 64):
+            receiver.accept(decode(frame.raw, pb.PushHeader).chunk)
+    assert events == [("bytes", 0), ("bytes", 0), ("landed", 0), ("bytes", 1), ("landed", 1)]
+    receiver.finish()
+    assert events[-1] == ("landed", 1)  # not again
+
+    events.clear()
+    blocks = _sparse_layout()
+    receiver = ChunkReceiver(blocks, [0, 1], lambda b, start, data: events.append(("bytes", b)), 16,
+                             write_rows=lambda b, t, rows, data: events.append(("rows", b)),
+                             landed=lambda b: events.append(("landed", b)))
+    for frame in _sparse_frames(blocks, _gradient({(0, 1): [1, 4, 7], (1, 0): [2]}, blocks), 16):
+        receiver.accept(decode(frame.raw, pb.PushHeader).chunk)  # a row of emb/table a chunk
+    assert events == [("bytes", 0), ("rows", 0), ("rows", 0), ("rows", 0), ("landed", 0), ("rows", 1)]
+    receiver.finish()
+    assert events[-1] == ("landed", 1)
+
+
 def test_dense_is_kept_when_rows_would_not_be_smaller():
     matrix = np.ones((4, 2), np.float32)
     assert nonzero_rows(matrix.reshape(-1), 2) is None  # every row: indices would only add bytes

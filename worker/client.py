@@ -24,9 +24,44 @@ from proto.transport import (
     iter_chunks,
     metered,
 )
-from worker.flat import FlatModel, GradsReady
+from worker.flat import FlatModel, GradsReady, ValuesReady
 
 log = logging.getLogger("freezeps.worker")
+
+
+class Pulling:
+    """A pull whose header has come: `receive()` takes the rest of its stream into the model.
+    The forward pass may run meanwhile, each block as soon as it has landed (`landing`)."""
+
+    def __init__(self, header: pb.PullHeader, wait_s: float, receive: Callable[[], object], flat: FlatModel,
+                 landing: ValuesReady | None):
+        self.header, self.wait_s = header, wait_s  # wait_s: until the header came (the round's end)
+        self._receive, self._flat, self._landing = receive, flat, landing
+        if landing is not None:
+            landing.arm(header.blocks)
+
+    def receive(self) -> float:
+        """Take the rest of the pull; returns the seconds it took. An error also goes to the
+        forward pass waiting for a block that did not land."""
+        started = time.perf_counter()
+        try:
+            self._receive()
+        except BaseException as e:
+            if self._landing is not None:
+                self._landing.fail(e)
+            raise
+        self._flat.pulled_step = self.header.step
+        return time.perf_counter() - started
+
+
+class _Pulls:
+    def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
+             rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
+        """The whole pull (open_pull, then receive): (header, wait_s, pull_s), the seconds until
+        its header came and after."""
+        pulling = self.open_pull(step, frozen_blocks, flat, rows)
+        pull_s = pulling.receive()
+        return pulling.header, pulling.wait_s, pull_s
 
 
 class ConnectError(RuntimeError):
@@ -37,7 +72,7 @@ class ShardMismatch(RuntimeError):
     """The PS shards disagree on where the run is (step, freeze state or workers)."""
 
 
-class PSClient:
+class PSClient(_Pulls):
     def __init__(self, address: str, *, auth: Auth = Auth(),
                  connect_retries: int = 8, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                  rpc_timeout_s: float = 600.0, meter: ByteMeter | None = None, keepalive_s: float = KEEPALIVE_S):
@@ -107,18 +142,21 @@ class PSClient:
         self.meter.count("Init", "in", self.worker_id, reply)
         return reply
 
-    def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
-             rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
-        """Pull step `step` into the model's flat buffers, of the row-sparse tensors in `rows`
-        only the rows named there (FlatModel.rows_asked); returns (header, wait_s, pull_s)."""
-        header, wait_s, pull_s = self.pull_since(step, frozen_blocks, flat, flat.pull_base(rows), rows)
-        flat.pulled_step = header.step
-        return header, wait_s, pull_s
+    def open_pull(self, step: int, frozen_blocks: int, flat: FlatModel, rows: Sequence[pb.TensorRows] = (),
+                  landing: ValuesReady | None = None) -> Pulling:
+        """Start pulling step `step` into the model's flat buffers, of the row-sparse tensors in
+        `rows` only the rows named there (FlatModel.rows_asked), and wait for its header."""
+        header, wait_s, receive = self.open_pull_since(step, frozen_blocks, flat, flat.pull_base(rows), rows,
+                                                       landing.landed if landing else None)
+        return Pulling(header, wait_s, receive, flat, landing)
 
-    def pull_since(self, step: int, frozen_blocks: int, flat: FlatModel, base_step: int | None,
-                   rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
-        """pull(), with narrower changes asked for since `base_step` (the last pull), which the
-        caller records once the whole pull has landed: ShardedClient after every shard's."""
+    def open_pull_since(self, step: int, frozen_blocks: int, flat: FlatModel, base_step: int | None,
+                        rows: Sequence[pb.TensorRows] = (), landed: Callable[[int], None] | None = None
+                        ) -> tuple[pb.PullHeader, float, Callable[[], None]]:
+        """open_pull(), with narrower changes asked for since `base_step` (the last pull, which
+        Pulling records once the whole pull has landed: with shards, every shard's). Returns the
+        header, the seconds it took to come, and what takes the rest of the stream, calling
+        `landed(b)` as each block lands."""
         request = pb.PullRequest(worker_id=self.worker_id, step=step, frozen_blocks=frozen_blocks,
                                  base_step=base_step, rows=rows)
         self.meter.count("Pull", "out", self.worker_id, request)
@@ -126,7 +164,7 @@ class PSClient:
         replies = metered(self._stub.Pull(request, timeout=self._timeout, metadata=self._metadata()),
                           self.meter, "Pull", "in", self.worker_id)
         first = next(replies, None)
-        first_at = time.perf_counter()
+        wait_s = time.perf_counter() - started
         if first is None:  # a bare StopIteration would escape as no error the caller knows
             raise WireError("pull stream ended before its header")
         if first.header is None:
@@ -135,15 +173,22 @@ class PSClient:
         if header.delta and (len(header.delta) != len(header.blocks) or not flat.held):
             raise WireError(f"pull header marks {len(header.delta)} of {len(header.blocks)} blocks as changes, "
                             f"with pull changes in {flat.pull_dtype}")
-        sink = flat.pull_sink(header, rows)
-        receiver = ChunkReceiver(sink.layouts, list(header.blocks), sink.write, self.chunk_bytes, sink.write_rows)
-        for msg in replies:
-            if msg.chunk is None:
-                raise WireError(f"pull stream: expected a chunk {msg.error}")
-            receiver.accept(msg.chunk)
-        receiver.finish()
-        flat.finish_pull(header, sink)
-        return header, first_at - started, time.perf_counter() - first_at
+
+        def receive() -> None:
+            sink = flat.pull_sink(header, rows)
+
+            def land(b: int) -> None:
+                sink.land(b)
+                if landed is not None:
+                    landed(b)
+            receiver = ChunkReceiver(sink.layouts, list(header.blocks), sink.write, self.chunk_bytes,
+                                     sink.write_rows, land)
+            for msg in replies:
+                if msg.chunk is None:
+                    raise WireError(f"pull stream: expected a chunk {msg.error}")
+                receiver.accept(msg.chunk)
+            receiver.finish()
+        return header, wait_s, receive
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
              ready: GradsReady | None = None) -> pb.PushReply:
@@ -204,7 +249,7 @@ class PSClient:
         return reply
 
 
-class ShardedClient:
+class ShardedClient(_Pulls):
     """A PSClient per PS shard, in shard order, behind PSClient's methods; one meter for all.
 
     Join goes to shard 0 first, and the rank it gives is asked of the others, so that a rank
@@ -274,22 +319,23 @@ class ShardedClient:
                              if self._needs_init[i] else None)
         return next(r for r in replies if r is not None)
 
-    def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
-             rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
-        started = time.perf_counter()
-        base_step = flat.pull_base(rows)  # the same for every shard, whichever ends first
-        pulled = self._each(lambda i, c: c.pull_since(step, frozen_blocks, flat, base_step,
-                                                      [r for r in rows if r.block in self._owned[i]]))
-        headers = [h for h, _, _ in pulled]
+    def open_pull(self, step: int, frozen_blocks: int, flat: FlatModel, rows: Sequence[pb.TensorRows] = (),
+                  landing: ValuesReady | None = None) -> Pulling:
+        """PSClient.open_pull from every shard at once, each for the blocks it owns: the headers
+        must agree; the rest comes from all shards together."""
+        base_step = flat.pull_base(rows)  # the same for every shard
+        landed = landing.landed if landing else None
+        opened = self._each(lambda i, c: c.open_pull_since(step, frozen_blocks, flat, base_step,
+                                                           [r for r in rows if r.block in self._owned[i]], landed))
+        headers = [h for h, _, _ in opened]
         self._agree("the step", [h.step for h in headers])
         self._agree("the freeze state", [h.freeze for h in headers])
-        wait_s = max(w for _, w, _ in pulled)
         merged = pb.PullHeader(step=headers[0].step, freeze=headers[0].freeze,
                                blocks=[b for h in headers for b in h.blocks])
         if any(h.delta for h in headers):
             merged.delta.extend(d for h in headers for d in (h.delta or [False] * len(h.blocks)))
-        flat.pulled_step = merged.step
-        return merged, wait_s, time.perf_counter() - started - wait_s
+        return Pulling(merged, max(w for _, w, _ in opened), lambda: self._each(lambda i, c: opened[i][2]()),
+                       flat, landing)
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
              ready: GradsReady | None = None) -> pb.PushReply:

@@ -9,12 +9,14 @@ as it is, or rounded to the PS's push dtype in one copy: no per-step flattening 
 unflattening.
 
 On a GPU the model's flat buffers live there and the wire's in host memory (pinned), one
-copy each way a round: a pull lands in the host's buffer and is copied up at its end, a
-push's gradients are copied down whole before they are sent. On the CPU the two are one.
+copy each way a round: a pull lands in the host's buffer and each block is copied up as soon
+as all of it has come, a push's gradients are copied down a block at a time before they are
+sent. On the CPU the two are one.
 """
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -170,26 +172,25 @@ class FlatModel:
 
     def pull_sink(self, header: pb.PullHeader, asked: Sequence[pb.TensorRows] = ()) -> PullSink:
         """Where a pull's chunks go: values are copied into the model, changes added to what this
-        worker holds, the rows asked for written into their matrices."""
+        worker holds, the rows asked for written into their matrices; PullSink.land(b) once all
+        of block b has come."""
         return PullSink(self, header, asked)
 
-    def finish_pull(self, header: pb.PullHeader, sink: PullSink) -> None:
-        """After a pull's last chunk (into `sink`): the model's values are what this worker holds."""
-        sink.check()
-        delta = list(header.delta) or [False] * len(header.blocks)
-        for b, changed in zip(header.blocks, delta):
-            if changed:
-                self.values[b].copy_(self.held[b])
-                continue
-            if self._host_values[b] is not self.values[b]:
-                self.values[b].copy_(self._host_values[b])
-            if b in sink.partial:  # its other rows are older than what the PS holds for the workers
-                if self.held:
-                    self._held_stale.add(b)
-                continue
-            self._held_stale.discard(b)
-            if self.held and b >= header.freeze.frozen_blocks:  # a frozen block is not pulled again
-                self.held[b].copy_(self._host_values[b])
+    def _land(self, b: int, changed: bool, partial: bool, frozen_blocks: int) -> None:
+        """All of block b's pull has come (`changed`: as a change; `partial`: of a row-sparse
+        tensor only the rows asked for): the model's values of it are what this worker holds."""
+        if changed:
+            self.values[b].copy_(self.held[b])
+            return
+        if self._host_values[b] is not self.values[b]:
+            self.values[b].copy_(self._host_values[b])
+        if partial:  # its other rows are older than what the PS holds for the workers
+            if self.held:
+                self._held_stale.add(b)
+            return
+        self._held_stale.discard(b)
+        if self.held and b >= frozen_blocks:  # a frozen block is not pulled again
+            self.held[b].copy_(self._host_values[b])
 
     def push_bytes(self, b: int) -> np.ndarray:
         """Block b's push payload in push_layout: parameter gradients, and running statistics in
@@ -282,13 +283,59 @@ class GradsReady:
             raise RuntimeError("backward failed: the push is abandoned")
 
 
+class ValuesReady:
+    """Which blocks of the pull under way have landed in the model, so that the forward pass can
+    run a block while the pull still brings the ones after it (it brings them in block order).
+
+    A forward pre-hook on each block waits for the block's values: at once where no pull is
+    under way or the block is not in it (frozen). `arm(blocks)` when a pull's header has come,
+    before its chunks are taken; `landed(b)` as each block lands (PullSink.land, in the pull's
+    thread); `fail(error)` when the pull broke off: a forward waiting for a block that did not
+    land raises `error` (the step is abandoned, the worker joins again). `waited_s`: how long
+    forwards waited since the last arm, the part of the pull they did not hide."""
+
+    def __init__(self, flat: FlatModel):
+        self._landed = [threading.Event() for _ in flat.layout]
+        self._error: BaseException | None = None
+        self._lost: frozenset[int] = frozenset()  # the blocks the last pull broke off before
+        self.waited_s = 0.0
+        for event in self._landed:
+            event.set()
+        for b, block in enumerate(flat.model.blocks):
+            block.register_forward_pre_hook(lambda module, args, b=b: self.wait(b))
+
+    def arm(self, blocks: Sequence[int]) -> None:
+        self._error, self._lost, self.waited_s = None, frozenset(), 0.0
+        for b in blocks:
+            self._landed[b].clear()
+
+    def landed(self, b: int) -> None:
+        self._landed[b].set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._lost = frozenset(b for b, event in enumerate(self._landed) if not event.is_set())
+        for event in self._landed:
+            event.set()
+
+    def wait(self, b: int) -> None:
+        """Block until block b has landed; the pull's error if it broke off before."""
+        if not self._landed[b].is_set():
+            started = time.perf_counter()
+            self._landed[b].wait()
+            self.waited_s += time.perf_counter() - started
+        if b in self._lost:
+            raise self._error
+
+
 class PullSink:
-    """One pull's sinks (a ChunkReceiver's write and write_rows) into a FlatModel, and what came
-    of the rows it asked for: each row-sparse tensor asked for comes whole (a block that has
-    just frozen) or as exactly the rows asked, which `partial` lists by block."""
+    """One pull's sinks (a ChunkReceiver's write, write_rows and landed) into a FlatModel, and
+    what came of the rows it asked for: each row-sparse tensor asked for comes whole (a block
+    that has just frozen) or as exactly the rows asked, which `partial` lists by block."""
 
     def __init__(self, flat: FlatModel, header: pb.PullHeader, asked: Sequence[pb.TensorRows]):
         self._flat = flat
+        self._frozen_blocks = header.freeze.frozen_blocks
         self._changed = {b for b, delta in zip(header.blocks, header.delta) if delta}
         self.layouts = [flat.change_layout[b] if b in self._changed else layout for b, layout in enumerate(flat.layout)]
         self._copy = copy_into({b: flat._host_values[b].numpy().view(np.uint8) for b in header.blocks
@@ -320,9 +367,11 @@ class PullSink:
         matrix = self._flat._host_values[block][spec.offset // 4:(spec.offset + spec.nbytes) // 4].view(spec.shape[0], -1)
         matrix[torch.from_numpy(rows.astype(np.int64))] = torch.frombuffer(data, dtype=torch.float32).view(len(rows), -1)
 
-    def check(self) -> None:
-        """After the last chunk: every tensor that came as rows got all the rows asked of it."""
-        for (block, tensor), got in self._rows_got.items():
-            if got != len(self._asked[block][tensor]):
-                raise WireError(f"pull: tensor {tensor} of block {block} got {got} of the "
-                                f"{len(self._asked[block][tensor])} rows asked")
+    def land(self, block: int) -> None:
+        """All of `block` has come: every tensor of it that came as rows got all the rows asked
+        of it, and the model's values of it are now what this worker holds."""
+        for (b, tensor), got in self._rows_got.items():
+            if b == block and got != len(self._asked[b][tensor]):
+                raise WireError(f"pull: tensor {tensor} of block {b} got {got} of the "
+                                f"{len(self._asked[b][tensor])} rows asked")
+        self._flat._land(block, block in self._changed, block in self.partial, self._frozen_blocks)

@@ -1,7 +1,9 @@
 """The worker's training loop, top to bottom: join, then per step pull, forward, backward, push.
 
 The push runs beside backward: it sends each block as soon as backward has finished it,
-last block first (worker.flat.GradsReady). The frozen prefix comes from the PS with every
+last block first (worker.flat.GradsReady). The pull runs beside forward: forward takes
+each block as soon as it has landed, while the pull brings the ones after it
+(worker.flat.ValuesReady). The frozen prefix comes from the PS with every
 pull; blocks before it run under no_grad in eval mode and their gradients are neither
 computed nor sent. Of an embedding matrix a pull asks for only the rows the step's batch
 reads (sparse pulls), except before an evaluation, which reads every row. With an
@@ -50,7 +52,7 @@ from worker.data import (
     shard_indices,
 )
 from worker.device import resolve_device, synchronizer
-from worker.flat import FlatModel, GradsReady
+from worker.flat import FlatModel, GradsReady, ValuesReady
 from worker.models import BlockModel, build_model
 from worker.text import TextSettings
 
@@ -89,6 +91,7 @@ class WorkerSettings:
     sparse_push: bool = True  # embedding gradients as their nonzero rows when smaller
     sparse_pull: bool = True  # of an embedding matrix, pull only the rows the next batch reads
     overlap_push: bool = True  # push each block while backward computes the ones before it
+    overlap_pull: bool = True  # run forward through each pulled block while the pull brings the ones after it
     eval_split: bool = True  # every worker scores its share of the test set; False: rank 0 all of it
     frozen_dropout: bool = False  # frozen blocks keep dropout on while training
     text_pooling: str = "cls"  # what a text model's head classifies (worker.models.bert)
@@ -258,9 +261,12 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         ids = make_batch(train, batches(step, step + 1), settings.image_size, channels, False)[0]
         return flat.rows_asked(model.rows_read(ids), frozen)
 
-    # With overlap_push, a step's push starts with its backward pass, in a thread of its own.
+    # With overlap_push, a step's push starts with its backward pass, in a thread of its own;
+    # with overlap_pull, the rest of its pull after the header comes while forward runs.
     ready = GradsReady(flat) if settings.overlap_push else None
     pusher = ThreadPoolExecutor(1, thread_name_prefix="push") if ready else None
+    landing = ValuesReady(flat) if settings.overlap_pull else None
+    puller = ThreadPoolExecutor(1, thread_name_prefix="pull") if landing else None
     frozen = 0  # the prefix this worker applies; the PS's may be ahead until the next pull
     phases = pb.PhaseTimes()
     totals = {"forward_s": 0.0, "backward_s": 0.0, "pull_s": 0.0, "wait_s": 0.0, "push_s": 0.0}
@@ -275,9 +281,68 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             # An evaluation reads every row: its pull asks for all of them.
             rows = [] if evaluating else rows_for(step, frozen)
             try:
-                # Pull: the new values of every block not frozen here, and the freeze state.
-                header, wait_s, pull_s = client.pull(step, frozen, flat, rows)
-            except grpc.RpcError as e:
+                # Pull: the new values of every block not frozen here, and the freeze state. The
+                # forward pass takes each block as soon as it has landed, unless something must
+                # see the whole pull first: a new freeze (the activation cache keys on the frozen
+                # blocks' values), an evaluation, or a later step than asked.
+                pulling = client.open_pull(step, frozen, flat, rows, landing)
+                header, wait_s = pulling.header, pulling.wait_s
+                overlapped = (landing is not None and header.step == step
+                              and header.freeze.frozen_blocks == frozen and not evaluating)
+                if overlapped:
+                    receiving = puller.submit(pulling.receive)
+                else:
+                    pull_s = pulling.receive()
+                if header.step != step:  # the rounds went on without this worker (backup workers): on from the run's
+                    log.info("[Worker] rank %d: pulled step %d for step %d; skipping to it", rank, header.step, step)
+                    step = header.step
+                    if step >= total_steps:
+                        break
+                    if rows:  # they were the rows of another batch: pull again, for this one's
+                        continue
+                if header.freeze.frozen_blocks != frozen:
+                    frozen = header.freeze.frozen_blocks
+                    model.set_frozen(frozen)
+                    log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
+                if cached:
+                    cached.follow(frozen, len(member.shard))
+                if share and eval_due(step, steps_per_epoch, settings.eval_every):  # the step may be a later one
+                    evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
+                                          keep_alive, share))
+                    runlog.write(evals[-1])
+
+                if step // steps_per_epoch != epoch:
+                    epoch = step // steps_per_epoch
+                    if cached:
+                        cached.end_epoch()
+                        cached.arrange(train.sample_ids(batch_order(member.shard, epoch, rank, settings.seed)))
+                idx = batches(step, step + 1)
+                y = train.labels[torch.from_numpy(idx)].to(device)
+
+                def inputs(rows: np.ndarray, positions: np.ndarray = idx) -> torch.Tensor:
+                    return make_batch(train, positions[rows], settings.image_size, channels, settings.augment,
+                                      gen)[0].to(device)
+
+                def upcoming(n: int, step: int = step) -> tuple[np.ndarray, Callable]:
+                    """The next n batches' samples, in order, and their inputs (for the cache)."""
+                    positions = batches(step + 1, min(step + 1 + n, total_steps))
+                    return train.sample_ids(positions), lambda rows: inputs(rows, positions)
+
+                # Forward (the frozen prefix's output from the cache, where it can be) and backward
+                # through the active blocks only.
+                flat.zero_grads(frozen)
+                t0 = time.perf_counter()
+                if cached:
+                    h = cached.outputs(train.sample_ids(idx), inputs, upcoming)
+                else:
+                    h = model.prefix(inputs(np.arange(len(idx))))
+                loss = F.cross_entropy(model.suffix(h), y)
+                sync()
+                t1 = time.perf_counter()
+                if overlapped:  # every block has landed; the rest of the stream, and any error of it
+                    receiving.result()
+                    pull_s = landing.waited_s + time.perf_counter() - t1
+            except grpc.RpcError as e:  # the pull failed (under way: the forward pass raises its error)
                 if e.code() not in REJOIN_CODES or rejoins >= settings.max_rejoins:
                     raise
                 rejoins += 1
@@ -290,52 +355,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                     cached.follow(0, len(member.shard))
                 runlog.write({"event": "rejoin", "step": step, "rank": rank, "code": e.code().name})
                 continue
-            if header.step != step:  # the rounds went on without this worker (backup workers): on from the run's
-                log.info("[Worker] rank %d: pulled step %d for step %d; skipping to it", rank, header.step, step)
-                step = header.step
-                if step >= total_steps:
-                    break
-                if rows:  # they were the rows of another batch: pull again, for this one's
-                    continue
-            if header.freeze.frozen_blocks != frozen:
-                frozen = header.freeze.frozen_blocks
-                model.set_frozen(frozen)
-                log.info("[Worker] rank %d: %d blocks frozen from step %d", rank, frozen, step)
-            if cached:
-                cached.follow(frozen, len(member.shard))
-            if share and eval_due(step, steps_per_epoch, settings.eval_every):  # the step may be a later one
-                evals.append(evaluate(model, test, settings, channels, step, steps_per_epoch, eval_cached,
-                                      keep_alive, share))
-                runlog.write(evals[-1])
-
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                if cached:
-                    cached.end_epoch()
-                    cached.arrange(train.sample_ids(batch_order(member.shard, epoch, rank, settings.seed)))
-            idx = batches(step, step + 1)
-            y = train.labels[torch.from_numpy(idx)].to(device)
-
-            def inputs(rows: np.ndarray, positions: np.ndarray = idx) -> torch.Tensor:
-                return make_batch(train, positions[rows], settings.image_size, channels, settings.augment,
-                                  gen)[0].to(device)
-
-            def upcoming(n: int, step: int = step) -> tuple[np.ndarray, Callable]:
-                """The next n batches' samples, in order, and their inputs (for the cache)."""
-                positions = batches(step + 1, min(step + 1 + n, total_steps))
-                return train.sample_ids(positions), lambda rows: inputs(rows, positions)
-
-            # Forward (the frozen prefix's output from the cache, where it can be) and backward
-            # through the active blocks only.
-            flat.zero_grads(frozen)
-            t0 = time.perf_counter()
-            if cached:
-                h = cached.outputs(train.sample_ids(idx), inputs, upcoming)
-            else:
-                h = model.prefix(inputs(np.arange(len(idx))))
-            loss = F.cross_entropy(model.suffix(h), y)
-            sync()
-            t1 = time.perf_counter()
+            forward_s = t1 - t0 - (landing.waited_s if overlapped else 0.0)
 
             # Backward, and push the active blocks' gradients (and running statistics): while
             # backward runs, each block as soon as it is done, last first; in votes mode after
@@ -375,7 +395,7 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
                 continue  # the next pull finds out why, and joins again
 
             t3 = time.perf_counter()
-            phases = pb.PhaseTimes(forward_s=t1 - t0, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
+            phases = pb.PhaseTimes(forward_s=forward_s, backward_s=t2 - t1, pull_s=pull_s, wait_s=wait_s, push_s=t3 - t2)
             for k in totals:
                 totals[k] += getattr(phases, k)
             record = {"event": "step", "step": step, "loss": loss.item(), "frozen_blocks": frozen,
@@ -402,8 +422,9 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         except grpc.RpcError as e:  # the PS is gone or dropped us: nothing to leave
             log.warning("[Worker] rank %d: Leave answered %s", rank, e.code().name)
         client.close()
-        if pusher:
-            pusher.shutdown()
+        for pool in (pusher, puller):
+            if pool:
+                pool.shutdown()
         for c in (cached, eval_cached):
             if c:
                 c.close()
