@@ -90,9 +90,16 @@ def good_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
     return [as_pb_chunk(f) for f in push_frames(pb.PushHeader(), flat, chunk_bytes=chunk_bytes)[1:]]
 
 
+def init_frames(header: pb.PushHeader, flat: FlatModel, chunk_bytes: int = 1 << 20) -> list:
+    """A whole Init as the PS's init() reads it: the header, then the model's current values,
+    in block order."""
+    return [encode_header(header)] + [f for b in flat.layout
+                                      for f in iter_chunks(b, flat.value_bytes(b.index), chunk_bytes)]
+
+
 def init_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
     """An Init of the model's current values, as protobuf chunks, in block order."""
-    return [as_pb_chunk(f) for b in flat.layout for f in iter_chunks(b, flat.value_bytes(b.index), chunk_bytes)]
+    return [as_pb_chunk(f) for f in init_frames(pb.PushHeader(), flat, chunk_bytes)[1:]]
 
 
 @contextlib.contextmanager

@@ -21,14 +21,12 @@ from bench.soak import serial_training
 from freeze.engines import EngineSpec, GradNormFreeze, NoFreeze, RoundStats, ThresholdFreeze
 from freezeps.launch import free_port
 from proto import freezeps_pb2 as pb
-from proto.codec import encode_header
 from proto.service import ParameterServerClient
-from proto.transport import iter_chunks
 from ps.checkpoint import CheckpointError, list_checkpoints, read_checkpoint, read_latest, write_checkpoint
 from ps.errors import Busy, UnknownWorker
 from ps.policy import FreezeHistory, FreezePolicy
 from ps.server import ParameterServer, ServerSettings
-from tests.conftest import push_frames, run_workers, worker_settings
+from tests.conftest import init_frames, push_frames, run_workers, worker_settings
 from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -206,9 +204,7 @@ def _joined_server(num_workers: int, joins: int, policy: FreezePolicy = FreezePo
     server.records = records
     flat = FlatModel(build_model("mlp", 4))
     ids = [server.join(pb.JoinRequest(worker_name=f"w{i}", manifest=flat.manifest)).worker_id for i in range(joins)]
-    frames = [encode_header(pb.PushHeader(worker_id=ids[0], total_steps=5))]
-    frames += [f for b in flat.layout for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]
-    server.init(iter(frames))
+    server.init(iter(init_frames(pb.PushHeader(worker_id=ids[0], total_steps=5), flat)))
     return server, ids, flat
 
 
@@ -644,8 +640,7 @@ def test_a_worker_notices_a_vanished_ps_by_its_keepalive_not_its_rpc_deadline(tm
 _HANGING_PUSH = """
 import sys, time, grpc, torch
 from proto import freezeps_pb2 as pb, freezeps_pb2_grpc as pb_grpc
-from proto.transport import iter_chunks
-from tests.conftest import as_pb_chunk
+from tests.conftest import init_chunks
 from worker.flat import FlatModel
 from worker.models import build_model
 torch.manual_seed(0)
@@ -653,8 +648,7 @@ flat = FlatModel(build_model("mlp", 4))
 stub = pb_grpc.ParameterServerStub(grpc.insecure_channel(sys.argv[1]))  # no keepalive of its own
 joined = stub.Join(pb.JoinRequest(worker_name="hanging", manifest=flat.manifest), timeout=10)
 stub.Init(iter([pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=4))]
-               + [pb.PushMessage(chunk=as_pb_chunk(f)) for b in flat.layout
-                  for f in iter_chunks(b, flat.value_bytes(b.index), 1 << 20)]), timeout=10)
+               + [pb.PushMessage(chunk=c) for c in init_chunks(flat, 1 << 20)]), timeout=10)
 print(joined.worker_id, flush=True)
 def hang():
     yield pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, step=0, batch_size=1))

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from proto import freezeps_pb2 as pb
-from proto.codec import decode, encode_header
-from proto.transport import iter_chunks
+from proto.codec import decode
 from ps import server as server_module
 from ps.errors import FailedPrecondition
 from ps.policy import FreezePolicy
 from ps.server import ParameterServer, ServerSettings
 from ps.store import BlockStore, ReceivedPush
-from tests.conftest import push_frames
+from tests.conftest import init_frames, push_frames
 from worker.flat import FlatModel
 from worker.models import build_model
 
@@ -52,9 +51,7 @@ class _Churn:
         for _ in range(num_workers):
             self.join()
         first = next(iter(self.live))
-        init = [encode_header(pb.PushHeader(worker_id=first, total_steps=ROUNDS))]
-        init += [f for b in self.flat.layout for f in iter_chunks(b, self.initial[b.index], 1 << 20)]
-        self.server.init(iter(init))
+        self.server.init(iter(init_frames(pb.PushHeader(worker_id=first, total_steps=ROUNDS), self.flat)))
         self.started = self.server._round_started
 
     def _record(self, record: dict) -> None:
