@@ -55,6 +55,8 @@ class Pulling:
 
 
 class _Pulls:
+    """pull(), the whole of a pull, for a client that has open_pull()."""
+
     def pull(self, step: int, frozen_blocks: int, flat: FlatModel,
              rows: Sequence[pb.TensorRows] = ()) -> tuple[pb.PullHeader, float, float]:
         """The whole pull (open_pull, then receive): (header, wait_s, pull_s), the seconds until
