@@ -162,8 +162,9 @@ class Config:
                        "worker runs here; a worker on a host of its own wants the host's cores)", (WORKER, RUN))
     sparse_push: bool = _f(True, "push an embedding matrix's gradient as its nonzero rows (with their indices) "
                            "when that is smaller than the matrix", (WORKER, RUN))
-    sparse_pull: bool = _f(True, "pull of an embedding matrix only the rows the next batch reads (its token ids), "
-                           "in float32; the other rows, which that batch does not read, stay as they were: "
+    sparse_pull: bool = _f(True, "pull of an embedding matrix only the rows the next batch reads (of the word "
+                           "embeddings its token ids, of the position embeddings its positions), in float32; the "
+                           "other rows, which that batch does not read, stay as they were: "
                            "training is the same to the bit", (WORKER, RUN))
     overlap_push: bool = _f(True, "push each block's gradients as soon as backward has finished it (last block "
                             "first), while backward computes the blocks before it; off, or in votes mode, the push "

@@ -178,6 +178,19 @@ def tiny_bert(tmp_path_factory):
     return folder
 
 
+def test_a_text_batch_reads_the_rows_of_its_tokens_and_of_its_positions(tiny_bert):
+    """What a sparse pull asks of the embedding matrices: the word embeddings' rows of the
+    batch's token ids, the position embeddings' rows of its positions (the token-type
+    embeddings, two rows, come whole)."""
+    model = build_model("bert", 2, str(tiny_bert))
+    reads = model.rows_read(torch.tensor([[101, 7, 7, 102, 0], [101, 9, 102, 0, 0]]))
+    assert {name: rows.tolist() for name, rows in reads.items()} == {
+        "embeddings/embeddings.word_embeddings.weight": [0, 7, 9, 101, 102],
+        "embeddings/embeddings.position_embeddings.weight": [0, 1, 2, 3, 4]}
+    row_sparse = {t.name for t in FlatModel(model, sparse_pull=True).layout[0].tensors if t.row_sparse}
+    assert set(reads) <= row_sparse  # what a pull may ask rows of
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_runs(tmp_path_factory, tiny_bert):
     """The same two-worker run, 6 steps, evaluated before steps 2 and 4, with the embeddings and

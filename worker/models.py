@@ -194,9 +194,15 @@ class _TextEmbeddings(nn.Module):
         self.embeddings, self.pad_id = embeddings, pad_id
 
     def rows_read(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The word-embedding rows a forward of `ids` reads, by tensor name within this block: the
-        ids themselves (BERT's position and token-type embeddings are read whole)."""
-        return {"embeddings.word_embeddings.weight": torch.unique(ids)}
+        """The embedding rows a forward of `ids` reads, by tensor name within this block: of the
+        word embeddings the ids themselves, of the position embeddings the positions of a
+        sequence of ids.shape[1] tokens (BERT's absolute positions; the two token-type rows are
+        read whole)."""
+        reads = {"embeddings.word_embeddings.weight": torch.unique(ids)}
+        positions = getattr(self.embeddings, "position_ids", None)  # what BertEmbeddings reads them by
+        if positions is not None and getattr(self.embeddings, "position_embedding_type", "absolute") == "absolute":
+            reads["embeddings.position_embeddings.weight"] = torch.unique(positions[0, :ids.shape[1]])
+        return reads
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         keep = (ids != self.pad_id).to(torch.float32)
