@@ -180,10 +180,11 @@ class ChunkReceiver:
     def accept(self, chunk: RawChunk) -> None:
         if chunk.block >= len(self._blocks):
             raise WireError(f"chunk names unknown block {chunk.block} (model has {len(self._blocks)})")
-        if not self._continues_rows(chunk):  # the blocks before this chunk have all come
+        continuing = self._continues_rows(chunk)
+        if not continuing:  # the blocks before this chunk have all come
             self._land(self._i)
         if chunk.rows is not None:
-            self._accept_rows(chunk)
+            self._accept_rows(chunk, continuing)
         else:
             self._accept_bytes(chunk)
         if self._rows_open is None:  # (after a row chunk, more rows of its tensor may follow)
@@ -236,7 +237,8 @@ class ChunkReceiver:
             self._i += 1
             self._pos = 0
 
-    def _accept_rows(self, chunk: RawChunk) -> None:
+    def _accept_rows(self, chunk: RawChunk, continuing: bool) -> None:
+        """A row chunk; `continuing`: it carries more rows of the tensor the last chunk did."""
         if self._write_rows is None:
             raise WireError("row chunks are allowed only in a push or a pull that asked for rows")
         block = self._blocks[chunk.block]
@@ -244,7 +246,6 @@ class ChunkReceiver:
             raise WireError(f"row chunk for tensor {chunk.tensor} of block {block.name!r}, which the manifest "
                             "does not mark row_sparse")
         tensor = block.tensors[chunk.tensor]
-        continuing = self._continues_rows(chunk)
         if not continuing:  # the first row chunk stands where the tensor's bytes would
             want = self._expected_block()
             if chunk.block != want or self._pos != tensor.offset:
