@@ -167,8 +167,9 @@ class Config:
                            "other rows, which that batch does not read, stay as they were: "
                            "training is the same to the bit", (WORKER, RUN))
     overlap_push: bool = _f(True, "push each block's gradients as soon as backward has finished it (last block "
-                            "first), while backward computes the blocks before it; off, or in votes mode, the push "
-                            "starts when backward has ended. The same bytes, the same training", (WORKER, RUN))
+                            "first), while backward computes the blocks before it (in votes mode the vote after them); "
+                            "off, the push starts when backward has ended. The same bytes, the same training",
+                            (WORKER, RUN))
     overlap_pull: bool = _f(True, "run the forward pass through each pulled block as soon as it has landed, while "
                             "the pull brings the blocks after it; off, or when a freeze was decided, before an "
                             "evaluation, or when the run went on without this worker, forward starts when all of "

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-# Field numbers, as in freezeps.proto: PushMessage/PullMessage {header = 1; chunk = 2},
-# Chunk {block = 1; tensor = 2; offset = 3; data = 4; rows = 5}.
-HEADER_FIELD, CHUNK_FIELD = 1, 2
+# Field numbers, as in freezeps.proto: PushMessage {header = 1; chunk = 2; vote = 3},
+# PullMessage {header = 1; chunk = 2}, Chunk {block = 1; tensor = 2; offset = 3; data = 4; rows = 5}.
+HEADER_FIELD, CHUNK_FIELD, VOTE_FIELD = 1, 2, 3
 _LEN = 2  # wire type of length-delimited fields
 
 
@@ -42,12 +42,14 @@ class RawChunk:
 
 @dataclass(slots=True)
 class Frame:
-    """One stream message: a header (protobuf message) or a chunk, and its encoded size."""
+    """One stream message: a header (protobuf message), a chunk or a push's vote (protobuf
+    message), and its encoded size."""
     header: object | None
     chunk: RawChunk | None
     size: int
     raw: bytes | None = None  # set on the sending side: what goes on the wire
     error: str = ""  # set on the receiving side for bytes that did not decode
+    vote: object | None = None
 
 
 def _varint(n: int) -> bytes:
@@ -72,10 +74,20 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _encode_message(field: int, message) -> bytes:
+    body = message.SerializeToString()
+    return bytes([field << 3 | _LEN]) + _varint(len(body)) + body
+
+
 def encode_header(header) -> Frame:
-    body = header.SerializeToString()
-    raw = bytes([HEADER_FIELD << 3 | _LEN]) + _varint(len(body)) + body
+    raw = _encode_message(HEADER_FIELD, header)
     return Frame(header, None, len(raw), raw)
+
+
+def encode_vote(vote) -> Frame:
+    """The last message of a push in votes mode (PushMessage.vote)."""
+    raw = _encode_message(VOTE_FIELD, vote)
+    return Frame(None, None, len(raw), raw, vote=vote)
 
 
 def encode_chunk(block: int, tensor: int, offset: int, data: memoryview, rows: memoryview | None = None) -> Frame:
@@ -127,34 +139,42 @@ def _fields(buf: memoryview):
         yield field, wire, value
 
 
-def decode(raw: bytes, header_type) -> Frame:
-    """Decode a PushMessage or PullMessage (header_type is PushHeader or PullHeader)."""
+def decode(raw: bytes, header_type, vote_type=None) -> Frame:
+    """Decode a PushMessage (header_type PushHeader, vote_type Vote) or a PullMessage
+    (header_type PullHeader, no vote). Of a oneof set more than once the last one counts,
+    as protobuf's own parser has it."""
     buf = memoryview(raw)
-    header = chunk = None
+    header = chunk = vote = None
     for field, wire, value in _fields(buf):
         if field == HEADER_FIELD and wire == _LEN:
-            try:
-                header, chunk = header_type.FromString(bytes(value)), None
-            except DecodeError as e:
-                raise CodecError(f"bad header: {e}") from None
+            header, chunk, vote = _parse(header_type, value, "header"), None, None
+        elif field == VOTE_FIELD and wire == _LEN and vote_type is not None:
+            header, chunk, vote = None, None, _parse(vote_type, value, "vote")
         elif field == CHUNK_FIELD and wire == _LEN:
             parts = {1: 0, 2: 0, 3: 0, 4: _NO_ROWS, 5: None}
             for f, w, v in _fields(value):
                 if f in parts and (w == _LEN) == (f in (4, 5)):
                     parts[f] = v
-            header, chunk = None, RawChunk(parts[1], parts[2], parts[3], parts[4], parts[5])
-    if header is None and chunk is None:
-        raise CodecError("message holds neither a header nor a chunk")
-    return Frame(header, chunk, len(raw))
+            header, chunk, vote = None, RawChunk(parts[1], parts[2], parts[3], parts[4], parts[5]), None
+    if header is None and chunk is None and vote is None:
+        raise CodecError("message holds neither a header nor a chunk" + (" nor a vote" if vote_type else ""))
+    return Frame(header, chunk, len(raw), vote=vote)
 
 
-def decoder(header_type):
+def _parse(message_type, value: memoryview, what: str):
+    try:
+        return message_type.FromString(bytes(value))
+    except DecodeError as e:
+        raise CodecError(f"bad {what}: {e}") from None
+
+
+def decoder(header_type, vote_type=None):
     """A gRPC request/response deserializer that never raises: bad bytes become a Frame
     with `error` set, so the receiver can answer INVALID_ARGUMENT saying what was wrong
     (an exception here would reach the peer as a bare INTERNAL)."""
     def decode_or_error(raw: bytes) -> Frame:
         try:
-            return decode(raw, header_type)
+            return decode(raw, header_type, vote_type)
         except CodecError as e:
             return Frame(None, None, len(raw), error=str(e))
     return decode_or_error

@@ -75,16 +75,18 @@ class EngineConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., votes: _Optional[bool] = ...) -> None: ...
 
 class Vote(_message.Message):
-    __slots__ = ("frozen_blocks", "eta", "shard_size", "label_balance")
+    __slots__ = ("frozen_blocks", "eta", "shard_size", "label_balance", "abstain")
     FROZEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ETA_FIELD_NUMBER: _ClassVar[int]
     SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LABEL_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    ABSTAIN_FIELD_NUMBER: _ClassVar[int]
     frozen_blocks: int
     eta: _containers.RepeatedScalarFieldContainer[float]
     shard_size: int
     label_balance: float
-    def __init__(self, frozen_blocks: _Optional[int] = ..., eta: _Optional[_Iterable[float]] = ..., shard_size: _Optional[int] = ..., label_balance: _Optional[float] = ...) -> None: ...
+    abstain: bool
+    def __init__(self, frozen_blocks: _Optional[int] = ..., eta: _Optional[_Iterable[float]] = ..., shard_size: _Optional[int] = ..., label_balance: _Optional[float] = ..., abstain: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "manifest", "rank")
@@ -155,14 +157,13 @@ class PhaseTimes(_message.Message):
     def __init__(self, forward_s: _Optional[float] = ..., backward_s: _Optional[float] = ..., pull_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., push_s: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "batch_size", "loss", "phases", "total_steps", "vote", "steps_per_epoch")
+    __slots__ = ("worker_id", "step", "batch_size", "loss", "phases", "total_steps", "steps_per_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
-    VOTE_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
@@ -170,17 +171,18 @@ class PushHeader(_message.Message):
     loss: float
     phases: PhaseTimes
     total_steps: int
-    vote: Vote
     steps_per_epoch: int
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_size: _Optional[int] = ..., loss: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., total_steps: _Optional[int] = ..., vote: _Optional[_Union[Vote, _Mapping]] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_size: _Optional[int] = ..., loss: _Optional[float] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., total_steps: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
 
 class PushMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "vote")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    VOTE_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    vote: Vote
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., vote: _Optional[_Union[Vote, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("step", "freeze", "duplicate", "late")

@@ -26,7 +26,8 @@ def server_handler(servicer) -> grpc.GenericRpcHandler:
     def unary(fn, req):
         return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                    response_serializer=lambda m: m.SerializeToString())
-    push_in = dict(request_deserializer=decoder(pb.PushHeader), response_serializer=lambda m: m.SerializeToString())
+    push_in = dict(request_deserializer=decoder(pb.PushHeader, pb.Vote),
+                   response_serializer=lambda m: m.SerializeToString())
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Join": unary(servicer.Join, pb.JoinRequest),
         "Init": grpc.stream_unary_rpc_method_handler(servicer.Init, **push_in),

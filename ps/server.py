@@ -408,10 +408,11 @@ class ParameterServer:
             # last block first, as backward finishes them (freezeps.proto, PushMessage)
             receiver = ChunkReceiver(self._push_blocks, active[::-1], received.write, self.settings.chunk_bytes,
                                      write_rows=received.write_rows)
-            _receive(receiver, messages)
+            vote = _receive(receiver, messages, takes_vote=True)
             bad = self._store.non_finite(received)
             if bad:
                 raise InvalidArgument(f"push for step {header.step}: tensor {bad!r} holds NaN or Inf")
+            vote = self._check_vote(vote, header.step)
             with self._cond:
                 self._worker(header.worker_id)
                 if header.step < self._step and not self._takes_stale(worker, header):
@@ -424,7 +425,7 @@ class ParameterServer:
                 worker.pushed_step, worker.pushed_as = step, header.step
                 self._round_pushes.append({
                     "worker": worker.worker_id, "rank": worker.rank, "batch_size": header.batch_size,
-                    "loss": header.loss, "vote": header.vote if header.HasField("vote") else None,
+                    "loss": header.loss, "vote": vote,
                     "phases": {k.name: getattr(header.phases, k.name) for k in header.phases.DESCRIPTOR.fields},
                     **({"stale": step - header.step} if header.step < step else {})})
                 self._maybe_complete_round()
@@ -466,6 +467,29 @@ class ParameterServer:
             raise Busy(f"worker {worker.worker_id} has a push in flight: retry when it has ended")
         if header.batch_size == 0:
             raise InvalidArgument("batch_size must be at least 1")
+
+    def _check_vote(self, vote: pb.Vote | None, step: int) -> pb.Vote | None:
+        """The vote a push ended with, None where it abstained; refused where the run's decision
+        is central, or missing where it is by votes (freezeps.proto, Vote: a push cancelled after
+        its chunks may look whole), or naming blocks the run does not have, or weighing what
+        cannot be a weight."""
+        if not self.policy.uses_votes:
+            if vote is not None:
+                raise InvalidArgument(f"push for step {step} carries a vote, but this run decides centrally")
+            return None
+        if vote is None:
+            raise InvalidArgument(f"push for step {step} ended without its vote (in votes mode every push "
+                                  "ends with one, an abstention where the round tested nothing)")
+        if vote.abstain:
+            return None
+        blocks = len(self._blocks)
+        if vote.frozen_blocks > blocks:
+            raise InvalidArgument(f"vote for step {step}: {vote.frozen_blocks} blocks frozen of {blocks}")
+        if len(vote.eta) > blocks:
+            raise InvalidArgument(f"vote for step {step}: {len(vote.eta)} eta values for {blocks} blocks")
+        if not 0.0 <= vote.label_balance <= 1.0:  # also NaN
+            raise InvalidArgument(f"vote for step {step}: label_balance {vote.label_balance} is not in [0, 1]")
+        return vote
 
     def _sum_in_rank_order(self, final: bool) -> None:
         """Sum the accepted pushes whose turn has come: all of them when the round completes."""
@@ -742,17 +766,28 @@ def _first_header(messages: Iterator[Frame]) -> pb.PushHeader:
     return first.header
 
 
-def _receive(receiver: ChunkReceiver, messages: Iterator[Frame]) -> None:
+def _receive(receiver: ChunkReceiver, messages: Iterator[Frame], takes_vote: bool = False) -> pb.Vote | None:
+    """Take a Push or Init stream's chunks (after its header) and, where `takes_vote` (Push),
+    the vote that may end it (freezeps.proto, PushMessage)."""
+    vote = None
     try:
         for msg in messages:
             if msg.error:
                 raise WireError(f"undecodable message: {msg.error}")
-            if msg.chunk is None:
+            if vote is not None:
+                raise WireError("the vote must be the last message of a push")
+            if msg.vote is not None:
+                if not takes_vote:
+                    raise WireError("Init carries no vote")
+                vote = msg.vote
+            elif msg.chunk is None:
                 raise WireError("only one header is allowed, at the start of the stream")
-            receiver.accept(msg.chunk)
+            else:
+                receiver.accept(msg.chunk)
         receiver.finish()
     except WireError as e:
         raise InvalidArgument(str(e)) from None
+    return vote
 
 
 def _manifest_diff(a: pb.Manifest, b: pb.Manifest) -> str:

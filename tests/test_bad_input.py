@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from freeze.engines import EngineSpec
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
 from proto.service import SERVICE
 from proto.transport import WireError
+from ps.policy import FreezePolicy
 from tests.conftest import good_chunks as _good_chunks
-from tests.conftest import one_worker
+from tests.conftest import init_chunks, one_worker
 from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -28,8 +30,6 @@ def _push(stub, worker_id, step, chunks, batch_size=8):
     msgs = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=step, batch_size=batch_size))]
     msgs += [pb.PushMessage(chunk=c) for c in chunks]
     return stub.Push(iter(msgs), timeout=10)
-
-
 
 
 def _mutations(flat):
@@ -158,6 +158,73 @@ def test_wrong_step_and_unknown_worker(one_worker_run):
     again = _push(stub, worker_id, 0, _good_chunks(flat))
     assert again.duplicate and again.step == 0 and ps.server.step == 1
     assert all(np.array_equal(v, after[k]) for k, v in ps.server.values_by_name().items())
+
+
+def _vote(frozen_blocks: int = 1, eta=(0.1, 0.2, math.nan), label_balance: float = 0.5) -> pb.PushMessage:
+    return pb.PushMessage(vote=pb.Vote(frozen_blocks=frozen_blocks, eta=eta, shard_size=10,
+                                       label_balance=label_balance))
+
+
+def test_bad_votes_are_refused_and_change_nothing():
+    """In votes mode every push ends with a vote, after its last chunk (freezeps.proto, Vote):
+    a push without one (cancelled once its chunks were out, say), one anywhere else, a second
+    one, or one naming more blocks than the run has (the PS would weigh every prefix up to it)
+    or a label balance outside [0, 1] is refused INVALID_ARGUMENT and nothing is applied. An
+    abstention decides nothing; a vote decides the round's freeze."""
+    policy = FreezePolicy(EngineSpec("gradnorm", interval=1), votes=True, vote_weights="equal")
+    with one_worker(policy=policy) as (ps, stub, worker_id, flat):
+        flat.grads[0].fill_(0.5)
+        header = pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=0, batch_size=8))
+        good = [pb.PushMessage(chunk=c) for c in _good_chunks(flat)]
+        cases = [
+            ("no vote", good, "ended without its vote"),
+            ("a vote before the last chunk", good[:1] + [_vote()] + good[1:], "the vote must be the last message"),
+            ("two votes", good + [_vote(), _vote()], "the vote must be the last message"),
+            ("more blocks than the run has", good + [_vote(frozen_blocks=4)], "4 blocks frozen of 3"),
+            ("the most a uint32 holds", good + [_vote(frozen_blocks=2**32 - 1)], "4294967295 blocks frozen of 3"),
+            ("eta for more blocks", good + [_vote(eta=[0.0] * 4)], "4 eta values for 3 blocks"),
+            ("label balance NaN", good + [_vote(label_balance=math.nan)], "label_balance nan is not in [0, 1]"),
+            ("label balance over 1", good + [_vote(label_balance=1.5)], "label_balance 1.5 is not in [0, 1]"),
+        ]
+        before = ps.server.values_by_name()
+        for what, msgs, words in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Push(iter([header] + msgs), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert words in err.value.details(), (what, err.value.details())
+            assert ps.server.step == 0, what
+            assert all(np.array_equal(v, before[k]) for k, v in ps.server.values_by_name().items()), what
+        abstain = pb.PushMessage(vote=pb.Vote(abstain=True))
+        reply = stub.Push(iter([header] + good + [abstain]), timeout=10)
+        assert reply.step == 0 and ps.server.step == 1 and reply.freeze.frozen_blocks == 0
+        header.header.step = 1
+        reply = stub.Push(iter([header] + good + [_vote()]), timeout=10)
+        assert reply.step == 1 and ps.server.step == 2 and reply.freeze.frozen_blocks == 1  # the vote's prefix
+
+
+def test_a_run_that_decides_centrally_takes_no_vote(one_worker_run):
+    ps, stub, worker_id, flat = one_worker_run
+    header = pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=0, batch_size=8))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Push(iter([header] + [pb.PushMessage(chunk=c) for c in _good_chunks(flat)] + [_vote()]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decides centrally" in err.value.details()
+    assert ps.server.step == 0
+
+
+def test_init_carries_no_vote(ps_factory):
+    flat = FlatModel(build_model("mlp", 4))
+    with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        worker_id = stub.Join(pb.JoinRequest(worker_name="a", manifest=flat.manifest), timeout=10).worker_id
+        init = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, total_steps=4))]
+        init += [pb.PushMessage(chunk=c) for c in init_chunks(flat)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Init(iter(init + [_vote()]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Init carries no vote" in err.value.details()
+        assert not stub.Status(pb.StatusRequest(), timeout=10).initialized
+        stub.Init(iter(init), timeout=10)  # and without it, the run starts
+        assert stub.Status(pb.StatusRequest(), timeout=10).initialized
+        assert ps.server.step == 0
 
 
 def test_manifest_mismatch_is_refused(ps_factory):

@@ -15,13 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from freeze.engines import EngineSpec
 from proto import freezeps_pb2 as pb
+from ps.policy import FreezePolicy
 from tests.conftest import run_workers, running_ps, worker_settings
 from worker.client import PSClient, ShardedClient
 from worker.flat import FlatModel, GradsReady, ValuesReady
 from worker.models import build_model
 
 SLEEP_S = 0.5
+VOTES = FreezePolicy(EngineSpec("gradnorm", interval=1), votes=True, vote_weights="equal")
 
 
 def _joined(address: str, flat: FlatModel) -> PSClient:
@@ -96,6 +99,91 @@ def test_a_block_goes_out_while_backward_computes_the_ones_before_it():
             assert at[2] >= ended
     for name in values[0]:
         np.testing.assert_array_equal(values[0][name], values[1][name], err_msg=name)
+
+
+def test_in_votes_mode_the_vote_follows_the_blocks_sent_while_backward_ran():
+    """Votes mode: the head and fc2 go out while fc1's backward is held back, the vote (worked
+    out once backward has ended) after fc1; the PS takes it and freezes the prefix it names."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    ready = GradsReady(flat)
+    sent = _recording(flat)
+    slept = []
+
+    def hold_back(grad):
+        slept.append(time.perf_counter())
+        time.sleep(SLEEP_S)
+    with running_ps(num_workers=1, policy=VOTES) as ps, ThreadPoolExecutor(1) as pool:
+        client = _joined(ps.address, flat)
+        flat.zero_grads(0)
+        loss = _loss(flat, hold_back)
+        ready.arm(0)
+        pushing = pool.submit(client.push, pb.PushHeader(step=0, batch_size=16), flat, range(3), ready, ready.vote)
+        loss.backward()
+        ready.finish()
+        ended = time.perf_counter()
+        ready.cast(pb.Vote(frozen_blocks=1, shard_size=1, label_balance=1.0))
+        reply = pushing.result(timeout=30)
+        client.close()
+    assert reply.step == 0 and reply.freeze.frozen_blocks == 1 and ps.server.step == 1
+    assert [b for b, _ in sent] == [2, 1, 0]
+    at = dict(sent)
+    assert at[2] < at[1] < slept[0] + SLEEP_S - 0.1 < ended  # during fc1's held-back backward
+
+
+def test_a_vote_that_fails_cancels_its_push_once_all_its_chunks_are_out():
+    """Working out the vote fails after every chunk went out: the push is cancelled and nothing
+    is applied (the PS's gRPC may see the stream end normally, as it did here under load: it
+    ended without its vote, which test_bad_input checks without a race); the step's push is
+    taken afterwards, not as a duplicate."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    ready = GradsReady(flat)
+    with running_ps(num_workers=1, policy=VOTES) as ps, ThreadPoolExecutor(1) as pool:
+        client = _joined(ps.address, flat)
+        before = ps.server.values_by_name()
+        flat.zero_grads(0)
+        _loss(flat, lambda grad: None).backward()
+        ready.arm(0)
+        ready.finish()
+        pushing = pool.submit(client.push, pb.PushHeader(step=0, batch_size=16), flat, range(3), ready, ready.vote)
+        time.sleep(0.2)  # the chunks are out; the push waits for its vote
+        ready.abandon()  # as the train loop does when working out the vote raised
+        with pytest.raises(grpc.RpcError):
+            pushing.result(timeout=30)
+        assert ps.server.step == 0
+        assert all(np.array_equal(v, before[k]) for k, v in ps.server.values_by_name().items())
+        ready.arm(0)
+        ready.finish()
+        ready.cast(pb.Vote(abstain=True))
+        reply = client.push(pb.PushHeader(step=0, batch_size=16), flat, range(3), ready, ready.vote)
+        assert reply.step == 0 and not reply.duplicate and ps.server.step == 1
+        client.close()
+
+
+def test_votes_mode_pushes_while_backward_runs_and_trains_the_same(tmp_path):
+    """Two workers voting every other round, pushes overlapping backward or after it: the same
+    votes (proposals and η to the bit), the same freezes and the same parameters."""
+    weights = tmp_path / "init.pt"  # worker threads share torch's RNG: give them one initial model
+    torch.save(build_model("mlp", 4).state_dict(), weights)
+    votes = FreezePolicy(EngineSpec("gradnorm", interval=2), votes=True, vote_weights="equal")  # a test every 2
+    runs = []
+    for overlap in (True, False):
+        log = tmp_path / f"ps-{overlap}.jsonl"
+        with running_ps(num_workers=2, policy=votes, log_path=log) as ps:
+            run_workers([worker_settings(ps.address, steps=8, weights=str(weights), overlap_push=overlap)
+                         for _ in range(2)])
+            values = ps.server.values_by_name()
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        cast = [(r["step"], sorted((v["rank"], v["proposal"], v["eta"]) for v in r["decision"]["votes"]))
+                for r in records if r["event"] == "round" and "votes" in r.get("decision", {})]
+        freezes = [(r["step"], r["to"]) for r in records if r["event"] == "freeze"]
+        runs.append((values, cast, freezes))
+    (values, cast, freezes), (values_after, cast_after, freezes_after) = runs
+    assert [step for step, _ in cast] == [1, 3, 5, 7] and all(len(v) == 2 for _, v in cast)
+    assert cast == cast_after and freezes == freezes_after and freezes
+    for name in values:
+        np.testing.assert_array_equal(values[name], values_after[name], err_msg=name)
 
 
 def test_a_failed_backward_cancels_its_push_and_the_ps_keeps_its_state():

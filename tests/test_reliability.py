@@ -334,11 +334,11 @@ class _DelayedClient(PSClient):
         super().__init__(address, **kw)
         self.delay_step, self.delay, self.delayed_at = step, delay, None
 
-    def push(self, header, flat, blocks, ready=None):
+    def push(self, header, flat, blocks, ready=None, vote=None):
         if self.delayed_at is None and header.step >= self.delay_step:
             self.delayed_at = header.step
             self.delay(header.step)
-        return super().push(header, flat, blocks, ready)
+        return super().push(header, flat, blocks, ready, vote)
 
 
 @dataclass
@@ -465,8 +465,8 @@ class _LosingClient(PSClient):
         super().__init__(address, **kw)
         self.lose_step = step
 
-    def _push_once(self, header, flat, blocks, ready):
-        reply = super()._push_once(header, flat, blocks, ready)
+    def _push_once(self, header, flat, blocks, ready, vote):
+        reply = super()._push_once(header, flat, blocks, ready, vote)
         if header.step == self.lose_step:
             self.lose_step = -1
             raise _LostReply()

@@ -1,11 +1,13 @@
 """Block layouts and chunking, without a network."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from proto import freezeps_pb2 as pb
-from proto.codec import RawChunk, decode, decoder, encode_chunk, encode_header
+from proto.codec import RawChunk, decode, decoder, encode_chunk, encode_header, encode_vote
 from proto.layout import ManifestError, layout_from_manifest
 from proto.transport import (
     ByteMeter,
@@ -95,6 +97,21 @@ def test_codec_writes_exactly_what_protobuf_writes(block, tensor, offset, size):
     header = pb.PullHeader(step=7, blocks=[1, 2], freeze=pb.FreezeState(frozen_blocks=1))
     assert encode_header(header).raw == pb.PullMessage(header=header).SerializeToString()
     assert decode(encode_header(header).raw, pb.PullHeader).header == header
+
+
+def test_a_vote_is_a_push_message_of_its_own():
+    """A push's vote (PushMessage.vote) is what protobuf writes, decodes back as one, and is
+    no PullMessage: a pull's decoder, which takes no vote, reports it as neither a header nor
+    a chunk."""
+    vote = pb.Vote(frozen_blocks=2, eta=[0.5, math.nan, 0.25], shard_size=300, label_balance=0.75)
+    frame = encode_vote(vote)
+    assert frame.raw == pb.PushMessage(vote=vote).SerializeToString() and frame.size == len(frame.raw)
+    back = decode(frame.raw, pb.PushHeader, pb.Vote)
+    assert back.vote.SerializeToString() == vote.SerializeToString() and back.header is None and back.chunk is None
+    assert pb.PushMessage.FromString(frame.raw).WhichOneof("kind") == "vote"
+    pulled = decoder(pb.PullHeader)(frame.raw)
+    assert pulled.vote is None and "neither a header nor a chunk" in pulled.error
+    assert "bad vote" in decoder(pb.PushHeader, pb.Vote)(b"\x1a\x02\x08\x80").error  # a truncated varint in it
 
 
 @pytest.mark.parametrize("raw,words", [(b"", "neither"), (b"\x12\x05\x08", "past the end"),

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from proto import freezeps_pb2 as pb
-from proto.codec import encode_header
+from proto.codec import encode_header, encode_vote
 from proto.security import Auth, open_channel
 from proto.service import WORKER_METADATA, ParameterServerClient
 from proto.transport import (
@@ -193,9 +193,10 @@ class PSClient(_Pulls):
         return header, wait_s, receive
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
-             ready: GradsReady | None = None) -> pb.PushReply:
+             ready: GradsReady | None = None, vote: Callable[[], pb.Vote] | None = None) -> pb.PushReply:
         """Push the gradients of `blocks`, last block first, each once `ready` says backward
-        has finished it (None: they are final now). Tries again with backoff while the PS cannot
+        has finished it (None: they are final now), then in votes mode the vote `vote()`
+        returns (it may wait for backward to end). Tries again with backoff while the PS cannot
         be reached (UNAVAILABLE) or is still receiving an earlier try (ABORTED): the connection
         may have broken after the PS accepted the push, and a PS that did answers the retry as a
         duplicate (PushReply) without applying it twice. Other errors, or the last try's, are
@@ -203,7 +204,7 @@ class PSClient(_Pulls):
         header.worker_id = self.worker_id
         for attempt, delay in self._tries():
             try:
-                return self._push_once(header, flat, blocks, ready)
+                return self._push_once(header, flat, blocks, ready, vote)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) or attempt >= self._retries:
                     raise
@@ -212,8 +213,8 @@ class PSClient(_Pulls):
                 time.sleep(delay)
         raise AssertionError("unreachable: the last try returns or raises")
 
-    def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
-                   ready: GradsReady | None) -> pb.PushReply:
+    def _push_once(self, header: pb.PushHeader, flat: FlatModel, blocks: range, ready: GradsReady | None,
+                   vote: Callable[[], pb.Vote] | None) -> pb.PushReply:
         def stream() -> Iterator:
             # gRPC draws this in a thread of its own, so a block goes out while backward works on
             # the ones before it; an exception here (backward failed) cancels the call.
@@ -223,6 +224,8 @@ class PSClient(_Pulls):
                     ready.wait(b)
                 data = flat.push_bytes(b)
                 yield from iter_chunks(flat.push_layout[b], data, self.chunk_bytes, flat.push_rows(b))
+            if vote is not None:
+                yield encode_vote(vote())
         reply = self._stub.Push(metered(stream(), self.meter, "Push", "out", self.worker_id),
                                 timeout=self._timeout, metadata=self._metadata())
         self.meter.count("Push", "in", self.worker_id, reply)
@@ -340,11 +343,13 @@ class ShardedClient(_Pulls):
                        flat, landing)
 
     def push(self, header: pb.PushHeader, flat: FlatModel, blocks: range,
-             ready: GradsReady | None = None) -> pb.PushReply:
+             ready: GradsReady | None = None, vote: Callable[[], pb.Vote] | None = None) -> pb.PushReply:
+        """PSClient.push to every shard at once, each the blocks it owns, and each the vote
+        (in votes mode every shard combines the same votes)."""
         def push_to(i: int, client: PSClient) -> pb.PushReply:
             own = pb.PushHeader()
             own.CopyFrom(header)  # each shard's copy gets that shard's worker id
-            return client.push(own, flat, _within(blocks, self._owned[i]), ready)
+            return client.push(own, flat, _within(blocks, self._owned[i]), ready, vote)
         return self._each(push_to)[0]
 
     def status(self) -> pb.StatusReply:

@@ -237,8 +237,10 @@ class GradsReady:
     A block is done once every parameter of it that takes a gradient has had this step's
     accumulated (a post-accumulate-grad hook, which runs where autograd runs: another thread
     than the push's); `finish()`, called when backward has returned, marks every block done,
-    which also covers a parameter that got no gradient this step. `abandon()` (backward failed)
-    makes every wait raise, so a push under way is cancelled rather than sent half-computed."""
+    which also covers a parameter that got no gradient this step. In votes mode `cast(vote)`
+    then hands the push the vote worked out from the whole gradient, which it sends last.
+    `abandon()` (backward or the vote failed) makes every wait raise, so a push under way is
+    cancelled rather than sent half-computed."""
 
     def __init__(self, flat: FlatModel):
         self._lock = threading.Lock()
@@ -246,6 +248,8 @@ class GradsReady:
         self._params = [[t for _, _, _, t, kind in _tensors(block) if kind == pb.PARAMETER]
                         for block in flat.model.blocks]
         self._left = [0] * len(self._params)  # per block, parameters still to come this step
+        self._voted = threading.Event()
+        self._vote = pb.Vote()
         self._failed = False
         for b, params in enumerate(self._params):
             for p in params:
@@ -255,6 +259,7 @@ class GradsReady:
         """Before a step's backward through blocks first_block onwards."""
         with self._lock:
             self._failed = False
+            self._voted.clear()
             for b, params in enumerate(self._params):
                 self._left[b] = sum(p.requires_grad for p in params) if b >= first_block else 0
                 self._done[b].clear()
@@ -271,16 +276,29 @@ class GradsReady:
         for done in self._done:
             done.set()
 
+    def cast(self, vote: pb.Vote) -> None:
+        """After finish(), in votes mode: this step's vote (an abstention where it tests nothing)."""
+        self._vote = vote
+        self._voted.set()
+
     def abandon(self) -> None:
         with self._lock:
             self._failed = True
         self.finish()
+        self._voted.set()
 
     def wait(self, b: int) -> None:
         """Block until backward has finished block b; RuntimeError if it failed."""
         self._done[b].wait()
         if self._failed:
             raise RuntimeError("backward failed: the push is abandoned")
+
+    def vote(self) -> pb.Vote:
+        """Block until the step's vote is cast; RuntimeError if backward or the vote failed."""
+        self._voted.wait()
+        if self._failed:
+            raise RuntimeError("backward or the vote failed: the push is abandoned")
+        return self._vote
 
 
 class ValuesReady:

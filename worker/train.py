@@ -261,6 +261,18 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
         ids = make_batch(train, batches(step, step + 1), settings.image_size, channels, False)[0]
         return flat.rows_asked(model.rows_read(ids), frozen)
 
+    def cast_vote(step: int, active: range) -> pb.Vote:
+        """Votes mode: this worker's vote from its gradients of step `step` where the step ends a
+        test interval, else an abstention (the engine takes every step's gradients)."""
+        stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=active.start,
+                           total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                           grads={b: flat.param_grads(b) for b in active})
+        decision = member.voter.decide(stats)
+        if not decision.tested:
+            return pb.Vote(abstain=True)
+        return pb.Vote(frozen_blocks=decision.frozen_blocks, eta=decision.eta, shard_size=len(member.shard),
+                       label_balance=member.label_balance)
+
     # With overlap_push, a step's push starts with its backward pass, in a thread of its own;
     # with overlap_pull, the rest of its pull after the header comes while forward runs.
     ready = GradsReady(flat) if settings.overlap_push else None
@@ -358,37 +370,32 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
             forward_s = t1 - t0 - (landing.waited_s if overlapped else 0.0)
 
             # Backward, and push the active blocks' gradients (and running statistics): while
-            # backward runs, each block as soon as it is done, last first; in votes mode after
-            # it, since the vote of a test round travels in the header and needs every gradient.
+            # backward runs, each block as soon as it is done, last first; in votes mode the
+            # vote last, worked out from the whole gradient once backward has ended.
             push_header = pb.PushHeader(step=step, batch_size=len(y), loss=loss.item(), phases=phases)
             active = range(frozen, len(flat.layout))
             try:
-                if ready is not None and member.voter is None:
+                if ready is not None:
                     ready.arm(frozen)
-                    pushing = pusher.submit(client.push, push_header, flat, active, ready)
+                    pushing = pusher.submit(client.push, push_header, flat, active, ready,
+                                            ready.vote if member.voter is not None else None)
                     try:
                         loss.backward()
                         sync()
+                        ready.finish()
+                        t2 = time.perf_counter()
+                        if member.voter is not None:
+                            ready.cast(cast_vote(step, active))
                     except BaseException:
                         ready.abandon()  # the push under way is cancelled, not sent half-computed
                         raise
-                    ready.finish()
-                    t2 = time.perf_counter()
                     reply = pushing.result()
                 else:
                     loss.backward()
                     sync()
                     t2 = time.perf_counter()
-                    if member.voter is not None:
-                        stats = RoundStats(step=step, num_blocks=len(flat.layout), frozen_blocks=frozen,
-                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                                           grads={b: flat.param_grads(b) for b in active})
-                        decision = member.voter.decide(stats)
-                        if decision.tested:
-                            push_header.vote.CopyFrom(pb.Vote(frozen_blocks=decision.frozen_blocks,
-                                                              eta=decision.eta, shard_size=len(member.shard),
-                                                              label_balance=member.label_balance))
-                    reply = client.push(push_header, flat, active)
+                    vote = cast_vote(step, active) if member.voter is not None else None
+                    reply = client.push(push_header, flat, active, vote=(lambda: vote) if vote is not None else None)
             except grpc.RpcError as e:
                 if e.code() not in REJOIN_CODES:
                     raise
