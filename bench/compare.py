@@ -117,6 +117,8 @@ CONFIGS = {
     # Between the two (MiniLM: embeddings and layer0-3 may freeze; layer4-5 and the head never).
     "ps-autofreeze-5of8": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625"],
     "ps-autofreeze-5of8-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", *CACHE],
+    "ps-autofreeze-votes-5of8-cache": ["--mode", "ps", *AUTOFREEZE, "--freeze-decision", "votes",
+                                       "--freeze-max-fraction", "0.625", *CACHE],
     # The same with dropout kept on in the frozen blocks, as full fine-tuning has it (no cache then).
     "ps-autofreeze-5of8-dropout": ["--mode", "ps", *AUTOFREEZE, "--freeze-max-fraction", "0.625", "--frozen-dropout"],
     # The same, with the five frozen by round 104 at the latest whatever the tests say: 1.22 epochs of R8,
@@ -126,18 +128,21 @@ CONFIGS = {
 }
 # The same with bfloat16 pushes (DDP: torch's bf16 compression hook): half the push bytes (DDP's both ways).
 CONFIGS.update({f"{name}-bf16": [*CONFIGS[name], "--push-dtype", "bfloat16"]
-                for name in ("ps-none", "ddp-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
+                for name in ("ps-none", "ddp-none", "ps-none-shards3", "ps-autofreeze-5of8-cache",
+                             "ps-autofreeze-votes-5of8-cache")})
 # ... and pulls too: each round's change in bfloat16, with error feedback (a PS's; DDP's hook already narrows both).
 CONFIGS.update({f"{name}-bf16both": [*CONFIGS[f"{name}-bf16"], "--pull-dtype", "bfloat16"]
-                for name in ("ps-none", "ps-none-shards3", "ps-autofreeze-5of8-cache")})
+                for name in ("ps-none", "ps-none-shards3", "ps-autofreeze-5of8-cache", "ps-autofreeze-votes-5of8-cache")})
 # Whole pulls of the embedding matrices, as before sparse pulls (on by default: a pull then asks for
 # only the rows of its next batch); the same training to the bit, more pull bytes.
 CONFIGS.update({f"{name}-wholepull": [*CONFIGS[name], "--no-sparse-pull"]
                 for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
 # Pushes that start when backward has ended, as before they overlapped it (on by default: a
-# block goes as soon as backward has finished it, last block first); the same bytes and training.
+# block goes as soon as backward has finished it, last block first; in votes mode, until
+# 2026-12-06, every push waited for backward); the same bytes and training.
 CONFIGS.update({f"{name}-nooverlap": [*CONFIGS[name], "--no-overlap-push"]
-                for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both")})
+                for name in ("ps-none", "ps-none-bf16both", "ps-autofreeze-5of8-cache-bf16both",
+                             "ps-autofreeze-votes-5of8-cache-bf16both")})
 # Forward passes that start when all of the pull has come, as before they overlapped it (on by
 # default: forward runs each block as soon as it has landed); the same bytes and training.
 CONFIGS.update({f"{name}-nooverlappull": [*CONFIGS[name], "--no-overlap-pull"]
