@@ -45,22 +45,28 @@ chunk_ops = st.tuples(st.just("chunk"), st.one_of(st.integers(0, 4), st.just(U32
                       st.one_of(st.integers(0, 64).map(lambda i: 4 * i), st.integers(0, U64)),
                       st.one_of(st.binary(max_size=96), st.sampled_from([_floats(64, math.nan), _floats(64, math.inf),
                                                                           _floats(64, 0.0)])))
+# Votes (votes mode: every push ends with one): proposals past the model's 3 blocks up to the
+# most a uint32 holds, too many η values, label balances outside [0, 1], abstentions.
+vote_ops = st.tuples(st.just("vote"), st.one_of(st.integers(0, 4), st.just(U32)),
+                     st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=5),
+                     st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True)), st.booleans())
 raw_ops = st.tuples(st.just("raw"), st.binary(max_size=48))
 good_ops = st.tuples(st.just("good"), st.integers(0, 1000))
 cut_ops = st.tuples(st.just("cut"), st.integers(0, 1000), st.integers(0, 80))
 poison_ops = st.tuples(st.just("poison"), st.integers(0, 1000), st.sampled_from([math.nan, math.inf, -math.inf]))
-any_op = st.one_of(header_ops, chunk_ops, raw_ops, good_ops, cut_ops, poison_ops)
+any_op = st.one_of(header_ops, chunk_ops, raw_ops, good_ops, cut_ops, poison_ops, vote_ops)
 
 
 @st.composite
-def push_streams(draw, chunks: int):
-    """Random streams, or a whole valid push (`chunks` chunks, its header valid or random) with
-    up to two edits: drop, duplicate, swap or replace a message."""
+def push_streams(draw, chunks: int, votes: bool):
+    """Random streams, or a whole valid push (`chunks` chunks, its header valid or random, in
+    votes mode a random vote last) with up to two edits: drop, duplicate, swap or replace a
+    message."""
     shape = draw(st.sampled_from(["random", "valid", "valid with a random header"]))
     if shape == "random":
         return draw(st.lists(any_op, max_size=10))
     header = ("header", "me", "now", 16) if shape == "valid" else draw(header_ops)
-    ops = [header] + [("good", i) for i in range(chunks)]
+    ops = [header] + [("good", i) for i in range(chunks)] + ([draw(vote_ops)] if votes else [])
     for _ in range(draw(st.integers(0, 2))):
         i = draw(st.integers(0, len(ops) - 1))
         edit = draw(st.sampled_from(["drop", "dup", "swap", "replace", "none"]))
@@ -83,6 +89,9 @@ def _encode(op, me: str, step: int, good: list[pb.Chunk]) -> bytes:
         return pb.PushMessage(header=pb.PushHeader(worker_id=who, step=max(at, 0), batch_size=op[3])).SerializeToString()
     if kind == "chunk":
         return pb.PushMessage(chunk=pb.Chunk(block=op[1], tensor=op[2], offset=op[3], data=op[4])).SerializeToString()
+    if kind == "vote":
+        vote = pb.Vote(abstain=True) if op[4] else pb.Vote(frozen_blocks=op[1], eta=op[2], label_balance=op[3])
+        return pb.PushMessage(vote=vote).SerializeToString()
     if kind == "raw":
         return op[1]
     chunk = pb.Chunk()
@@ -103,16 +112,20 @@ def _unchanged(before, after) -> bool:
     return before[0] == after[0] and all(np.array_equal(before[1][k], after[1][k]) for k in before[1])
 
 
-def test_fuzzed_pushes_are_answered_and_change_nothing_unless_valid():
+@pytest.mark.parametrize("votes", [False, True], ids=["central", "votes"])
+def test_fuzzed_pushes_are_answered_and_change_nothing_unless_valid(votes):
     outcomes: dict[str, int] = {}
-    with one_worker(round_timeout_s=5.0) as (ps, stub, worker_id, flat), \
+    # Nothing may freeze (max_fraction 0): a push of every block stays valid throughout.
+    policy = FreezePolicy(EngineSpec("gradnorm", interval=1), votes=True, vote_weights="equal",
+                          max_fraction=0.0) if votes else None
+    with one_worker(round_timeout_s=5.0, policy=policy) as (ps, stub, worker_id, flat), \
             grpc.insecure_channel(ps.address) as channel:
         raw_push = channel.stream_unary("/freezeps.ParameterServer/Push", request_serializer=lambda b: b,
                                         response_deserializer=pb.PushReply.FromString)
         flat.grads[0].fill_(0.25)
         good = good_chunks(flat)
 
-        @given(stream=push_streams(len(good)))
+        @given(stream=push_streams(len(good), votes))
         def check(stream):
             before = _state(ps)
             try:
