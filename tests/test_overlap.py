@@ -56,20 +56,29 @@ def _recording(flat: FlatModel) -> list[tuple[int, float]]:
     return sent
 
 
+def _recorded_mlp() -> tuple[FlatModel, GradsReady, list[tuple[int, float]]]:
+    """The MLP (seed 0), a GradsReady on it, and the record of what its pushes send (_recording)."""
+    torch.manual_seed(0)
+    flat = FlatModel(build_model("mlp", 4))
+    return flat, GradsReady(flat), _recording(flat)
+
+
+def _slow_backward(slept: list[float]):
+    """A gradient hook that holds backward back by SLEEP_S, noting when in `slept`."""
+    def hold_back(grad):
+        slept.append(time.perf_counter())
+        time.sleep(SLEEP_S)
+    return hold_back
+
+
 def test_a_block_goes_out_while_backward_computes_the_ones_before_it():
     """fc1's backward is held back by SLEEP_S: the head and fc2 are sent meanwhile, last first,
     and fc1 after it; the PS applies what a push after backward applies, to the bit."""
     values = []
     for overlap in (True, False):
-        torch.manual_seed(0)
-        flat = FlatModel(build_model("mlp", 4))
-        ready = GradsReady(flat)
-        sent = _recording(flat)
+        flat, ready, sent = _recorded_mlp()
         slept = []
-
-        def hold_back(grad):
-            slept.append(time.perf_counter())
-            time.sleep(SLEEP_S)
+        hold_back = _slow_backward(slept)
         with running_ps(num_workers=1) as ps, ThreadPoolExecutor(1) as pool:
             client = _joined(ps.address, flat)
             flat.zero_grads(0)
@@ -104,19 +113,12 @@ def test_a_block_goes_out_while_backward_computes_the_ones_before_it():
 def test_in_votes_mode_the_vote_follows_the_blocks_sent_while_backward_ran():
     """Votes mode: the head and fc2 go out while fc1's backward is held back, the vote (worked
     out once backward has ended) after fc1; the PS takes it and freezes the prefix it names."""
-    torch.manual_seed(0)
-    flat = FlatModel(build_model("mlp", 4))
-    ready = GradsReady(flat)
-    sent = _recording(flat)
+    flat, ready, sent = _recorded_mlp()
     slept = []
-
-    def hold_back(grad):
-        slept.append(time.perf_counter())
-        time.sleep(SLEEP_S)
     with running_ps(num_workers=1, policy=VOTES) as ps, ThreadPoolExecutor(1) as pool:
         client = _joined(ps.address, flat)
         flat.zero_grads(0)
-        loss = _loss(flat, hold_back)
+        loss = _loss(flat, _slow_backward(slept))
         ready.arm(0)
         pushing = pool.submit(client.push, pb.PushHeader(step=0, batch_size=16), flat, range(3), ready, ready.vote)
         loss.backward()
@@ -136,9 +138,7 @@ def test_a_vote_that_fails_cancels_its_push_once_all_its_chunks_are_out():
     is applied (the PS's gRPC may see the stream end normally, as it did here under load: it
     ended without its vote, which test_bad_input checks without a race); the step's push is
     taken afterwards, not as a duplicate."""
-    torch.manual_seed(0)
-    flat = FlatModel(build_model("mlp", 4))
-    ready = GradsReady(flat)
+    flat, ready, _ = _recorded_mlp()
     with running_ps(num_workers=1, policy=VOTES) as ps, ThreadPoolExecutor(1) as pool:
         client = _joined(ps.address, flat)
         before = ps.server.values_by_name()
@@ -189,10 +189,7 @@ def test_votes_mode_pushes_while_backward_runs_and_trains_the_same(tmp_path):
 def test_a_failed_backward_cancels_its_push_and_the_ps_keeps_its_state():
     """Backward fails after fc2 and the head were sent: the push is cancelled, not completed with
     fc1's half-computed gradients; the PS applies nothing and takes the step's push again."""
-    torch.manual_seed(0)
-    flat = FlatModel(build_model("mlp", 4))
-    ready = GradsReady(flat)
-    sent = _recording(flat)
+    flat, ready, sent = _recorded_mlp()
 
     def fail(grad):
         time.sleep(0.2)  # the push has the head and fc2 on the wire
