@@ -97,9 +97,12 @@ def init_frames(header: pb.PushHeader, flat: FlatModel, chunk_bytes: int = 1 << 
                                       for f in iter_chunks(b, flat.value_bytes(b.index), chunk_bytes)]
 
 
-def init_chunks(flat: FlatModel, chunk_bytes: int = 64) -> list[pb.Chunk]:
-    """An Init of the model's current values, as protobuf chunks, in block order."""
-    return [as_pb_chunk(f) for f in init_frames(pb.PushHeader(), flat, chunk_bytes)[1:]]
+def init_messages(worker_id: str, flat: FlatModel, total_steps: int, chunk_bytes: int = 64) -> list[pb.PushMessage]:
+    """A whole Init of the model's current values as protobuf messages (for protobuf's own stub):
+    the header, then the chunks in block order."""
+    header = pb.PushHeader(worker_id=worker_id, total_steps=total_steps)
+    return [pb.PushMessage(header=header)] + [pb.PushMessage(chunk=as_pb_chunk(f))
+                                              for f in init_frames(header, flat, chunk_bytes)[1:]]
 
 
 @contextlib.contextmanager
@@ -112,9 +115,7 @@ def one_worker(auth: Auth = Auth(), client: Auth | None = None, **settings):
     with running_ps(num_workers=1, auth=auth, **settings) as ps, open_channel(ps.address, client or auth) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         joined = stub.Join(pb.JoinRequest(worker_name="t", manifest=flat.manifest), timeout=10)
-        init = [pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=10))]
-        init += [pb.PushMessage(chunk=c) for c in init_chunks(flat, 1 << 20)]
-        stub.Init(iter(init), timeout=10)
+        stub.Init(iter(init_messages(joined.worker_id, flat, 10, 1 << 20)), timeout=10)
         yield ps, stub, joined.worker_id, flat
 
 

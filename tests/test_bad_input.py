@@ -20,7 +20,7 @@ from proto.service import SERVICE
 from proto.transport import WireError
 from ps.policy import FreezePolicy
 from tests.conftest import good_chunks as _good_chunks
-from tests.conftest import init_chunks, one_worker
+from tests.conftest import init_messages, one_worker
 from worker.client import PSClient
 from worker.flat import FlatModel
 from worker.models import build_model
@@ -216,8 +216,7 @@ def test_init_carries_no_vote(ps_factory):
     with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         worker_id = stub.Join(pb.JoinRequest(worker_name="a", manifest=flat.manifest), timeout=10).worker_id
-        init = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, total_steps=4))]
-        init += [pb.PushMessage(chunk=c) for c in init_chunks(flat)]
+        init = init_messages(worker_id, flat, 4)
         with pytest.raises(grpc.RpcError) as err:
             stub.Init(iter(init + [_vote()]), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Init carries no vote" in err.value.details()

@@ -640,15 +640,14 @@ def test_a_worker_notices_a_vanished_ps_by_its_keepalive_not_its_rpc_deadline(tm
 _HANGING_PUSH = """
 import sys, time, grpc, torch
 from proto import freezeps_pb2 as pb, freezeps_pb2_grpc as pb_grpc
-from tests.conftest import init_chunks
+from tests.conftest import init_messages
 from worker.flat import FlatModel
 from worker.models import build_model
 torch.manual_seed(0)
 flat = FlatModel(build_model("mlp", 4))
 stub = pb_grpc.ParameterServerStub(grpc.insecure_channel(sys.argv[1]))  # no keepalive of its own
 joined = stub.Join(pb.JoinRequest(worker_name="hanging", manifest=flat.manifest), timeout=10)
-stub.Init(iter([pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, total_steps=4))]
-               + [pb.PushMessage(chunk=c) for c in init_chunks(flat, 1 << 20)]), timeout=10)
+stub.Init(iter(init_messages(joined.worker_id, flat, 4, 1 << 20)), timeout=10)
 print(joined.worker_id, flush=True)
 def hang():
     yield pb.PushMessage(header=pb.PushHeader(worker_id=joined.worker_id, step=0, batch_size=1))

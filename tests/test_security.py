@@ -19,7 +19,7 @@ from freezeps.certs import make_secrets
 from proto import freezeps_pb2 as pb
 from proto import freezeps_pb2_grpc as pb_grpc
 from proto.security import AUTH_METADATA, Auth, AuthError, check_listen, is_loopback, open_channel, read_auth
-from tests.conftest import good_chunks, init_chunks, one_worker, run_workers, running_ps, worker_settings
+from tests.conftest import good_chunks, init_messages, one_worker, run_workers, running_ps, worker_settings
 
 FREEZEPS = [sys.executable, "-m", "freezeps"]
 
@@ -82,8 +82,7 @@ def _calls(worker_id: str, flat):
     """One well-formed call of every method, as (name, invoke(stub, metadata))."""
     push = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, step=0, batch_size=8))]
     push += [pb.PushMessage(chunk=c) for c in good_chunks(flat)]
-    init = [pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, total_steps=10))]
-    init += [pb.PushMessage(chunk=c) for c in init_chunks(flat)]
+    init = init_messages(worker_id, flat, 10)
     return [
         ("Join", lambda s, md: s.Join(pb.JoinRequest(worker_name="x", manifest=flat.manifest), timeout=10, metadata=md)),
         ("Init", lambda s, md: s.Init(iter(init), timeout=10, metadata=md)),
