@@ -89,10 +89,18 @@ class EngineSpec:
             raise ValueError(f"gradnorm variant must be min or percentile, got {self.variant!r}")
         if self.norm not in (1, 2):
             raise ValueError(f"norm must be 1 or 2, got {self.norm}")
-        if not 0 <= self.percentile <= 100 or not 0 < self.rate <= 1 or self.tau <= 0:
-            raise ValueError("need 0 <= percentile <= 100, 0 < rate <= 1, tau > 0")
+        if not 0 <= self.percentile <= 100 or not 0 < self.rate <= 1 or not 0 < self.tau < math.inf:
+            raise ValueError("need 0 <= percentile <= 100, 0 < rate <= 1, tau > 0 (finite)")
         if self.linear_mode not in ("epoch", "composer", "pipetransformer"):
             raise ValueError(f"unknown linear mode {self.linear_mode!r}")
+        # Written so that nan fails each (every comparison with nan is False).
+        if not 0 <= self.start < (1 if self.linear_mode == "composer" else math.inf):
+            raise ValueError(f"linear start {self.start}: epochs >= 0 (epoch mode), or in composer mode the "
+                             "fraction of training before the first freeze, in [0, 1)")
+        if not 0 <= self.level <= 1:
+            raise ValueError(f"linear level {self.level}: the fraction of the blocks frozen at the end, in [0, 1]")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"linear alpha {self.alpha}: PipeTransformer's rate, in (0, 1]")
         if self.blocks < 0 or self.from_step < 0:
             raise ValueError("static freezing needs blocks >= 0 and from_step >= 0")
         if self.name == "static" and self.blocks == 0:

@@ -7,6 +7,7 @@ environment variables FREEZEPS_<FIELD> (e.g. FREEZEPS_NUM_WORKERS=4) > the defau
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -237,6 +238,10 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {list(choices)}")
+            # nan passes every comparison below (nan < 0 is False) and inf bounds nothing: a
+            # run would start and fail later (an lr of nan at the first round's update)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         positive = ("num_workers", "chunk_bytes", "ps_shards", "batch_size", "epochs", "image_size", "max_seq_len", "connect_retries",
                 "checkpoint_keep", "max_model_bytes")
         for name in positive:
@@ -252,7 +257,11 @@ class Config:
             raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
         if min(self.round_timeout_s, self.rpc_timeout_s, self.worker_timeout_s, self.start_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
-        if 0 < self.keepalive_s < 1:
+        if self.dirichlet_alpha <= 0:
+            raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.lr_gamma <= 0:
+            raise ValueError(f"lr_gamma must be > 0, got {self.lr_gamma}")
+        if self.keepalive_s < 0 or 0 < self.keepalive_s < 1:
             raise ValueError(f"keepalive_s {self.keepalive_s:g}: 0 (off) or at least 1 (a PS takes a worker's pings "
                              "at most once a second)")
         if self.round_timeout_s <= self.worker_timeout_s:

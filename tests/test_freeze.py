@@ -228,6 +228,13 @@ def test_simple_engines_and_spec_validation():
     for bad in (EngineSpec("sometimes"), EngineSpec("gradnorm", interval=-1), EngineSpec("static")):
         with pytest.raises(ValueError):
             make_engine(bad)
+    # the spec checks its own numbers too, nan and inf included (it also comes as JSON in votes mode)
+    for bad, words in ((EngineSpec("threshold", tau=math.inf), "tau > 0"),
+                       (EngineSpec("linear", start=math.nan), "linear start nan"),
+                       (EngineSpec("linear", linear_mode="composer", level=math.nan), "linear level nan"),
+                       (EngineSpec("linear", linear_mode="pipetransformer", alpha=math.inf), "linear alpha inf")):
+        with pytest.raises(ValueError, match=words):
+            bad.validate()
 
 
 def test_votes_decide_with_weights_and_are_logged():

@@ -121,6 +121,19 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"backup_workers": "1", "ps_shards": "2", "freeze": "none"}, "each shard would complete its rounds"),
     ({"keepalive_s": "0.5"}, r"keepalive_s 0.5: 0 \(off\) or at least 1"),
     ({"max_staleness": "2"}, "max_staleness 2: at least 0, and more only with backup_workers"),
+    # nan passes a `< 0` check and inf bounds nothing: both refused before anything runs
+    ({"lr": "nan"}, "lr must be a finite number, got nan"),
+    ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
+    ({"worker_timeout_s": "nan"}, "worker_timeout_s must be a finite number"),
+    ({"link_delay_ms": "inf"}, "link_delay_ms must be a finite number"),
+    ({"sharding": "dirichlet", "dirichlet_alpha": "0"}, "dirichlet_alpha must be > 0"),
+    ({"lr_schedule": "step", "lr_step_size": "5", "lr_gamma": "-0.5"}, "lr_gamma must be > 0"),
+    ({"keepalive_s": "-1"}, r"keepalive_s -1: 0 \(off\) or at least 1"),
+    ({"freeze": "threshold", "freeze_tau": "0"}, "tau > 0"),
+    ({"freeze": "linear", "linear_mode": "composer", "linear_start": "1"}, r"linear start 1.0: .* in \[0, 1\)"),
+    ({"freeze": "linear", "linear_start": "-2"}, "linear start -2.0: epochs >= 0"),
+    ({"freeze": "linear", "linear_mode": "composer", "linear_level": "1.5"}, r"linear level 1.5: .* in \[0, 1\]"),
+    ({"freeze": "linear", "linear_mode": "pipetransformer", "linear_alpha": "0"}, r"linear alpha 0.0: .* in \(0, 1\]"),
 ])
 def test_config_rejects_bad_values(cli, words):
     with pytest.raises(ValueError, match=words):
@@ -134,3 +147,9 @@ def test_config_rejects_unknown_file_keys_and_bad_env(tmp_path):
         load_config({}, str(file), {})
     with pytest.raises(ValueError, match="FREEZEPS_EVALUATE"):
         load_config({}, None, {"FREEZEPS_EVALUATE": "maybe"})
+    # TOML has nan and inf literals, the environment float("nan"): refused from every source
+    file.write_text("lr = nan\n")
+    with pytest.raises(ValueError, match="lr must be a finite number, got nan"):
+        load_config({}, str(file), {})
+    with pytest.raises(ValueError, match="momentum must be a finite number, got inf"):
+        load_config({}, None, {"FREEZEPS_MOMENTUM": "inf"})
