@@ -59,6 +59,11 @@ def test_csv_loader_and_its_errors(tmp_path):
         load_dataset("csv", tmp_path, True, text=TextSettings(MINILM, data_file=str(path), text_column="review"))
     with pytest.raises(ValueError, match="needs data_file"):
         load_dataset("csv", tmp_path, True, text=TextSettings(MINILM))
+    # MiniLM has 512 positions: a longer sequence would fail at the first long text's forward
+    with pytest.raises(ValueError, match=r"max_seq_len 513: .* at most 512 tokens \(max_position_embeddings\)"):
+        load_dataset("csv", tmp_path, True, text=TextSettings(MINILM, max_len=513, data_file=str(path)))
+    assert load_dataset("csv", tmp_path, True, text=TextSettings(MINILM, max_len=512, data_file=str(path))
+                        ).inputs.shape == (45, 512)
 
 
 def test_tokenization_is_cached_on_disk(tmp_path, monkeypatch):

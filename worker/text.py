@@ -21,6 +21,7 @@ import csv
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def text_dataset(name: str, train: bool, settings: TextSettings,
         texts, labels, names = csv_file(Path(settings.data_file), settings.text_column, settings.label_column, train)
     else:
         raise ValueError(f"unknown text dataset {name!r}; choose one of {TEXT_DATASETS}")
+    positions = json.loads((settings.tokenizer_dir / "config.json").read_text()).get("max_position_embeddings")
+    if positions and settings.max_len > positions:  # a longer text would index past the position embeddings
+        raise ValueError(f"max_seq_len {settings.max_len}: the model in {settings.tokenizer_dir} takes at most "
+                         f"{positions} tokens (max_position_embeddings)")
     ids, digest = tokenize(texts, settings.tokenizer_dir, settings.max_len, cache_dir)
     source = f"{name}:{'train' if train else 'test'}:{digest}"
     return ids, torch.tensor(labels, dtype=torch.int64), len(names), source
