@@ -25,7 +25,7 @@ from ps.server import SHARDED_CENTRAL, straggler_refusal
 from worker.cached_prefix import cache_refusal
 from worker.data import DATASETS
 from worker.device import device_refusal
-from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS, text_pooling_refusal
+from worker.models import MODELS, TEXT_MODELS, TEXT_POOLINGS, image_size_refusal, text_pooling_refusal
 from worker.text import TEXT_DATASETS
 
 PS, WORKER, RUN, STATUS = "ps", "worker", "run", "status"
@@ -290,7 +290,8 @@ class Config:
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")
-        if why := text_pooling_refusal(self.model, self.text_pooling):
+        if why := text_pooling_refusal(self.model, self.text_pooling) or image_size_refusal(self.model,
+                                                                                          self.image_size):
             raise ValueError(why)
         block_lr_scales(1, self.lr_block_decay)
         if self.auto_resume and (self.resume or not self.checkpoint_dir):

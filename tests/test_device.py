@@ -83,7 +83,7 @@ def test_the_launcher_checks_every_process_device_before_starting():
 def test_run_on_cuda_without_a_gpu_exits_2_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "freezeps", "run", "--device", "cuda", "--model", "mlp",
-                          "--dataset", "synthetic", "--weights", "random", "--run-dir", str(run_dir)],
+                          "--dataset", "synthetic", "--weights", "random", "--image-size", "8", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no CUDA GPU is visible" in out.stderr, out.stderr
     assert not run_dir.exists()

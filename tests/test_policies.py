@@ -122,6 +122,7 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"keepalive_s": "0.5"}, r"keepalive_s 0.5: 0 \(off\) or at least 1"),
     ({"max_staleness": "2"}, "max_staleness 2: at least 0, and more only with backup_workers"),
     # nan passes a `< 0` check and inf bounds nothing: both refused before anything runs
+    ({"model": "mlp", "weights": "random", "dataset": "synthetic"}, r"image_size 32: model mlp .* takes 8x8"),
     ({"lr": "nan"}, "lr must be a finite number, got nan"),
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
     ({"worker_timeout_s": "nan"}, "worker_timeout_s must be a finite number"),

@@ -167,7 +167,10 @@ def efficientnet_lite0(num_classes: int, weights: str) -> BlockModel:
     return BlockModel("efficientnet_lite0", blocks)
 
 
-def mlp(num_classes: int, weights: str, in_features: int = 192) -> BlockModel:
+MLP_IMAGE_SIZE = 8  # the only input mlp takes: 3 x 8 x 8 images, flattened
+
+
+def mlp(num_classes: int, weights: str, in_features: int = 3 * MLP_IMAGE_SIZE ** 2) -> BlockModel:
     """A tiny three-block MLP for tests: no BatchNorm, so distributed SGD equals serial SGD."""
     _random_only(weights, "mlp")
     return BlockModel("mlp", [("fc1", _seq(flatten=nn.Flatten(1), fc=nn.Linear(in_features, 32), act=nn.ReLU())),
@@ -257,6 +260,15 @@ def text_pooling_refusal(model: str, text_pooling: str) -> str | None:
     when it can. One rule for Config.validate (at load time) and build_model."""
     if text_pooling != "cls" and model not in TEXT_MODELS:
         return f"text_pooling {text_pooling!r}: model {model} is not a text model"
+    return None
+
+
+def image_size_refusal(model: str, image_size: int) -> str | None:
+    """Why `model` cannot take images of `image_size` pixels a side, or None (the convolutional
+    models pool adaptively and take any size; mlp's first layer fixes its input)."""
+    if model == "mlp" and image_size != MLP_IMAGE_SIZE:
+        return (f"image_size {image_size}: model mlp (a test model) takes {MLP_IMAGE_SIZE}x{MLP_IMAGE_SIZE} "
+                f"images; use image_size {MLP_IMAGE_SIZE}")
     return None
 
 
