@@ -261,24 +261,28 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"freezeps ddp: {e}", file=sys.stderr)
         return 2
-    if args.single:
-        train(cfg, 0, 1, run_dir, single=True, device=device)
-        return 0
-    # CI twice saw a rank end with SIGABRT ("terminate called without an active exception") and
-    # no other output; never reproduced here (140 pairs of ranks under load). faulthandler puts
-    # every thread's Python stack into the rank's log should it happen again.
-    faulthandler.enable()
-    # NCCL all-reduces CUDA tensors only; gloo the CPU's.
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{args.master}",
-                            rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
     try:
-        train(cfg, args.rank, args.world, run_dir, device=device)
-        dist.barrier()  # leave together: rank 0 still evaluates and saves after the last step
-    finally:
-        dist.destroy_process_group()
+        if args.single:
+            train(cfg, 0, 1, run_dir, single=True, device=device)
+            return 0
+        # CI twice saw a rank end with SIGABRT ("terminate called without an active exception") and
+        # no other output; never reproduced here (140 pairs of ranks under load). faulthandler puts
+        # every thread's Python stack into the rank's log should it happen again.
+        faulthandler.enable()
+        # NCCL all-reduces CUDA tensors only; gloo the CPU's.
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{args.master}",
+                                rank=args.rank, world_size=args.world,
+                                timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
+        try:
+            train(cfg, args.rank, args.world, run_dir, device=device)
+            dist.barrier()  # leave together: rank 0 still evaluates and saves after the last step
+        finally:
+            dist.destroy_process_group()
+    except (ValueError, FileNotFoundError) as e:  # the data does not fit the settings (as freezeps worker)
+        print(f"freezeps {'single' if args.single else 'ddp'}: {e}", file=sys.stderr)
+        return 2
     print(f"rank {args.rank}: done", file=sys.stderr, flush=True)
     # Everything is written and closed, but gloo's loop and work threads outlive
     # destroy_process_group; the interpreter's teardown with them still running is the likely

@@ -115,8 +115,10 @@ def run_ps(cfg: Config) -> int:
 
 
 def run_worker_role(cfg: Config) -> int:
-    """Run one worker; exit status 0 when done, 2 when its security or cache settings cannot be
-    used, 3 when the PS cannot be reached, 4 on an RPC error (a refused token among them)."""
+    """Run one worker; exit status 0 when done, 2 when its settings cannot be used (security,
+    cache, device, or the data: a missing dataset, a sequence longer than the model takes,
+    fewer samples than workers), 3 when the PS cannot be reached, 4 on an RPC error (a refused
+    token among them)."""
     try:
         settings = replace(worker_settings(cfg, local_rank(os.environ, cfg.device)), auth=auth_for(cfg, WORKER))
     except (AuthError, ValueError) as e:
@@ -124,6 +126,10 @@ def run_worker_role(cfg: Config) -> int:
         return 2
     try:
         run_worker(settings)
+    except (ValueError, FileNotFoundError) as e:  # what it was asked to do cannot be done: say what, not where
+        log.debug("the worker stopped", exc_info=True)
+        print(f"freezeps worker: {e}", file=sys.stderr)
+        return 2
     except ConnectError as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 3

@@ -44,6 +44,17 @@ def test_worker_command_exits_nonzero_with_a_message():
     assert "cannot join the parameter server" in out.stderr
 
 
+def test_a_worker_whose_data_cannot_be_used_says_why_in_a_line_and_exits_2():
+    """A setting only the data can refuse (here a sequence longer than MiniLM's 512 positions)
+    is found as the worker loads it: one line saying what, exit status 2, no traceback."""
+    out = subprocess.run(FREEZEPS + ["worker", "--ps-address", f"127.0.0.1:{free_port()}", "--model", "minilm",
+                                     "--weights", "pretrained", "--dataset", "rotten_tomatoes", "--max-seq-len", "600",
+                                     "--connect-retries", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "freezeps worker: max_seq_len 600: the model in" in out.stderr and "at most 512 tokens" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_bad_flag_value_is_a_clear_error():
     out = subprocess.run(FREEZEPS + ["ps", "--num-workers", "zero"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--num-workers" in out.stderr

@@ -65,6 +65,18 @@ def test_shards_are_disjoint_complete_and_deterministic(scheme):
     assert not np.array_equal(batch_order(shards[0], 0, 0, 1), batch_order(shards[0], 1, 0, 1))
 
 
+def test_every_worker_gets_samples_or_the_sharding_says_why():
+    labels = np.random.default_rng(1).integers(0, 10, 64)
+    # Seed 4's first Dirichlet(0.01) partition gives rank 2 nothing (18, 21, 0, 25): drawn again.
+    shards = [shard_indices(labels, r, 4, "dirichlet", alpha=0.01, seed=4) for r in range(4)]
+    assert min(len(s) for s in shards) > 0 and sorted(np.concatenate(shards).tolist()) == list(range(64))
+    # Two classes over eight workers at alpha 0.01: each class goes (nearly) whole to one worker.
+    with pytest.raises(ValueError, match="each of 100 draws left one of 8 workers without samples"):
+        shard_indices(np.random.default_rng(2).integers(0, 2, 64), 0, 8, "dirichlet", alpha=0.01)
+    with pytest.raises(ValueError, match="3 training samples for 4 workers: each needs at least one"):
+        shard_indices(np.zeros(3), 0, 4)
+
+
 @pytest.mark.parametrize("shard_size", [256, 260, 250])  # an epoch's rows exactly; 4 left out; 6 too few
 def test_batch_positions_read_ahead_are_the_batches_of_those_steps(shard_size):
     """What the activation cache is handed as the coming batches (a stretch of steps, across

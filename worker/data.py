@@ -134,15 +134,22 @@ def load_dataset(name: str, root: Path, train: bool, download: bool = False,
     return ds
 
 
+SHARD_DRAWS = 100  # dirichlet: partitions drawn before giving up on one where every worker has a sample
+
+
 def shard_indices(labels: np.ndarray, rank: int, world: int, scheme: str = "iid",
                   alpha: float = 0.5, seed: int = 0) -> np.ndarray:
     """The sample indices of worker `rank` of `world`, the same on every host.
 
     iid: a seeded permutation dealt round-robin. dirichlet: for each class, the shares
-    of the workers are drawn from Dirichlet(alpha); small alpha means strong label skew.
+    of the workers are drawn from Dirichlet(alpha); small alpha means strong label skew. A
+    partition that leaves a worker without samples (likely with a small alpha, few classes or
+    many workers) is drawn again, up to SHARD_DRAWS times: every worker must train on something.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    if len(labels) < world:
+        raise ValueError(f"{len(labels)} training samples for {world} workers: each needs at least one")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return np.sort(rng.permutation(len(labels))[rank::world])
@@ -150,13 +157,18 @@ def shard_indices(labels: np.ndarray, rank: int, world: int, scheme: str = "iid"
         raise ValueError(f"unknown sharding {scheme!r}; choose iid or dirichlet")
     if alpha <= 0:
         raise ValueError("dirichlet alpha must be > 0")
-    mine = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        shares = rng.dirichlet([alpha] * world)
-        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-        mine.append(np.split(idx, cuts)[rank])
-    return np.sort(np.concatenate(mine))
+    for _ in range(SHARD_DRAWS):
+        shards = [[] for _ in range(world)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * world))[:-1] * len(idx)).astype(int)
+            for shard, part in zip(shards, np.split(idx, cuts)):
+                shard.append(part)
+        if all(sum(len(p) for p in shard) for shard in shards):
+            return np.sort(np.concatenate(shards[rank]))
+    raise ValueError(f"dirichlet sharding with alpha {alpha}: each of {SHARD_DRAWS} draws left one of {world} "
+                     f"workers without samples ({len(labels)} samples, {len(np.unique(labels))} classes); "
+                     "raise dirichlet_alpha, or use fewer workers or more samples")
 
 
 def label_balance(labels: np.ndarray, num_classes: int) -> float:
