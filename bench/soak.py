@@ -30,6 +30,7 @@ from bench import FREEZEPS
 from bench.machine import one_torch_thread
 from freezeps.launch import free_port
 from freezeps.report import applied_rounds
+from proto.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = dict(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=16, image_size=8)
@@ -140,7 +141,7 @@ def soak(workers: int, rounds: int, kills: int, run_dir: Path, weights: Path, *,
     result.wall_s = time.monotonic() - started
     late = {id(p) for p in replacements if p.returncode in (3, -signal.SIGTERM)}  # could not join: run over
     result.failed_processes = sum(p.returncode != 0 and id(p) not in late for p in live) + (ps.returncode != 0)
-    records = [json.loads(line) for line in (run_dir / "ps.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run_dir / "ps.jsonl")
     # A replacement that joins once every round is done has nothing to push and leaves (exit 0).
     result.late_replacements = len(late) + sum(r["event"] == "join" and r["step"] >= rounds for r in records)
     rounds_logged = applied_rounds(records)

@@ -35,6 +35,7 @@ from pathlib import Path
 from bench import FREEZEPS, machine, run_freezeps
 from bench.compare import write_readme
 from freezeps.report import summarize_run, write_comparison
+from proto.runlog import read_jsonl
 
 
 def worker_pids(launcher: int) -> list[int]:
@@ -117,7 +118,7 @@ class Stalls:
 
 def round_facts(run_log: Path) -> dict:
     """From the PS's run log: rounds, samples applied, late pushes, median round seconds."""
-    records = [json.loads(line) for line in run_log.read_text().splitlines()]
+    records = read_jsonl(run_log)
     rounds = [r for r in records if r["event"] == "round"]
     return {"rounds": len(rounds), "samples": sum(r["samples"] for r in rounds),
             "late_pushes": sum(1 for r in records if r["event"] == "late_push"),

@@ -15,16 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from proto.runlog import read_jsonl
 from worker.cached_prefix import PrefixCounters
 
 PHASES = ("forward_s", "backward_s", "pull_s", "wait_s", "push_s")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _mb(n: float) -> str:
@@ -158,6 +152,8 @@ def _weighted_loss(shares: list[dict], scored: int) -> float | None:
 
 def summarize_run(run_dir: Path) -> dict:
     """The facts of a run as one dict (also what `freezeps report --json` prints)."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     is_ps = (run_dir / "ps.jsonl").exists() or not (run_dir / "ddp.jsonl").exists()
     log_file = run_dir / "ps.jsonl" if is_ps else run_dir / "ddp.jsonl"
     ps = merge_shards(ps_logs(run_dir)) if is_ps else read_jsonl(log_file)

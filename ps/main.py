@@ -8,7 +8,6 @@ past its deadline), "resume" (with the rounds lost since the checkpoint) and
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -16,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.runlog import JsonlLog
+from proto.runlog import JsonlLog, read_jsonl
 from proto.security import Auth, check_listen
 from proto.transport import KEEPALIVE_S, ByteMeter, InterfaceCounter
 from ps.checkpoint import CheckpointError, list_checkpoints, read_latest, set_aside, write_checkpoint
@@ -162,16 +161,11 @@ def _rounds_lost(run_log: Path | None, restored_step: int) -> int:
     if run_log is None or not run_log.is_file():
         return 0
     last = restored_step - 1
-    with open(run_log, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-            if record.get("event") == "round":
-                last = max(last, record["step"])
-            elif record.get("event") == "resume":
-                last = record["step"] - 1  # rounds before an earlier resume were redone
+    for record in read_jsonl(run_log):  # without the line the crash cut short
+        if record.get("event") == "round":
+            last = max(last, record["step"])
+        elif record.get("event") == "resume":
+            last = record["step"] - 1  # rounds before an earlier resume were redone
     return last + 1 - restored_step
 
 

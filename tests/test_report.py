@@ -26,6 +26,7 @@ from freezeps.report import (
     summarize_run,
     time_to_accuracy,
 )
+from proto.runlog import JsonlLog, read_jsonl
 from worker.data import load_dataset
 from worker.models import build_model
 from worker.train import eval_due, eval_share, evaluate
@@ -208,7 +209,29 @@ def test_the_mode_and_the_savings_name_shards_and_narrow_pushes():
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert "has no summary record" in capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'}: no such run folder" in capsys.readouterr().err
+    (tmp_path / "unfinished").mkdir()
+    assert main(["report", str(tmp_path / "unfinished")]) == 2
+    assert "has no summary record: did the run finish?" in capsys.readouterr().err
+
+
+def test_a_log_line_cut_short_is_left_out_with_a_warning_and_the_next_writer_starts_a_new_line(tmp_path, caplog):
+    """A process that dies while writing leaves its log's last line cut short; the records
+    before it still count. A restarted process (a resumed PS, a worker back in its rank)
+    appends its records on lines of their own after it, so none of them is lost with it."""
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    worker = run / "worker-0.jsonl"
+    whole = read_jsonl(worker)
+    worker.write_text(worker.read_text() + '{"event": "step", "step": 9')
+    assert read_jsonl(worker) == whole
+    assert f"{worker} line {len(whole) + 1} is not a JSON record" in caplog.text
+    assert {**summarize_run(run), "name": ""} == {**summarize_run(FIXTURE), "name": ""}  # but the folder's name
+    again = JsonlLog(worker)
+    again.write({"event": "rejoin", "step": 9})
+    again.close()
+    assert read_jsonl(worker)[:-1] == whole and read_jsonl(worker)[-1]["event"] == "rejoin"
 
 
 @pytest.mark.parametrize("bad", ["fast", "0gbit", "-1mbit"])
@@ -491,7 +514,6 @@ def test_an_evaluation_short_of_a_share_says_so_and_is_not_paired():
 
 
 def test_a_run_log_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
-    from proto.runlog import JsonlLog
     from tests.conftest import read_strict_jsonl
 
     log = JsonlLog(tmp_path / "ps.jsonl")
