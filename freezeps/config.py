@@ -281,6 +281,8 @@ class Config:
         if self.ps_shards > 1 and self.mode != "ps":
             raise ValueError(f"ps_shards {self.ps_shards}: shards are a PS's; mode {self.mode!r} has no PS")
         ps_addresses(self)
+        if why := address_refusal("listen", self.listen, lowest_port=0):
+            raise ValueError(why)
         if why := device_refusal(self.device):
             raise ValueError(why)
         if (self.cache_memory_bytes or self.cache_disk_bytes) and (why := cache_refusal(self.augment,
@@ -328,10 +330,18 @@ def ps_addresses(cfg: Config) -> list[str]:
     """The PS shards' addresses, in shard order (ValueError when one is not host:port)."""
     addresses = [a.strip() for a in cfg.ps_address.split(",")]
     for a in addresses:
-        host, _, port = a.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"ps_address: {a!r} is not host:port")
+        if why := address_refusal("ps_address", a, lowest_port=1):
+            raise ValueError(why)
     return addresses
+
+
+def address_refusal(setting: str, address: str, lowest_port: int) -> str | None:
+    """Why `address` is not host:port with a TCP port from `lowest_port` (0 where any free port
+    will do) to 65535, or None. (gRPC takes a larger port modulo 65536: 99999 would serve on 34463.)"""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        return f"{setting}: {address!r} is not host:port with a port from {lowest_port} to 65535"
+    return None
 
 
 def auth_for(cfg: Config, role: str) -> Auth:

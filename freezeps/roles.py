@@ -98,14 +98,19 @@ def resume_from(cfg: Config) -> Path | None:
 
 def run_ps(cfg: Config) -> int:
     """Serve one run; exit status 0, 2 when the security settings cannot be used (or would
-    serve strangers), or 5 when --resume finds no checkpoint that fits (or a run that does not
-    resume finds checkpoints in its folder)."""
+    serve strangers) or a file or address cannot be (the run log's or checkpoints' folder,
+    a port another process holds), or 5 when --resume finds no checkpoint that fits (or a run
+    that does not resume finds checkpoints in its folder)."""
     try:
         serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
                  auth=auth_for(cfg, PS), insecure=cfg.insecure, wire=InterfaceCounter() if cfg.count_wire_bytes else None,
                  params_out=Path(cfg.params_out) if cfg.params_out else None,
                  checkpoints=checkpoint_plan(cfg), resume=resume_from(cfg), keepalive_s=cfg.keepalive_s)
     except AuthError as e:
+        print(f"freezeps ps: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        log.debug("the PS stopped", exc_info=True)
         print(f"freezeps ps: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:

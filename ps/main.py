@@ -9,6 +9,7 @@ past its deadline), "resume" (with the rounds lost since the checkpoint) and
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -124,6 +125,10 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
                    "rounds_lost": _rounds_lost(run_log, int(state["server"]["step"]))}
         log.warning("[PS] resumed from %s at step %d (%d rounds lost since it was written)",
                     path, resumed["step"], resumed["rounds_lost"])
+    if checkpoints is not None:  # an OSError now, not at the first checkpoint
+        checkpoints.directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(checkpoints.directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{checkpoints.directory}: cannot write checkpoints there")
     runlog = JsonlLog(run_log)
     if resumed:
         runlog.write(resumed)

@@ -89,13 +89,18 @@ def start_server(server: ParameterServer, meter: ByteMeter, address: str,
     checks on every method, pinging a silent worker after `keepalive_s` (and ending its calls
     when it does not answer: proto.transport.keepalive_options); returns (server, port)."""
     credentials = auth.server_credentials()
+    # gRPC sets SO_REUSEPORT by default: a second PS on a taken port would bind it too, and the
+    # kernel would hand each new connection to one or the other (grpc/grpc#10755).
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * server.settings.num_workers + 8),
-                              options=CHANNEL_OPTIONS + keepalive_options(keepalive_s),
+                              options=CHANNEL_OPTIONS + keepalive_options(keepalive_s) + [("grpc.so_reuseport", 0)],
                               interceptors=auth.interceptors(_log_refused))
     grpc_server.add_generic_rpc_handlers((server_handler(ParameterServerServicer(server, meter)),))
-    port = (grpc_server.add_secure_port(address, credentials) if credentials
-            else grpc_server.add_insecure_port(address))
+    try:  # grpc raises RuntimeError where it cannot bind (older versions return 0)
+        port = (grpc_server.add_secure_port(address, credentials) if credentials
+                else grpc_server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"cannot listen on {address}: its port is taken, or the host is not one of this machine's")
     grpc_server.start()
     return grpc_server, port

@@ -55,6 +55,28 @@ def test_a_worker_whose_data_cannot_be_used_says_why_in_a_line_and_exits_2():
     assert "Traceback" not in out.stderr
 
 
+def test_a_ps_that_cannot_serve_says_why_in_a_line_and_exits_2(tmp_path, capsys):
+    """A port another PS holds (gRPC would share it by default: the kernel would deal the
+    workers' connections between the two), a run log or checkpoint folder that cannot be made:
+    one line each, exit status 2, before any worker could join."""
+    from freezeps.config import load_config
+    from freezeps.roles import run_ps
+    from tests.conftest import running_ps
+
+    with running_ps() as holder:
+        cfg = load_config({"listen": holder.address, "num_workers": "1"}, None, {})
+        assert run_ps(cfg) == 2
+        assert f"freezeps ps: cannot listen on {holder.address}: its port is taken" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for setting in ({"run_log": str(blocker / "ps.jsonl")},
+                    {"checkpoint_dir": str(blocker / "checkpoints"), "checkpoint_every": "1"}):
+        cfg = load_config({"listen": f"127.0.0.1:{free_port()}", "num_workers": "1", **setting}, None, {})
+        assert run_ps(cfg) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("freezeps ps: [Errno") and str(blocker) in err and "Traceback" not in err, err
+
+
 def test_bad_flag_value_is_a_clear_error():
     out = subprocess.run(FREEZEPS + ["ps", "--num-workers", "zero"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--num-workers" in out.stderr

@@ -135,6 +135,9 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"max_staleness": "2"}, "max_staleness 2: at least 0, and more only with backup_workers"),
     # nan passes a `< 0` check and inf bounds nothing: both refused before anything runs
     ({"model": "mlp", "weights": "random", "dataset": "synthetic"}, r"image_size 32: model mlp .* takes 8x8"),
+    ({"listen": "127.0.0.1:99999"}, r"listen: '127.0.0.1:99999' is not host:port with a port from 0 to 65535"),
+    ({"listen": "nonsense"}, "listen: 'nonsense' is not host:port"),
+    ({"ps_address": "10.0.0.1:0"}, "ps_address: '10.0.0.1:0' is not host:port with a port from 1 to 65535"),
     ({"lr": "nan"}, "lr must be a finite number, got nan"),
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
     ({"worker_timeout_s": "nan"}, "worker_timeout_s must be a finite number"),
