@@ -257,6 +257,8 @@ class Config:
             raise ValueError(f"chunk_bytes must be a multiple of 4 and at most {MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
         if min(self.round_timeout_s, self.rpc_timeout_s, self.worker_timeout_s, self.start_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
+        if not 0 <= self.seed < 2 ** 32:  # the workers' generators are seeded with seed * 1000 + rank
+            raise ValueError(f"seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if self.lr_gamma <= 0:
@@ -369,7 +371,8 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
             return False
         raise ValueError(f"{name}: {raw!r} is not a boolean")
     try:
-        if kind is int and isinstance(raw, float):
+        # TOML's own types: true is no number (Python's bool is an int), 1.5 no int, 5 no name
+        if isinstance(raw, bool) or (kind is int and isinstance(raw, float)) or (kind is str and not isinstance(raw, str)):
             raise ValueError
         return kind(raw)
     except (TypeError, ValueError):

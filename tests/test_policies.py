@@ -163,6 +163,14 @@ def test_config_rejects_unknown_file_keys_and_bad_env(tmp_path):
         load_config({}, str(file), {})
     with pytest.raises(ValueError, match="FREEZEPS_EVALUATE"):
         load_config({}, None, {"FREEZEPS_EVALUATE": "maybe"})
+    # TOML's true is no number (Python's bool is an int), 5 no model name
+    for line, words in (("num_workers = true", "num_workers: True is not a valid int"),
+                        ("lr = false", "lr: False is not a valid float"),
+                        ("model = 5", "model: 5 is not a valid str"),
+                        ("seed = 99999999999999999999999", r"seed must be in 0\.\.4294967295")):
+        file.write_text(line + "\n")
+        with pytest.raises(ValueError, match=words):
+            load_config({}, str(file), {})
     # TOML has nan and inf literals, the environment float("nan"): refused from every source
     file.write_text("lr = nan\n")
     with pytest.raises(ValueError, match="lr must be a finite number, got nan"):
