@@ -49,6 +49,8 @@ SHARDED_CENTRAL = ("a central gradient decision needs every block's averaged gra
                    "PS shards use freeze_decision 'votes' (every shard combines the same votes) or a "
                    "gradient-blind engine (none, static, linear)")
 
+MAX_WORKER_NAME = 512  # bytes: the PS keeps each worker's name and logs it
+
 
 def straggler_refusal(num_workers: int, backup_workers: int, max_staleness: int, num_shards: int) -> str | None:
     """Why these backup-worker settings cannot run, or None. One rule for ServerSettings and
@@ -217,6 +219,9 @@ class ParameterServer:
 
     # -- Join / Init -----------------------------------------------------------------------
     def join(self, req: pb.JoinRequest) -> pb.JoinReply:
+        if len(req.worker_name.encode()) > MAX_WORKER_NAME:
+            raise InvalidArgument(f"worker_name of {len(req.worker_name.encode()):,} bytes: at most "
+                                  f"{MAX_WORKER_NAME} (freezeps.proto, JoinRequest)")
         with self._cond:
             if self._manifest is None:
                 try:

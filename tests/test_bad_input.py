@@ -239,6 +239,19 @@ def test_manifest_mismatch_is_refused(ps_factory):
         assert stub.Status(pb.StatusRequest(), timeout=10).live_workers == 1
 
 
+def test_a_worker_name_past_512_bytes_is_refused(ps_factory):
+    flat = FlatModel(build_model("mlp", 4))
+    with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(pb.JoinRequest(worker_name="é" * 257, manifest=flat.manifest), timeout=10)  # 514 bytes
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "worker_name of 514 bytes: at most 512" in err.value.details()
+        status = stub.Status(pb.StatusRequest(), timeout=10)
+        assert status.live_workers == 0 and not status.blocks  # nothing was kept
+        assert stub.Join(pb.JoinRequest(worker_name="é" * 256, manifest=flat.manifest), timeout=10).worker_id
+
+
 @pytest.mark.parametrize("edit,words", [
     (lambda m: m.blocks[0].tensors[0].__setattr__("dtype", "float64"), "dtype"),
     (lambda m: m.blocks[1].__setattr__("name", m.blocks[0].name), "repeated"),
