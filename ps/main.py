@@ -163,7 +163,7 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
 
 def _rounds_lost(run_log: Path | None, restored_step: int) -> int:
     """Rounds the previous process completed after the checkpoint: the run log's last round."""
-    if run_log is None or not run_log.is_file():
+    if run_log is None:
         return 0
     last = restored_step - 1
     for record in read_jsonl(run_log):  # without the line the crash cut short
