@@ -310,6 +310,10 @@ class Config:
         if self.ps_shards > 1 and policy.needs_gradients:
             raise ValueError(f"ps_shards {self.ps_shards} with freeze {self.freeze!r}: {SHARDED_CENTRAL}")
         link_shape(self)
+        if self.network != "netns" and (self.link_rate or self.link_delay_ms or self.link_offload
+                                        or self.link_mtu != Config.link_mtu):
+            raise ValueError("link_rate, link_delay_ms, link_mtu and link_offload shape the links between network "
+                             f"namespaces: they need network netns (network is {self.network!r})")
         return self
 
 

@@ -138,6 +138,8 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"listen": "127.0.0.1:99999"}, r"listen: '127.0.0.1:99999' is not host:port with a port from 0 to 65535"),
     ({"listen": "nonsense"}, "listen: 'nonsense' is not host:port"),
     ({"ps_address": "10.0.0.1:0"}, "ps_address: '10.0.0.1:0' is not host:port with a port from 1 to 65535"),
+    ({"link_rate": "1gbit"}, "link_rate, link_delay_ms, link_mtu and link_offload .* need network netns"),
+    ({"link_mtu": "9000"}, "need network netns"),
     ({"lr": "nan"}, "lr must be a finite number, got nan"),
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
     ({"worker_timeout_s": "nan"}, "worker_timeout_s must be a finite number"),
