@@ -291,6 +291,13 @@ class Config:
                                                                                        self.frozen_dropout,
                                                                                        self.device)):
             raise ValueError(f"cache_memory_bytes, cache_disk_bytes: {why}")
+        if (self.cache_memory_bytes or self.cache_disk_bytes) and self.mode != "ps":
+            raise ValueError(f"cache_memory_bytes, cache_disk_bytes: the activation cache is a PS worker's; mode "
+                             f"{self.mode!r} has none")
+        if self.dataset != "csv" and (self.data_file or self.text_column != Config.text_column
+                                      or self.label_column != Config.label_column):
+            raise ValueError(f"data_file, text_column and label_column are dataset csv's; dataset {self.dataset!r} "
+                             "reads its own file")
         if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
             raise ValueError(f"model {self.model} and dataset {self.dataset}: a text model needs a text dataset "
                              f"({', '.join(TEXT_DATASETS)}) and a vision model an image one")

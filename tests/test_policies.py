@@ -140,6 +140,8 @@ def test_a_written_config_reads_back_as_the_same_config(tmp_path):
     ({"ps_address": "10.0.0.1:0"}, "ps_address: '10.0.0.1:0' is not host:port with a port from 1 to 65535"),
     ({"link_rate": "1gbit"}, "link_rate, link_delay_ms, link_mtu and link_offload .* need network netns"),
     ({"link_mtu": "9000"}, "need network netns"),
+    ({"mode": "ddp", "cache_memory_bytes": "1000000"}, "the activation cache is a PS worker's; mode 'ddp' has none"),
+    ({"data_file": "reviews.csv"}, "data_file, text_column and label_column are dataset csv's"),
     ({"lr": "nan"}, "lr must be a finite number, got nan"),
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
     ({"worker_timeout_s": "nan"}, "worker_timeout_s must be a finite number"),
