@@ -101,6 +101,10 @@ def run_ps(cfg: Config) -> int:
     serve strangers) or a file or address cannot be (the run log's or checkpoints' folder,
     a port another process holds), or 5 when --resume finds no checkpoint that fits (or a run
     that does not resume finds checkpoints in its folder)."""
+    if cfg.checkpoint_every and not (cfg.checkpoint_dir or cfg.resume):  # `freezeps run` gives the run folder's
+        print(f"freezeps ps: checkpoint_every {cfg.checkpoint_every} needs checkpoint_dir, where the checkpoints go",
+              file=sys.stderr)
+        return 2
     try:
         serve_ps(server_settings(cfg), freeze_policy(cfg), cfg.listen, Path(cfg.run_log) if cfg.run_log else None,
                  auth=auth_for(cfg, PS), insecure=cfg.insecure, wire=InterfaceCounter() if cfg.count_wire_bytes else None,

@@ -57,8 +57,9 @@ def test_a_worker_whose_data_cannot_be_used_says_why_in_a_line_and_exits_2():
 
 def test_a_ps_that_cannot_serve_says_why_in_a_line_and_exits_2(tmp_path, capsys):
     """A port another PS holds (gRPC would share it by default: the kernel would deal the
-    workers' connections between the two), a run log or checkpoint folder that cannot be made:
-    one line each, exit status 2, before any worker could join."""
+    workers' connections between the two), checkpoints with no folder to go to, a run log or
+    checkpoint folder that cannot be made: one line each, exit status 2, before any worker
+    could join."""
     from freezeps.config import load_config
     from freezeps.roles import run_ps
     from tests.conftest import running_ps
@@ -67,6 +68,8 @@ def test_a_ps_that_cannot_serve_says_why_in_a_line_and_exits_2(tmp_path, capsys)
         cfg = load_config({"listen": holder.address, "num_workers": "1"}, None, {})
         assert run_ps(cfg) == 2
         assert f"freezeps ps: cannot listen on {holder.address}: its port is taken" in capsys.readouterr().err
+    assert run_ps(load_config({"checkpoint_every": "5", "num_workers": "1"}, None, {})) == 2
+    assert "freezeps ps: checkpoint_every 5 needs checkpoint_dir" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for setting in ({"run_log": str(blocker / "ps.jsonl")},
