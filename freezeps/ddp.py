@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()  # leave together: rank 0 still evaluates and saves after the last step
         finally:
             dist.destroy_process_group()
-    except (ValueError, FileNotFoundError) as e:  # the data does not fit the settings (as freezeps worker)
+    except (ValueError, FileNotFoundError) as e:  # the data does not fit the settings; a rank is never restarted
         print(f"freezeps {'single' if args.single else 'ddp'}: {e}", file=sys.stderr)
         return 2
     print(f"rank {args.rank}: done", file=sys.stderr, flush=True)

@@ -1,7 +1,6 @@
 """Turn one Config into the settings each role takes, and run that role."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import replace
@@ -13,15 +12,13 @@ from freezeps.config import PS, WORKER, Config, auth_for, freeze_policy, ps_addr
 from proto.security import AuthError
 from proto.transport import InterfaceCounter
 from ps.checkpoint import CheckpointError, list_checkpoints
-from ps.main import CheckpointPlan, serve_ps
+from ps.main import CannotServe, CheckpointPlan, serve_ps
 from ps.server import ServerSettings
 from worker.cached_prefix import CacheSettings
 from worker.client import ConnectError
 from worker.models import text_model_folder
 from worker.text import TEXT_DATASETS, TextSettings
-from worker.train import WorkerSettings, run_worker
-
-log = logging.getLogger("freezeps")
+from worker.train import SetupError, WorkerSettings, run_worker
 
 
 def server_settings(cfg: Config) -> ServerSettings:
@@ -113,8 +110,7 @@ def run_ps(cfg: Config) -> int:
     except AuthError as e:
         print(f"freezeps ps: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        log.debug("the PS stopped", exc_info=True)
+    except CannotServe as e:
         print(f"freezeps ps: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
@@ -135,8 +131,7 @@ def run_worker_role(cfg: Config) -> int:
         return 2
     try:
         run_worker(settings)
-    except (ValueError, FileNotFoundError) as e:  # what it was asked to do cannot be done: say what, not where
-        log.debug("the worker stopped", exc_info=True)
+    except SetupError as e:
         print(f"freezeps worker: {e}", file=sys.stderr)
         return 2
     except ConnectError as e:

@@ -54,6 +54,11 @@ class _Counterfactual:
             self.pushes += 1
 
 
+class CannotServe(Exception):
+    """The PS cannot start: its port is taken, or a folder it writes to cannot be written.
+    (An I/O error once it serves is not this: a restart, with auto_resume, may get past it.)"""
+
+
 def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_log: Path | None,
              auth: Auth = Auth(), insecure: bool = False, max_wait_s: float = 0.0,
              on_ready=lambda port: None, on_round=lambda record: None,
@@ -68,7 +73,8 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
     CheckpointError when there is none that fits, before serving anything), and the newer ones
     it refused are set aside (renamed *.refused). Without it, a checkpoint folder that already
     holds checkpoints is refused (CheckpointError): two runs' files would mix. A non-loopback
-    `address` needs a token or mutual TLS in `auth`, or `insecure` (an AuthError otherwise)."""
+    `address` needs a token or mutual TLS in `auth`, or `insecure` (an AuthError otherwise). A
+    port or folder it cannot have raises CannotServe before anything is served."""
     check_listen(address, auth, insecure)
     meter = ByteMeter()
     wire_total: dict[str, int] = {}
@@ -125,14 +131,17 @@ def serve_ps(settings: ServerSettings, policy: FreezePolicy, address: str, run_l
                    "rounds_lost": _rounds_lost(run_log, int(state["server"]["step"]))}
         log.warning("[PS] resumed from %s at step %d (%d rounds lost since it was written)",
                     path, resumed["step"], resumed["rounds_lost"])
-    if checkpoints is not None:  # an OSError now, not at the first checkpoint
-        checkpoints.directory.mkdir(parents=True, exist_ok=True)
-        if not os.access(checkpoints.directory, os.W_OK | os.X_OK):
-            raise PermissionError(f"{checkpoints.directory}: cannot write checkpoints there")
-    runlog = JsonlLog(run_log)
+    try:  # what it cannot have at the start, it says now (the checkpoint folder: not at the first checkpoint)
+        if checkpoints is not None:
+            checkpoints.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(checkpoints.directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"{checkpoints.directory}: cannot write checkpoints there")
+        runlog = JsonlLog(run_log)
+        grpc_server, port = start_server(server, meter, address, auth, keepalive_s)
+    except OSError as e:
+        raise CannotServe(str(e)) from e
     if resumed:
         runlog.write(resumed)
-    grpc_server, port = start_server(server, meter, address, auth, keepalive_s)
     log.info("[PS] serving on %s (port %d), waiting for %d workers", address, port, settings.num_workers)
     on_ready(port)
     stop = threading.Event()

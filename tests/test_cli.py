@@ -80,6 +80,28 @@ def test_a_ps_that_cannot_serve_says_why_in_a_line_and_exits_2(tmp_path, capsys)
         assert err.startswith("freezeps ps: [Errno") and str(blocker) in err and "Traceback" not in err, err
 
 
+def test_only_a_worker_that_cannot_start_exits_2(monkeypatch):
+    """Exit status 2 tells systemd not to restart (deploy/freezeps-worker@.service): it is kept
+    for settings the worker cannot start with. An error once it trains (a malformed pull is a
+    ValueError) goes up as before, exit 1, and the unit restarts it."""
+    from freezeps import roles
+    from freezeps.config import load_config
+    from proto.transport import WireError
+    from worker.train import SetupError
+
+    def worker_that_raises(error: Exception):
+        def run_worker(settings):
+            raise error
+        return run_worker
+
+    cfg = load_config({"model": "mlp", "weights": "random", "dataset": "synthetic", "image_size": "8"}, None, {})
+    monkeypatch.setattr(roles, "run_worker", worker_that_raises(SetupError("no samples")))
+    assert roles.run_worker_role(cfg) == 2
+    monkeypatch.setattr(roles, "run_worker", worker_that_raises(WireError("bad chunk")))
+    with pytest.raises(WireError, match="bad chunk"):
+        roles.run_worker_role(cfg)
+
+
 def test_bad_flag_value_is_a_clear_error():
     out = subprocess.run(FREEZEPS + ["ps", "--num-workers", "zero"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--num-workers" in out.stderr

@@ -18,6 +18,7 @@ or its pull finds the run ahead), it skips its batches to the PS's step and goes
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,6 +105,20 @@ class WorkerSettings:
 
 
 REJOIN_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+
+
+class SetupError(Exception):
+    """This worker cannot train with its settings: its data, model or device does not fit them
+    (a ValueError or FileNotFoundError before its first step; the message says why). An error
+    once it trains is not this: a restart may get past it."""
+
+
+@contextlib.contextmanager
+def _setting_up():
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -204,16 +219,17 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     """Train until the planned steps are done; returns this worker's summary."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    train = load_dataset(settings.dataset, settings.data_dir, True, settings.download,
-                         settings.train_samples, settings.seed, settings.text)
-    test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
-                        settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
-    model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout,
-                        settings.text_pooling)
-    channels = input_channels(model)
-    device = resolve_device(settings.device, settings.local_rank, torch.cuda.device_count())
+    with _setting_up():
+        train = load_dataset(settings.dataset, settings.data_dir, True, settings.download,
+                             settings.train_samples, settings.seed, settings.text)
+        test = load_dataset(settings.dataset, settings.data_dir, False, settings.download,
+                            settings.test_samples, settings.seed, settings.text) if settings.evaluate else None
+        model = build_model(settings.model, train.num_classes, settings.weights, settings.frozen_dropout,
+                            settings.text_pooling)
+        channels = input_channels(model)
+        device = resolve_device(settings.device, settings.local_rank, torch.cuda.device_count())
+        flat = FlatModel(model, settings.sparse_push, device, sparse_pull=settings.sparse_pull)
     sync = synchronizer(device)  # so that the phases' times are the device's, not its queue's
-    flat = FlatModel(model, settings.sparse_push, device, sparse_pull=settings.sparse_pull)
     reads_rows = settings.sparse_pull and any(t.row_sparse for b in flat.layout for t in b.tensors)
     client = client or ShardedClient(settings.ps_addresses, connect_retries=settings.connect_retries,
                                      rpc_timeout_s=settings.rpc_timeout_s, auth=settings.auth,
@@ -236,7 +252,8 @@ def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None
     def total_steps_for(world: int) -> int:
         return settings.steps or settings.epochs * steps_per_epoch_for(world)
 
-    member = join_run(client, flat, name, train, settings, total_steps_for, steps_per_epoch_for)
+    with _setting_up():  # its shard: the training set may not serve every worker
+        member = join_run(client, flat, name, train, settings, total_steps_for, steps_per_epoch_for)
     rank, first_step = member.rank, member.step
     steps_per_epoch, total_steps = steps_per_epoch_for(member.world), total_steps_for(member.world)
     log.info("[Worker] rank %d/%d: %d samples, %d steps from step %d", rank, member.world, len(member.shard),
