@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freezeps.proto\x12\x08\x66reezeps\"p\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.freezeps.TensorKind\x12\x12\n\nrow_sparse\x18\x05 \x01(\x08\"@\n\tBlockSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.freezeps.TensorSpec\">\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x13.freezeps.BlockSpec\"I\n\x0b\x46reezeState\x12\x15\n\rfrozen_blocks\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nsince_step\x18\x03 \x01(\x04\"(\n\nBlockRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\">\n\x0c\x45ngineConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x08\"f\n\x04Vote\x12\x15\n\rfrozen_blocks\x18\x01 \x01(\r\x12\x0b\n\x03\x65ta\x18\x02 \x03(\x01\x12\x12\n\nshard_size\x18\x03 \x01(\x04\x12\x15\n\rlabel_balance\x18\x04 \x01(\x01\x12\x0f\n\x07\x61\x62stain\x18\x05 \x01(\x08\"d\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12$\n\x08manifest\x18\x02 \x01(\x0b\x32\x12.freezeps.Manifest\x12\x11\n\x04rank\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_rank\"\xc3\x02\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x12\n\nneeds_init\x18\x04 \x01(\x08\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12%\n\x06\x66reeze\x18\x06 \x01(\x0b\x32\x15.freezeps.FreezeState\x12#\n\x05owned\x18\x07 \x01(\x0b\x32\x14.freezeps.BlockRange\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\r\x12\x13\n\x0btotal_steps\x18\t \x01(\x04\x12&\n\x06\x65ngine\x18\n \x01(\x0b\x32\x16.freezeps.EngineConfig\x12\x18\n\x10worker_timeout_s\x18\x0b \x01(\x01\x12\x12\n\npush_dtype\x18\x0c \x01(\t\x12\x12\n\npull_dtype\x18\r \x01(\t\"`\n\x05\x43hunk\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\x04rows\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x42\x07\n\x05_rows\"c\n\nPhaseTimes\x12\x11\n\tforward_s\x18\x01 \x01(\x01\x12\x12\n\nbackward_s\x18\x02 \x01(\x01\x12\x0e\n\x06pull_s\x18\x03 \x01(\x01\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x0e\n\x06push_s\x18\x05 \x01(\x01\"\xa9\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12$\n\x06phases\x18\x05 \x01(\x0b\x32\x14.freezeps.PhaseTimes\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x04\x12\x17\n\x0fsteps_per_epoch\x18\x08 \x01(\x04J\x04\x08\x07\x10\x08\"\x7f\n\x0bPushMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.freezeps.PushHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.freezeps.ChunkH\x00\x12\x1e\n\x04vote\x18\x03 \x01(\x0b\x32\x0e.freezeps.VoteH\x00\x42\x06\n\x04kind\"a\n\tPushReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x0c\n\x04late\x18\x04 \x01(\x08\"\x8f\x01\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rfrozen_blocks\x18\x03 \x01(\r\x12\x16\n\tbase_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\"\n\x04rows\x18\x05 \x03(\x0b\x32\x14.freezeps.TensorRowsB\x0c\n\n_base_step\"9\n\nTensorRows\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\"`\n\nPullHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x0e\n\x06\x62locks\x18\x03 \x03(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x03(\x08\"_\n\x0bPullMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.freezeps.PullHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.freezeps.ChunkH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\xea\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x04\x12\x14\n\x0clive_workers\x18\x03 \x01(\r\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12%\n\x06\x66reeze\x18\x07 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x0e\n\x06\x62locks\x18\x08 \x03(\t\x12\x18\n\x10payload_bytes_in\x18\t \x01(\x04\x12\x19\n\x11payload_bytes_out\x18\n \x01(\x04\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"3\n\nLeaveReply\x12%\n\x06\x66reeze\x18\x01 \x01(\x0b\x32\x15.freezeps.FreezeState\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\x0eHeartbeatReply\x12\x0c\n\x04step\x18\x01 \x01(\x04*D\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\r\n\tPARAMETER\x10\x01\x12\n\n\x06\x42UFFER\x10\x02\x32\x9d\x03\n\x0fParameterServer\x12\x32\n\x04Join\x12\x15.freezeps.JoinRequest\x1a\x13.freezeps.JoinReply\x12\x34\n\x04Init\x12\x15.freezeps.PushMessage\x1a\x13.freezeps.PushReply(\x01\x12\x36\n\x04Pull\x12\x15.freezeps.PullRequest\x1a\x15.freezeps.PullMessage0\x01\x12\x34\n\x04Push\x12\x15.freezeps.PushMessage\x1a\x13.freezeps.PushReply(\x01\x12\x38\n\x06Status\x12\x17.freezeps.StatusRequest\x1a\x15.freezeps.StatusReply\x12\x35\n\x05Leave\x12\x16.freezeps.LeaveRequest\x1a\x14.freezeps.LeaveReply\x12\x41\n\tHeartbeat\x12\x1a.freezeps.HeartbeatRequest\x1a\x18.freezeps.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freezeps.proto\x12\x08\x66reezeps\"p\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.freezeps.TensorKind\x12\x12\n\nrow_sparse\x18\x05 \x01(\x08\"@\n\tBlockSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.freezeps.TensorSpec\">\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x13.freezeps.BlockSpec\"I\n\x0b\x46reezeState\x12\x15\n\rfrozen_blocks\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nsince_step\x18\x03 \x01(\x04\"(\n\nBlockRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\">\n\x0c\x45ngineConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x08\"f\n\x04Vote\x12\x15\n\rfrozen_blocks\x18\x01 \x01(\r\x12\x0b\n\x03\x65ta\x18\x02 \x03(\x01\x12\x12\n\nshard_size\x18\x03 \x01(\x04\x12\x15\n\rlabel_balance\x18\x04 \x01(\x01\x12\x0f\n\x07\x61\x62stain\x18\x05 \x01(\x08\"\x86\x01\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12$\n\x08manifest\x18\x02 \x01(\x0b\x32\x12.freezeps.Manifest\x12\x11\n\x04rank\x18\x03 \x01(\rH\x00\x88\x01\x01\x12 \n\x04plan\x18\x04 \x01(\x0b\x32\x12.freezeps.DataPlanB\x07\n\x05_rank\"\x89\x01\n\x08\x44\x61taPlan\x12\x11\n\ttrain_set\x18\x01 \x01(\t\x12\x10\n\x08sharding\x18\x02 \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\r\"\xc3\x02\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x12\n\nneeds_init\x18\x04 \x01(\x08\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12%\n\x06\x66reeze\x18\x06 \x01(\x0b\x32\x15.freezeps.FreezeState\x12#\n\x05owned\x18\x07 \x01(\x0b\x32\x14.freezeps.BlockRange\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\r\x12\x13\n\x0btotal_steps\x18\t \x01(\x04\x12&\n\x06\x65ngine\x18\n \x01(\x0b\x32\x16.freezeps.EngineConfig\x12\x18\n\x10worker_timeout_s\x18\x0b \x01(\x01\x12\x12\n\npush_dtype\x18\x0c \x01(\t\x12\x12\n\npull_dtype\x18\r \x01(\t\"`\n\x05\x43hunk\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\x04rows\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x42\x07\n\x05_rows\"c\n\nPhaseTimes\x12\x11\n\tforward_s\x18\x01 \x01(\x01\x12\x12\n\nbackward_s\x18\x02 \x01(\x01\x12\x0e\n\x06pull_s\x18\x03 \x01(\x01\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x0e\n\x06push_s\x18\x05 \x01(\x01\"\xa9\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12$\n\x06phases\x18\x05 \x01(\x0b\x32\x14.freezeps.PhaseTimes\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x04\x12\x17\n\x0fsteps_per_epoch\x18\x08 \x01(\x04J\x04\x08\x07\x10\x08\"\x7f\n\x0bPushMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.freezeps.PushHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.freezeps.ChunkH\x00\x12\x1e\n\x04vote\x18\x03 \x01(\x0b\x32\x0e.freezeps.VoteH\x00\x42\x06\n\x04kind\"a\n\tPushReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x0c\n\x04late\x18\x04 \x01(\x08\"\x8f\x01\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rfrozen_blocks\x18\x03 \x01(\r\x12\x16\n\tbase_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\"\n\x04rows\x18\x05 \x03(\x0b\x32\x14.freezeps.TensorRowsB\x0c\n\n_base_step\"9\n\nTensorRows\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\"`\n\nPullHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x0e\n\x06\x62locks\x18\x03 \x03(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x03(\x08\"_\n\x0bPullMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.freezeps.PullHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.freezeps.ChunkH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\xea\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x04\x12\x14\n\x0clive_workers\x18\x03 \x01(\r\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12%\n\x06\x66reeze\x18\x07 \x01(\x0b\x32\x15.freezeps.FreezeState\x12\x0e\n\x06\x62locks\x18\x08 \x03(\t\x12\x18\n\x10payload_bytes_in\x18\t \x01(\x04\x12\x19\n\x11payload_bytes_out\x18\n \x01(\x04\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"3\n\nLeaveReply\x12%\n\x06\x66reeze\x18\x01 \x01(\x0b\x32\x15.freezeps.FreezeState\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\x0eHeartbeatReply\x12\x0c\n\x04step\x18\x01 \x01(\x04*D\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\r\n\tPARAMETER\x10\x01\x12\n\n\x06\x42UFFER\x10\x02\x32\x9d\x03\n\x0fParameterServer\x12\x32\n\x04Join\x12\x15.freezeps.JoinRequest\x1a\x13.freezeps.JoinReply\x12\x34\n\x04Init\x12\x15.freezeps.PushMessage\x1a\x13.freezeps.PushReply(\x01\x12\x36\n\x04Pull\x12\x15.freezeps.PullRequest\x1a\x15.freezeps.PullMessage0\x01\x12\x34\n\x04Push\x12\x15.freezeps.PushMessage\x1a\x13.freezeps.PushReply(\x01\x12\x38\n\x06Status\x12\x17.freezeps.StatusRequest\x1a\x15.freezeps.StatusReply\x12\x35\n\x05Leave\x12\x16.freezeps.LeaveRequest\x1a\x14.freezeps.LeaveReply\x12\x41\n\tHeartbeat\x12\x1a.freezeps.HeartbeatRequest\x1a\x18.freezeps.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.freezeps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORKIND']._serialized_start=2403
-  _globals['_TENSORKIND']._serialized_end=2471
+  _globals['_TENSORKIND']._serialized_start=2578
+  _globals['_TENSORKIND']._serialized_end=2646
   _globals['_TENSORSPEC']._serialized_start=34
   _globals['_TENSORSPEC']._serialized_end=146
   _globals['_BLOCKSPEC']._serialized_start=148
@@ -47,40 +47,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINECONFIG']._serialized_end=457
   _globals['_VOTE']._serialized_start=459
   _globals['_VOTE']._serialized_end=561
-  _globals['_JOINREQUEST']._serialized_start=563
-  _globals['_JOINREQUEST']._serialized_end=663
-  _globals['_JOINREPLY']._serialized_start=666
-  _globals['_JOINREPLY']._serialized_end=989
-  _globals['_CHUNK']._serialized_start=991
-  _globals['_CHUNK']._serialized_end=1087
-  _globals['_PHASETIMES']._serialized_start=1089
-  _globals['_PHASETIMES']._serialized_end=1188
-  _globals['_PUSHHEADER']._serialized_start=1191
-  _globals['_PUSHHEADER']._serialized_end=1360
-  _globals['_PUSHMESSAGE']._serialized_start=1362
-  _globals['_PUSHMESSAGE']._serialized_end=1489
-  _globals['_PUSHREPLY']._serialized_start=1491
-  _globals['_PUSHREPLY']._serialized_end=1588
-  _globals['_PULLREQUEST']._serialized_start=1591
-  _globals['_PULLREQUEST']._serialized_end=1734
-  _globals['_TENSORROWS']._serialized_start=1736
-  _globals['_TENSORROWS']._serialized_end=1793
-  _globals['_PULLHEADER']._serialized_start=1795
-  _globals['_PULLHEADER']._serialized_end=1891
-  _globals['_PULLMESSAGE']._serialized_start=1893
-  _globals['_PULLMESSAGE']._serialized_end=1988
-  _globals['_STATUSREQUEST']._serialized_start=1990
-  _globals['_STATUSREQUEST']._serialized_end=2005
-  _globals['_STATUSREPLY']._serialized_start=2008
-  _globals['_STATUSREPLY']._serialized_end=2242
-  _globals['_LEAVEREQUEST']._serialized_start=2244
-  _globals['_LEAVEREQUEST']._serialized_end=2277
-  _globals['_LEAVEREPLY']._serialized_start=2279
-  _globals['_LEAVEREPLY']._serialized_end=2330
-  _globals['_HEARTBEATREQUEST']._serialized_start=2332
-  _globals['_HEARTBEATREQUEST']._serialized_end=2369
-  _globals['_HEARTBEATREPLY']._serialized_start=2371
-  _globals['_HEARTBEATREPLY']._serialized_end=2401
-  _globals['_PARAMETERSERVER']._serialized_start=2474
-  _globals['_PARAMETERSERVER']._serialized_end=2887
+  _globals['_JOINREQUEST']._serialized_start=564
+  _globals['_JOINREQUEST']._serialized_end=698
+  _globals['_DATAPLAN']._serialized_start=701
+  _globals['_DATAPLAN']._serialized_end=838
+  _globals['_JOINREPLY']._serialized_start=841
+  _globals['_JOINREPLY']._serialized_end=1164
+  _globals['_CHUNK']._serialized_start=1166
+  _globals['_CHUNK']._serialized_end=1262
+  _globals['_PHASETIMES']._serialized_start=1264
+  _globals['_PHASETIMES']._serialized_end=1363
+  _globals['_PUSHHEADER']._serialized_start=1366
+  _globals['_PUSHHEADER']._serialized_end=1535
+  _globals['_PUSHMESSAGE']._serialized_start=1537
+  _globals['_PUSHMESSAGE']._serialized_end=1664
+  _globals['_PUSHREPLY']._serialized_start=1666
+  _globals['_PUSHREPLY']._serialized_end=1763
+  _globals['_PULLREQUEST']._serialized_start=1766
+  _globals['_PULLREQUEST']._serialized_end=1909
+  _globals['_TENSORROWS']._serialized_start=1911
+  _globals['_TENSORROWS']._serialized_end=1968
+  _globals['_PULLHEADER']._serialized_start=1970
+  _globals['_PULLHEADER']._serialized_end=2066
+  _globals['_PULLMESSAGE']._serialized_start=2068
+  _globals['_PULLMESSAGE']._serialized_end=2163
+  _globals['_STATUSREQUEST']._serialized_start=2165
+  _globals['_STATUSREQUEST']._serialized_end=2180
+  _globals['_STATUSREPLY']._serialized_start=2183
+  _globals['_STATUSREPLY']._serialized_end=2417
+  _globals['_LEAVEREQUEST']._serialized_start=2419
+  _globals['_LEAVEREQUEST']._serialized_end=2452
+  _globals['_LEAVEREPLY']._serialized_start=2454
+  _globals['_LEAVEREPLY']._serialized_end=2505
+  _globals['_HEARTBEATREQUEST']._serialized_start=2507
+  _globals['_HEARTBEATREQUEST']._serialized_end=2544
+  _globals['_HEARTBEATREPLY']._serialized_start=2546
+  _globals['_HEARTBEATREPLY']._serialized_end=2576
+  _globals['_PARAMETERSERVER']._serialized_start=2649
+  _globals['_PARAMETERSERVER']._serialized_end=3062
 # @@protoc_insertion_point(module_scope)

@@ -89,14 +89,34 @@ class Vote(_message.Message):
     def __init__(self, frozen_blocks: _Optional[int] = ..., eta: _Optional[_Iterable[float]] = ..., shard_size: _Optional[int] = ..., label_balance: _Optional[float] = ..., abstain: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("worker_name", "manifest", "rank")
+    __slots__ = ("worker_name", "manifest", "rank", "plan")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     manifest: Manifest
     rank: int
-    def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+    plan: DataPlan
+    def __init__(self, worker_name: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., rank: _Optional[int] = ..., plan: _Optional[_Union[DataPlan, _Mapping]] = ...) -> None: ...
+
+class DataPlan(_message.Message):
+    __slots__ = ("train_set", "sharding", "dirichlet_alpha", "seed", "batch_size", "steps", "epochs")
+    TRAIN_SET_FIELD_NUMBER: _ClassVar[int]
+    SHARDING_FIELD_NUMBER: _ClassVar[int]
+    DIRICHLET_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    train_set: str
+    sharding: str
+    dirichlet_alpha: float
+    seed: int
+    batch_size: int
+    steps: int
+    epochs: int
+    def __init__(self, train_set: _Optional[str] = ..., sharding: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "rank", "num_workers", "needs_init", "step", "freeze", "owned", "chunk_bytes", "total_steps", "engine", "worker_timeout_s", "push_dtype", "pull_dtype")

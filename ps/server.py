@@ -159,6 +159,7 @@ class ParameterServer:
         self._workers: dict[str, _Worker] = {}
         self._ever_joined = 0
         self._manifest: pb.Manifest | None = None
+        self._plan: pb.DataPlan | None = None  # the first Join's that brought one
         self._blocks: list[BlockLayout] = []
         self._push_blocks: list[BlockLayout] = []  # the same blocks as a push carries them (push_dtype)
         self._change_blocks: list[BlockLayout] = []  # ... and as a pull's changes (pull_dtype)
@@ -249,6 +250,8 @@ class ParameterServer:
                          len(blocks), model_bytes(blocks))
             elif req.manifest != self._manifest:
                 raise FailedPrecondition(f"manifest differs from the run's: {_manifest_diff(self._manifest, req.manifest)}")
+            if req.HasField("plan") and self._plan is not None and req.plan != self._plan:
+                raise FailedPrecondition(f"data plan differs from the run's: {_plan_diff(self._plan, req.plan)}")
             again = next((w for w in self._workers.values() if req.worker_name and w.name == req.worker_name), None)
             if again is not None and req.HasField("rank") and req.rank != again.rank:
                 raise FailedPrecondition(f"worker {req.worker_name!r} holds rank {again.rank} here, asked for {req.rank}")
@@ -267,6 +270,9 @@ class ParameterServer:
                 rank = next(r for r in itertools.count() if r not in taken)
             worker_id = f"w{next(self._ids)}-{rank}-{self._incarnation}"
             self._workers[worker_id] = _Worker(worker_id, req.worker_name, rank, due_since=time.monotonic())
+            if req.HasField("plan") and self._plan is None:
+                self._plan = pb.DataPlan()
+                self._plan.CopyFrom(req.plan)
             self._ever_joined += 1
             self._empty_since = None
             needs_init = not self._initialized and self._init_worker is None
@@ -793,6 +799,11 @@ def _receive(receiver: ChunkReceiver, messages: Iterator[Frame], takes_vote: boo
     except WireError as e:
         raise InvalidArgument(str(e)) from None
     return vote
+
+
+def _plan_diff(run: pb.DataPlan, worker: pb.DataPlan) -> str:
+    return "; ".join(f"{f.name} {getattr(worker, f.name)!r} != {getattr(run, f.name)!r}"
+                     for f in pb.DataPlan.DESCRIPTOR.fields if getattr(worker, f.name) != getattr(run, f.name))
 
 
 def _manifest_diff(a: pb.Manifest, b: pb.Manifest) -> str:

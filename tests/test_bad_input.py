@@ -239,6 +239,33 @@ def test_manifest_mismatch_is_refused(ps_factory):
         assert stub.Status(pb.StatusRequest(), timeout=10).live_workers == 1
 
 
+def test_a_worker_whose_data_plan_differs_is_refused(ps_factory):
+    """Workers that shard with different seeds would train some samples twice and others
+    never; the PS keeps the first plan and refuses one that differs, naming the field."""
+    from pathlib import Path
+
+    from tests.conftest import worker_settings
+    from worker.data import load_dataset
+    from worker.train import data_plan
+
+    train = load_dataset("synthetic", Path("data"), True)
+    plan = data_plan(train, worker_settings("127.0.0.1:1"))
+    assert plan == data_plan(train, worker_settings("127.0.0.1:1", log_dir=None, rpc_timeout_s=5.0))  # not data
+    other = data_plan(train, worker_settings("127.0.0.1:1", seed=1))
+    flat = FlatModel(build_model("mlp", 4))
+    with ps_factory(num_workers=3) as ps, grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        stub.Join(pb.JoinRequest(worker_name="a", manifest=flat.manifest, plan=plan), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(pb.JoinRequest(worker_name="b", manifest=flat.manifest, plan=other), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details() == "data plan differs from the run's: seed 1 != 0"
+        assert stub.Status(pb.StatusRequest(), timeout=10).live_workers == 1
+        stub.Join(pb.JoinRequest(worker_name="b", manifest=flat.manifest, plan=plan), timeout=10)
+        stub.Join(pb.JoinRequest(worker_name="c", manifest=flat.manifest), timeout=10)  # no plan: not compared
+        assert stub.Status(pb.StatusRequest(), timeout=10).live_workers == 3
+
+
 def test_a_worker_name_past_512_bytes_is_refused(ps_factory):
     flat = FlatModel(build_model("mlp", 4))
     with ps_factory(num_workers=1) as ps, grpc.insecure_channel(ps.address) as channel:

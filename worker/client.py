@@ -107,10 +107,11 @@ class PSClient(_Pulls):
     def close(self) -> None:
         self._channel.close()
 
-    def join(self, manifest: pb.Manifest, name: str, rank: int | None = None) -> pb.JoinReply:
+    def join(self, manifest: pb.Manifest, name: str, rank: int | None = None,
+             plan: pb.DataPlan | None = None) -> pb.JoinReply:
         """Join, retrying with exponential backoff while the PS is unreachable. `rank`: the
-        one PS shard 0 gave (for the other shards)."""
-        request = pb.JoinRequest(worker_name=name, manifest=manifest, rank=rank)
+        one PS shard 0 gave (for the other shards); `plan`: what this worker trains on."""
+        request = pb.JoinRequest(worker_name=name, manifest=manifest, rank=rank, plan=plan)
         started = time.monotonic()
         for attempt, delay in self._tries():
             try:
@@ -299,9 +300,9 @@ class ShardedClient(_Pulls):
             raise ShardMismatch(f"the PS shards disagree on {what}: " +
                                 "; ".join(f"shard {i}: {str(v).strip() or 'unset'}" for i, v in enumerate(values)))
 
-    def join(self, manifest: pb.Manifest, name: str) -> pb.JoinReply:
-        first = self.shards[0].join(manifest, name)
-        replies = [first] + [c.join(manifest, name, rank=first.rank) for c in self.shards[1:]]
+    def join(self, manifest: pb.Manifest, name: str, plan: pb.DataPlan | None = None) -> pb.JoinReply:
+        first = self.shards[0].join(manifest, name, plan=plan)
+        replies = [first] + [c.join(manifest, name, rank=first.rank, plan=plan) for c in self.shards[1:]]
         self._agree("the step", [r.step for r in replies])
         self._agree("the freeze state", [r.freeze for r in replies])
         self._agree("the number of workers", [r.num_workers for r in replies])

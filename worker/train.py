@@ -132,11 +132,22 @@ class Membership:
     voter: object  # this worker's freeze engine in votes mode, else None
 
 
+def data_plan(train, settings: WorkerSettings) -> pb.DataPlan:
+    """What this worker trains on and for how long, which every worker of the run must share
+    (freezeps.proto, DataPlan): the PS refuses a worker whose plan differs from the others'."""
+    labels = train.labels.numpy().astype(np.int64)
+    digest = hashlib.sha256(train.sample_ids(np.arange(len(train))).astype(np.int64).tobytes() + labels.tobytes())
+    return pb.DataPlan(train_set=f"{settings.dataset}: {len(train)} samples, {digest.hexdigest()[:16]}",
+                       sharding=settings.sharding, seed=settings.seed, batch_size=settings.batch_size,
+                       dirichlet_alpha=settings.dirichlet_alpha if settings.sharding == "dirichlet" else 0.0,
+                       steps=settings.steps, epochs=settings.epochs if not settings.steps else 0)
+
+
 def join_run(client: PSClient | ShardedClient, flat: FlatModel, name: str, train, settings: WorkerSettings,
              total_steps, steps_per_epoch) -> Membership:
     """Join (and Init, when the PS asks for the first values); total_steps and steps_per_epoch
     are functions of the number of workers, which Join tells."""
-    joined = client.join(flat.manifest, name)
+    joined = client.join(flat.manifest, name, plan=data_plan(train, settings))
     flat.set_push_dtype(joined.push_dtype)
     flat.set_pull_dtype(joined.pull_dtype)
     world = joined.num_workers
