@@ -6,6 +6,7 @@ so four workers on one machine do not each hold a float copy of the training set
 from __future__ import annotations
 
 import gzip
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,13 @@ class Dataset:
         """The split-wide ids of positions `idx`: the same image has the same id in every run,
         whatever subset `limit` kept (what the activation cache keys entries by)."""
         return idx if self.ids is None else self.ids.numpy()[idx]
+
+    def digest(self, with_labels: bool = False) -> str:
+        """A short name for which samples of the split this holds (and, `with_labels`, their labels)."""
+        h = hashlib.sha256(self.sample_ids(np.arange(len(self))).astype(np.int64).tobytes())
+        if with_labels:
+            h.update(self.labels.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -19,7 +19,6 @@ or its pull finds the run ahead), it skips its batches to the PS's step and goes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -135,9 +134,7 @@ class Membership:
 def data_plan(train, settings: WorkerSettings) -> pb.DataPlan:
     """What this worker trains on and for how long, which every worker of the run must share
     (freezeps.proto, DataPlan): the PS refuses a worker whose plan differs from the others'."""
-    labels = train.labels.numpy().astype(np.int64)
-    digest = hashlib.sha256(train.sample_ids(np.arange(len(train))).astype(np.int64).tobytes() + labels.tobytes())
-    return pb.DataPlan(train_set=f"{settings.dataset}: {len(train)} samples, {digest.hexdigest()[:16]}",
+    return pb.DataPlan(train_set=f"{settings.dataset}: {len(train)} samples, {train.digest(with_labels=True)}",
                        sharding=settings.sharding, seed=settings.seed, batch_size=settings.batch_size,
                        dirichlet_alpha=settings.dirichlet_alpha if settings.sharding == "dirichlet" else 0.0,
                        steps=settings.steps, epochs=settings.epochs if not settings.steps else 0)
@@ -223,7 +220,7 @@ def evaluate(model: BlockModel, ds, settings: WorkerSettings, channels: int, ste
     return {"event": "eval", "step": step, "epoch": step / steps_per_epoch, "accuracy": acc, "loss": loss,
             "eval_s": time.perf_counter() - started, "share": [rank, world], "scored": len(positions),
             "test_samples": len(ds), "wrong": wrong,
-            "test_set": hashlib.sha256(ds.sample_ids(np.arange(len(ds))).astype(np.int64).tobytes()).hexdigest()[:16]}
+            "test_set": ds.digest()}
 
 
 def run_worker(settings: WorkerSettings, client: PSClient | ShardedClient | None = None) -> dict:
